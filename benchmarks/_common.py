@@ -1,0 +1,37 @@
+"""Shared bits of the benchmark scripts: machine description and result files."""
+
+from __future__ import annotations
+
+import os
+import platform
+import shlex
+import sys
+from pathlib import Path
+
+import torch
+
+from distillery.io import atomic_write_json
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict:
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+    }
+
+
+def command() -> str:
+    return " ".join(shlex.quote(a) for a in ["python", *sys.argv])
+
+
+def write(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    atomic_write_json(path, payload)
+    print(f"wrote {path}")
+    return path

@@ -1,0 +1,93 @@
+"""The engine against a hand-written loop doing the same work, alternated in one process.
+
+Both run KD of the MNIST-1D CNN teacher into the MLP 40-256-10 on the transfer set: teacher
+forward under no_grad, student forward and backward, KD (tau=4), AdamW step, constant rate.
+Per-step wall times are taken between consecutive optimiser steps; the figure is the ratio of
+medians (engine / hand). Writes benchmarks/results/engine_overhead.json.
+
+    python benchmarks/engine_overhead.py [--rounds 7] [--steps 150] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+from _common import RESULTS, command, machine, write
+
+from distillery import data as datasets
+from distillery import models
+from distillery.config import TermConfig, TrainConfig
+from distillery.data.core import batches, epoch_order
+from distillery.engine import fit
+from distillery.objective import Objective
+from distillery.teachers import ModuleTeacher
+
+
+def hand_loop(student, teacher, data, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
+    opt = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=0.0)
+    order = batches(epoch_order(len(data), seed, 0), batch_size)[:steps]
+    student.train()
+    stamps = [time.perf_counter()]
+    for index in order:
+        x = data.x[index]
+        with torch.no_grad():
+            t = teacher(x)
+        s = student(x)
+        loss = F.kl_div(F.log_softmax(s / 4.0, -1), F.log_softmax(t / 4.0, -1), log_target=True,
+                        reduction="batchmean") * 16.0
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        stamps.append(time.perf_counter())
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def engine_loop(student, teacher, data, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:
+    cfg = TrainConfig(epochs=1, batch_size=batch_size, lr=lr, schedule="constant", log_every=10)
+    sub = data.subset(torch.arange(steps * batch_size))
+    stamps = [time.perf_counter()]
+    fit(student, Objective([TermConfig(loss="kd", params={"temperature": 4.0})]), sub, cfg,
+        teacher=ModuleTeacher(teacher), seed=seed, progress=False,
+        on_step=lambda _: stamps.append(time.perf_counter()))
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(RESULTS / "engine_overhead.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    splits = datasets.build("mnist1d")
+    transfer = datasets.build("mnist1d_transfer", {"size": args.steps * args.batch_size, "seed": 1})["transfer"]
+    teacher = models.build("cnn1d", (40,), 10, {"channels": 32}).eval().requires_grad_(False)
+    del splits
+    engine_ms, hand_ms = [], []
+    for r in range(args.rounds):
+        for name, loop, sink in (("engine", engine_loop, engine_ms), ("hand", hand_loop, hand_ms))[:: 1 if r % 2 == 0 else -1]:
+            torch.manual_seed(r)
+            student = models.build("mlp", (40,), 10, {"hidden": [256]})
+            times = loop(student, teacher, transfer, args.steps, args.batch_size, 1e-3, seed=r)
+            sink.extend(t * 1000 for t in times[5:])  # drop warm-up steps
+            print(f"round {r} {name}: median {statistics.median(times) * 1000:.3f} ms/step", flush=True)
+    e, h = statistics.median(engine_ms), statistics.median(hand_ms)
+    write(args.out, {
+        "benchmark": "engine_overhead", "command": command(), "machine": machine(),
+        "ratio": e / h, "engine_ms": e, "hand_ms": h, "steps": len(engine_ms),
+        "rounds": args.rounds, "steps_per_round": args.steps, "batch_size": args.batch_size,
+        "threads": args.threads, "seeds": list(range(args.rounds)),
+    })
+    print(f"engine {e:.3f} ms/step, hand {h:.3f} ms/step, ratio {e / h:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""``distillery ls | run | validate | eval | report | runs``.
+
+Every user error is printed as one line (``error: ...``) with exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .errors import DistilleryError
+
+
+def _cmd_ls(args) -> int:
+    from . import data, losses, models, recipes
+
+    sections = {
+        "recipes": sorted(recipes.available()),
+        "losses": losses.names(),
+        "models": models.names(),
+        "data": data.names(),
+    }
+    for name, items in sections.items():
+        if args.what in (None, name):
+            print(f"{name}:")
+            for it in items:
+                print(f"  {it}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from . import pipeline, recipes
+
+    recipe = recipes.load(args.recipe, args.overrides)
+    run_dir = args.resume or args.out
+    result = pipeline.run(recipe, run_dir=run_dir, resume=args.resume is not None,
+                          progress=False if args.quiet else None)
+    print(pipeline.format_rows(result.rows))
+    print(f"run directory: {result.run_dir}")
+    print(f"report: {result.report}")
+    return 0
+
+
+def _cmd_validate(args) -> int:
+    from . import pipeline, recipes
+
+    names = args.recipes or sorted(recipes.available())
+    if not names:
+        raise DistilleryError("no recipes found; pass recipe files or names.")
+    failed = 0
+    for name in names:
+        try:
+            pipeline.validate(recipes.load(name, args.overrides))
+            print(f"ok      {name}")
+        except DistilleryError as e:
+            failed += 1
+            print(f"invalid {name}: {e}")
+    return 1 if failed else 0
+
+
+def _cmd_eval(args) -> int:
+    from . import config, pipeline
+
+    run_dir = Path(args.run_dir)
+    recipe = config.from_dict(config.Recipe, config.load_yaml(_need(run_dir / "config.yaml", "run config")))
+    data = pipeline.load_data(recipe)
+    trained = {}
+    for name, spec in (("teacher", recipe.teacher.model), ("baseline", recipe.student.model),
+                       ("distilled", recipe.student.model)):
+        path = run_dir / "models" / f"{name}.safetensors"
+        if name == "baseline" and not path.exists():
+            continue
+        model = pipeline.build_model(spec, data.train)
+        pipeline.load_weights(model, _need(path, f"{name} weights"))
+        trained[name] = model
+    print(pipeline.format_rows(pipeline.measure(trained, data.test, None)))
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .report import write_report
+
+    print(write_report(Path(args.run_dir)))
+    return 0
+
+
+def _cmd_runs(args) -> int:
+    from .report import RunIndex, format_table
+
+    db = Path(args.runs_dir) / "index.sqlite"
+    if not db.exists():
+        print(f"no runs recorded under {args.runs_dir}")
+        return 0
+    print(format_table(RunIndex(db).list()))
+    return 0
+
+
+def _need(path: Path, what: str) -> Path:
+    if not path.exists():
+        raise DistilleryError(f"{what} {str(path)!r} is missing; is this a run directory written by `distillery run`?")
+    return path
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="distillery", description="Knowledge distillation for PyTorch.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("ls", help="list recipes, losses, models and data sets")
+    s.add_argument("what", nargs="?", choices=["recipes", "losses", "models", "data"])
+    s.set_defaults(fn=_cmd_ls)
+
+    s = sub.add_parser("run", help="train or reuse the teacher, train the student alone, distil, report")
+    s.add_argument("recipe", help="recipe name (see `distillery ls recipes`) or YAML file")
+    s.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. distill.train.epochs=5")
+    s.add_argument("--out", help="run directory (default: <runs_dir>/<recipe>/<time>)")
+    s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR")
+    s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.set_defaults(fn=_cmd_run)
+
+    s = sub.add_parser("validate", help="check recipes without training (default: every shipped recipe)")
+    s.add_argument("recipes", nargs="*")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    s.set_defaults(fn=_cmd_validate)
+
+    s = sub.add_parser("eval", help="evaluate the models of a run directory on the test split")
+    s.add_argument("run_dir")
+    s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("report", help="(re)write report.html of a run directory")
+    s.add_argument("run_dir")
+    s.set_defaults(fn=_cmd_report)
+
+    s = sub.add_parser("runs", help="list recorded runs")
+    s.add_argument("--runs-dir", default="runs")
+    s.set_defaults(fn=_cmd_runs)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except DistilleryError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        hint = ""
+        if getattr(args, "command", "") == "run":
+            hint = " Continue with `distillery run RECIPE --resume RUN_DIR` (the run directory is printed above)."
+        print(f"interrupted.{hint}", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,338 @@
+"""Typed recipes: YAML (``yaml.safe_load``) -> dataclasses, ``a.b=c`` overrides, validation.
+
+Every unknown key and every value of the wrong type is a ``DistilleryError`` that names the
+key (as a dotted path) and the allowed keys or values. Nothing in a recipe is executed.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from .errors import DistilleryError, close_matches
+
+
+@dataclass
+class TrainConfig:
+    """How one model is trained (teacher, baseline or distilled student)."""
+
+    epochs: int = 50
+    batch_size: int = 128
+    optimizer: Literal["adamw", "adam", "sgd"] = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    """SGD only."""
+    nesterov: bool = False
+    schedule: Literal["constant", "cosine", "step"] = "cosine"
+    warmup_epochs: float = 0.0
+    """Linear warm-up from 0, in epochs (fractions allowed)."""
+    min_lr: float = 0.0
+    """Floor of the cosine schedule."""
+    step_epochs: int = 30
+    """Step schedule: multiply the rate by ``gamma`` every this many epochs."""
+    gamma: float = 0.1
+    grad_accum: int = 1
+    """Micro-batches per optimiser step; losses are weighted by the global count of items."""
+    clip_grad_norm: float | None = None
+    autocast: Literal["none", "bf16"] = "none"
+    log_every: int = 10
+    """Steps between metric records."""
+    checkpoint_every_steps: int | None = None
+    """Also checkpoint every this many optimiser steps (a checkpoint is written every epoch anyway)."""
+
+    def __post_init__(self) -> None:
+        _positive(self, "epochs", "batch_size", "grad_accum", "log_every")
+        if self.lr <= 0:
+            raise DistilleryError(f"train.lr must be > 0, got {self.lr}.")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise DistilleryError("train.clip_grad_norm must be > 0 or null.")
+
+
+@dataclass
+class ModelSpec:
+    """A model by registered name; the other keys are the builder's keyword arguments."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class DataSpec:
+    """A data set by registered name; the other keys are the builder's keyword arguments."""
+
+    name: str
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TermConfig:
+    """One objective term. The other keys are the loss's parameters (checked against its signature)."""
+
+    loss: str
+    weight: float = 1.0
+    name: str | None = None
+    student: str = "logits"
+    """``logits`` or a module path of the student."""
+    teacher: str | None = "logits"
+    """``logits``, a module path of the teacher, or null for terms that read no teacher (``ce``)."""
+    targets: Literal["auto", "labels", "teacher"] = "auto"
+    """``auto``: the labels where the batch has them, else the teacher's argmax."""
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherConfig:
+    model: ModelSpec
+    checkpoint: str | None = None
+    """A safetensors file of teacher weights; when null the teacher is trained (or reused from the cache)."""
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-3))
+
+
+@dataclass
+class StudentConfig:
+    model: ModelSpec
+
+
+@dataclass
+class BaselineConfig:
+    """The student trained alone on the labelled set (cross-entropy), for comparison."""
+
+    enabled: bool = True
+    train: TrainConfig | None = None
+    """Defaults to ``distill.train``."""
+
+
+@dataclass
+class DistillConfig:
+    terms: list[TermConfig]
+    data: Literal["transfer", "train", "train+transfer"] = "transfer"
+    """Which samples the distillation step reads: the unlabelled transfer set, the labelled set, or both."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+@dataclass
+class Recipe:
+    name: str
+    data: DataSpec
+    teacher: TeacherConfig
+    student: StudentConfig
+    distill: DistillConfig
+    transfer: DataSpec | None = None
+    """The unlabelled transfer set (needed when ``distill.data`` reads it)."""
+    baseline: BaselineConfig = field(default_factory=BaselineConfig)
+    seed: int = 0
+    threads: int = 2
+    """torch intra-op threads (set deliberately: results and speed depend on it)."""
+    runs_dir: str = "runs"
+    cache_dir: str | None = None
+    """Where trained teachers are kept for reuse; default ``<runs_dir>/cache``."""
+
+    def __post_init__(self) -> None:
+        if "transfer" in self.distill.data and self.transfer is None:
+            raise DistilleryError(
+                f"distill.data is {self.distill.data!r} but the recipe has no 'transfer' data set; "
+                "add transfer: {name: ...} or set distill.data=train."
+            )
+        if not self.distill.terms:
+            raise DistilleryError("distill.terms is empty; add at least one term, e.g. {loss: kd}.")
+        if self.threads < 1:
+            raise DistilleryError("threads must be >= 1.")
+
+
+# Keys of these dataclasses that collect the remaining mapping entries ("name: mlp, hidden: [256]").
+_REST = {ModelSpec: "args", DataSpec: "args", TermConfig: "params"}
+
+
+def _positive(obj: Any, *names: str) -> None:
+    for n in names:
+        v = getattr(obj, n)
+        if v is not None and v < 1:
+            raise DistilleryError(f"{n} must be >= 1, got {v}.")
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return " | ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp)).replace("NoneType", "null")
+
+
+def _convert(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and build nested dataclasses."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(value, a, where)
+            except DistilleryError as e:
+                errors.append(str(e))
+        raise DistilleryError(errors[0] if len(errors) == 1 else f"{where}: {value!r} fits none of {tp}.")
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            near = close_matches(str(value), [str(a) for a in allowed])
+            hint = f" (did you mean {near[0]!r}?)" if near else ""
+            raise DistilleryError(f"{where}: {value!r} is not allowed{hint}; allowed values: {', '.join(map(repr, allowed))}.")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, where)
+    if origin is list:
+        if not isinstance(value, list):
+            raise DistilleryError(f"{where}: expected a list, got {type(value).__name__} {value!r}.")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_convert(v, item, f"{where}.{i}") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise DistilleryError(f"{where}: expected a mapping, got {type(value).__name__} {value!r}.")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise DistilleryError(f"{where}: expected true or false, got {value!r}.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise DistilleryError(f"{where}: expected an integer, got {value!r}.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise DistilleryError(f"{where}: expected a number, got {value!r}.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise DistilleryError(f"{where}: expected a string, got {value!r}.")
+        return value
+    raise TypeError(f"unsupported annotation {tp!r} at {where}")
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from a mapping, naming the dotted key of every problem."""
+    label = where or "recipe"
+    if dataclasses.is_dataclass(data):
+        return data
+    if isinstance(data, str) and cls in _REST:  # shorthand: `model: mlp`
+        data = {"name" if cls is not TermConfig else "loss": data}
+    if not isinstance(data, dict):
+        raise DistilleryError(f"{label}: expected a mapping, got {type(data).__name__} {data!r}.")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    rest_key = _REST.get(cls)
+    kwargs: dict[str, Any] = {}
+    rest: dict[str, Any] = {}
+    for key, value in data.items():
+        key_s = str(key)
+        path = f"{where}.{key_s}" if where else key_s
+        if key_s == rest_key or key_s not in fields:
+            if rest_key is not None:
+                rest[key_s] = value
+                continue
+            near = close_matches(key_s, fields)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise DistilleryError(f"unknown key {path!r}.{hint} Allowed keys here: {', '.join(fields)}.")
+        kwargs[key_s] = _convert(value, hints[key_s], path)
+    if rest_key is not None:
+        kwargs[rest_key] = rest
+    missing = [
+        n for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        raise DistilleryError(f"{label}: missing required key(s) {', '.join(repr(m) for m in missing)}.")
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """The inverse of ``from_dict``: plain dicts/lists, with the collected keys flattened back."""
+    if dataclasses.is_dataclass(obj):
+        out: dict[str, Any] = {}
+        rest_key = _REST.get(type(obj))
+        for f in dataclasses.fields(obj):
+            v = getattr(obj, f.name)
+            if f.name == rest_key:
+                out.update(to_dict(v))
+            else:
+                out[f.name] = to_dict(v)
+        return out
+    if isinstance(obj, list):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """Apply ``a.b=c`` overrides (values parsed as YAML) to a copy of the raw recipe mapping."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise DistilleryError(f"override {item!r} is not of the form key.path=value.")
+        key, _, text = item.partition("=")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as e:
+            raise DistilleryError(f"override {item!r}: the value is not valid YAML ({e}).") from None
+        parts = key.strip().split(".")
+        node: Any = raw
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            if isinstance(node, list):
+                if not part.isdigit() or int(part) >= len(node):
+                    raise DistilleryError(f"override {key!r}: {part!r} is not an index of a list of {len(node)}.")
+                if last:
+                    node[int(part)] = value
+                else:
+                    node = node[int(part)]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if not isinstance(node.get(part), (dict, list)):
+                        node[part] = {} if node.get(part) is None else node[part]
+                    if not isinstance(node[part], (dict, list)):
+                        raise DistilleryError(f"override {key!r}: {'.'.join(parts[: i + 1])!r} is a value, not a section.")
+                    node = node[part]
+            else:
+                raise DistilleryError(f"override {key!r}: {'.'.join(parts[:i])!r} is a value, not a section.")
+    return raw
+
+
+def load_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise DistilleryError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
+    except OSError as e:
+        raise DistilleryError(f"cannot read recipe {str(path)!r}: {e.strerror}.") from None
+    if not isinstance(data, dict):
+        raise DistilleryError(f"recipe {str(path)!r} must be a mapping of keys, got {type(data).__name__}.")
+    return data
+
+
+def check_kwargs(fn: Any, kwargs: dict, where: str, *, skip: int = 0, reserved: tuple[str, ...] = ()) -> None:
+    """Check ``kwargs`` against ``fn``'s signature without calling it (torchtune's ``validate`` idea)."""
+    sig = inspect.signature(fn)
+    params = list(sig.parameters.values())[skip:]
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    allowed = [p.name for p in params if p.kind in (p.KEYWORD_ONLY, p.POSITIONAL_OR_KEYWORD) and p.name not in reserved]
+    for k in kwargs:
+        if k not in allowed:
+            near = close_matches(k, allowed)
+            hint = f" Did you mean {near[0]!r}?" if near else ""
+            raise DistilleryError(f"{where}: unknown parameter {k!r}.{hint} Allowed: {', '.join(allowed) or '(none)'}.")

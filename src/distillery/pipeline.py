@@ -1,0 +1,297 @@
+"""``distillery run``: teacher (trained or reused), student alone, distilled student, report.
+
+Each stage is one call of the engine; this module only wires recipe sections to it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import re
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from safetensors.torch import load_file
+from torch import nn
+
+from . import data as datasets
+from . import models
+from .config import Recipe, TermConfig, check_kwargs, to_dict
+from .data.core import TensorData, concat
+from .engine import evaluate, fit, seed_everything
+from .errors import DistilleryError
+from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json, sha256_file
+from .objective import Objective
+from .teachers import ModuleTeacher
+
+CE = [TermConfig(loss="ce", teacher=None)]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate(recipe: Recipe) -> None:
+    """Check names and parameters of every component without building data or training."""
+    check_kwargs(datasets.get(recipe.data.name), recipe.data.args, f"data {recipe.data.name!r}")
+    if recipe.transfer is not None:
+        check_kwargs(datasets.get(recipe.transfer.name), recipe.transfer.args, f"transfer {recipe.transfer.name!r}")
+    for where, spec in (("teacher.model", recipe.teacher.model), ("student.model", recipe.student.model)):
+        check_kwargs(models.get(spec.name), spec.args, f"{where} {spec.name!r}", skip=2)
+    Objective(recipe.distill.terms)
+
+
+# --------------------------------------------------------------------------- weights on disk
+
+
+def save_weights(model: nn.Module, path: Path, meta: dict) -> None:
+    """``path`` (safetensors) then ``path``.json with its sha256, both atomic."""
+    atomic_save_safetensors(path, {k: v.clone() for k, v in model.state_dict().items()})
+    atomic_write_json(path.with_suffix(".json"), {**meta, "sha256": sha256_file(path)})
+
+
+def load_weights(model: nn.Module, path: Path, *, verify: bool = True) -> dict:
+    """Load safetensors weights into ``model``; checks the sidecar checksum when there is one."""
+    path = Path(path)
+    if not path.is_file():
+        raise DistilleryError(f"weights file {str(path)!r} does not exist.")
+    meta: dict = {}
+    side = path.with_suffix(".json")
+    if verify and side.is_file():
+        meta = read_json(side, "weights metadata")
+        if meta.get("sha256") != sha256_file(path):
+            raise DistilleryError(f"weights file {str(path)!r} is corrupted (checksum mismatch); delete it and rerun.")
+    try:
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises its own error types for truncated or foreign files
+        raise DistilleryError(f"weights file {str(path)!r} is not a readable safetensors file ({e}).") from None
+    try:
+        model.load_state_dict(tensors)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()[0]
+        raise DistilleryError(f"weights {str(path)!r} do not fit the model: {first}.") from None
+    return meta
+
+
+# --------------------------------------------------------------------------- measurements
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50) -> float:
+    """Median wall time of one forward pass on a single sample (CPU, current thread count)."""
+    model.eval()
+    x = example[:1]
+    for _ in range(5):
+        model(x)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        model(x)
+        times.append(time.perf_counter() - t)
+    return 1000 * statistics.median(times)
+
+
+def _ece(probs: torch.Tensor, targets: torch.Tensor) -> float:
+    from .report import ece
+
+    return float(ece(probs, targets))
+
+
+# --------------------------------------------------------------------------- the run
+
+
+@dataclass
+class Data:
+    train: TensorData
+    test: TensorData
+    transfer: TensorData | None = None
+
+    def for_distill(self, which: str) -> TensorData:
+        if which == "train":
+            return self.train
+        if which == "transfer":
+            assert self.transfer is not None
+            return self.transfer
+        assert self.transfer is not None
+        return concat([self.train.unlabelled(), _offset_ids(self.transfer, self.train)], "train+transfer")
+
+
+def _offset_ids(t: TensorData, after: TensorData) -> TensorData:
+    """Shift transfer ids past the labelled ids so that joined sets keep unique sample ids."""
+    return TensorData(t.x, t.y, t.ids + int(after.ids.max()) + 1, t.num_classes, t.name)
+
+
+def load_data(recipe: Recipe) -> Data:
+    splits = datasets.build(recipe.data.name, recipe.data.args)
+    for need in ("train", "test"):
+        if need not in splits:
+            raise DistilleryError(f"data set {recipe.data.name!r} has no {need!r} split; it gives {sorted(splits)}.")
+    transfer = None
+    if recipe.transfer is not None:
+        t = datasets.build(recipe.transfer.name, recipe.transfer.args)
+        transfer = (t.get("transfer") or t["train"]).unlabelled()
+        if transfer.input_shape != splits["train"].input_shape:
+            raise DistilleryError(f"transfer set inputs {transfer.input_shape} differ from the data set's {splits['train'].input_shape}.")
+    return Data(splits["train"], splits["test"], transfer)
+
+
+def build_model(spec, d: TensorData) -> nn.Module:
+    return models.build(spec.name, d.input_shape, d.num_classes, spec.args)
+
+
+def teacher_fingerprint(recipe: Recipe) -> str:
+    """What decides the trained teacher: its model, training settings, data set and seed."""
+    key = {"model": to_dict(recipe.teacher.model), "train": to_dict(recipe.teacher.train),
+           "data": to_dict(recipe.data), "seed": recipe.seed, "version": 1}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
+def slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
+
+
+def new_run_dir(recipe: Recipe) -> Path:
+    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = Path(recipe.runs_dir) / slug(recipe.name)
+    for i in range(1000):
+        d = base / (stamp if i == 0 else f"{stamp}-{i}")
+        try:
+            d.mkdir(parents=True)
+            return d
+        except FileExistsError:
+            continue
+    raise DistilleryError(f"cannot create a run directory under {str(base)!r}.")
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    report: Path | None = None
+
+
+def _say(progress: bool | None, msg: str) -> None:
+    if progress is not False:
+        import sys
+
+        print(msg, file=sys.stderr, flush=True)
+
+
+def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: bool = False,
+        progress: bool | None = None) -> RunResult:
+    """Train or reuse the teacher, train the student alone (when asked), distil, evaluate, report."""
+    validate(recipe)
+    torch.set_num_threads(recipe.threads)
+    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(recipe)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _say(progress, f"run directory: {run_dir}")
+    config_text = yaml.safe_dump(to_dict(recipe), sort_keys=False)
+    if resume and (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text() != config_text:
+        raise DistilleryError(f"{str(run_dir)!r} holds a run of another recipe (config.yaml differs); resume it with its own recipe.")
+    atomic_write_text(run_dir / "config.yaml", config_text)
+    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    summary: dict[str, Any] = {"name": recipe.name, "recipe": recipe.name, "created": created, "status": "running", "rows": []}
+    atomic_write_json(run_dir / "summary.json", summary)
+    _index(recipe, run_dir, summary)
+    try:
+        result = _run(recipe, run_dir, resume, progress, summary)
+    except BaseException:
+        summary["status"] = "failed"
+        atomic_write_json(run_dir / "summary.json", summary)
+        _index(recipe, run_dir, summary)
+        raise
+    return result
+
+
+def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, summary: dict) -> RunResult:
+    data = load_data(recipe)
+    seed = recipe.seed
+
+    # 1. Teacher: given weights, the cache, or trained now (and put in the cache).
+    seed_everything(seed)
+    teacher_model = build_model(recipe.teacher.model, data.train)
+    if recipe.teacher.checkpoint:
+        load_weights(teacher_model, Path(recipe.teacher.checkpoint))
+        _say(progress, f"teacher: loaded {recipe.teacher.checkpoint}")
+    else:
+        cache = Path(recipe.cache_dir or Path(recipe.runs_dir) / "cache") / "teachers" / teacher_fingerprint(recipe)[:16]
+        weights = cache / "teacher.safetensors"
+        if weights.is_file():
+            load_weights(teacher_model, weights)
+            _say(progress, f"teacher: reused from the cache {cache}")
+        else:
+            _say(progress, "teacher: training")
+            fit(teacher_model, Objective(CE), data.train, recipe.teacher.train, eval_data=data.test,
+                run_dir=run_dir, phase="teacher", seed=seed, resume=resume, progress=progress)
+            save_weights(teacher_model, weights, {"model": to_dict(recipe.teacher.model), "fingerprint": teacher_fingerprint(recipe)})
+    teacher = ModuleTeacher(teacher_model)
+    models_dir = run_dir / "models"
+    save_weights(teacher_model, models_dir / "teacher.safetensors", {"model": to_dict(recipe.teacher.model)})
+    trained: dict[str, nn.Module] = {"teacher": teacher_model}
+
+    # 2. The student alone on the labelled set, from the same initial weights as the distilled one.
+    if recipe.baseline.enabled:
+        seed_everything(seed)
+        baseline = build_model(recipe.student.model, data.train)
+        fit(baseline, Objective(CE), data.train, recipe.baseline.train or recipe.distill.train, eval_data=data.test,
+            run_dir=run_dir, phase="baseline", seed=seed, resume=resume, progress=progress)
+        save_weights(baseline, models_dir / "baseline.safetensors", {"model": to_dict(recipe.student.model)})
+        trained["baseline"] = baseline
+
+    # 3. Distillation.
+    seed_everything(seed)
+    student = build_model(recipe.student.model, data.train)
+    objective = Objective(recipe.distill.terms)
+    fit(student, objective, data.for_distill(recipe.distill.data), recipe.distill.train, teacher=teacher,
+        eval_data=data.test, run_dir=run_dir, phase="distill", seed=seed, resume=resume, progress=progress)
+    save_weights(student, models_dir / "distilled.safetensors", {"model": to_dict(recipe.student.model)})
+    trained["distilled"] = student
+
+    rows = measure(trained, data.test, run_dir)
+    summary.update(status="done", rows=rows)
+    atomic_write_json(run_dir / "summary.json", summary)
+    _index(recipe, run_dir, summary)
+    from .report import write_report
+
+    return RunResult(run_dir, rows, write_report(run_dir))
+
+
+PHASE = {"teacher": "teacher", "baseline": "baseline", "distilled": "distill"}
+
+
+def measure(trained: dict[str, nn.Module], test: TensorData, run_dir: Path | None) -> list[dict]:
+    """Accuracy, parameters, batch-1 CPU latency, agreement with the teacher and ECE on the test split;
+    writes ``predictions/<phase>.safetensors`` for the report."""
+    teacher_pred = evaluate(trained["teacher"], test)["logits"].argmax(-1)
+    rows = []
+    for name, model in trained.items():
+        ev = evaluate(model, test, None if name == "teacher" else teacher_pred)
+        probs = ev["logits"].softmax(-1).contiguous()
+        if run_dir is not None:
+            atomic_save_safetensors(run_dir / "predictions" / f"{PHASE.get(name, name)}.safetensors",
+                                    {"probs": probs, "targets": test.y})
+        rows.append({"model": name, "phase": PHASE.get(name, name), "accuracy": ev["accuracy"],
+                     "params": models.num_params(model), "latency_ms": latency_ms(model, test.x),
+                     "agreement": ev["agreement"], "ece": _ece(probs, test.y)})
+    return rows
+
+
+def _index(recipe: Recipe, run_dir: Path, summary: dict) -> None:
+    from .report import RunIndex
+
+    RunIndex(Path(recipe.runs_dir) / "index.sqlite").record(run_dir, recipe.name, recipe.name, summary["status"], summary)
+
+
+def format_rows(rows: list[dict]) -> str:
+    """The table printed at the end of a run."""
+    head = f"{'model':<10} {'accuracy':>9} {'params':>9} {'latency/sample':>15} {'agreement':>10}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        agree = "-" if r["agreement"] is None else f"{100 * r['agreement']:.1f}%"
+        lines.append(f"{r['model']:<10} {100 * r['accuracy']:>8.2f}% {r['params']:>9,} {r['latency_ms']:>12.3f} ms {agree:>10}")
+    return "\n".join(lines)

@@ -1,0 +1,15 @@
+import pytest
+import torch
+
+torch.set_num_threads(2)
+
+
+@pytest.fixture
+def toy_data():
+    """A tiny seeded labelled set: 96 samples of 12 features, 4 classes, a little structure."""
+    from distillery.data import TensorData
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(96, 12, generator=g)
+    y = (x[:, :4].argmax(1)).long()
+    return TensorData(x, y, torch.arange(96), 4, "toy")

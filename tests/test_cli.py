@@ -1,0 +1,118 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from distillery.cli import main
+
+TINY = """
+name: tiny/kd
+seed: 0
+runs_dir: {runs}
+data: {{name: mnist1d, num_samples: 600}}
+transfer: {{name: mnist1d_transfer, size: 300, seed: 5}}
+teacher:
+  model: {{name: cnn1d, channels: 8, hidden: 16}}
+  train: {{epochs: 2, batch_size: 64, lr: 0.01}}
+student:
+  model: {{name: mlp, hidden: [16]}}
+baseline: {{enabled: true}}
+distill:
+  terms:
+    - {{loss: kd, temperature: 4.0, weight: 0.9}}
+    - {{loss: ce, teacher: null, weight: 0.1, targets: labels}}
+  data: train
+  train: {{epochs: 2, batch_size: 64, lr: 0.01}}
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    p = tmp_path / "tiny.yaml"
+    p.write_text(TINY.format(runs=tmp_path / "runs"))
+    return p
+
+
+def test_run_end_to_end_then_reuse_teacher_eval_report_runs(tiny, tmp_path, capsys):
+    out = tmp_path / "run1"
+    assert main(["run", str(tiny), "--out", str(out), "--quiet"]) == 0
+    printed = capsys.readouterr().out
+    assert "teacher" in printed and "distilled" in printed and "baseline" in printed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "done"
+    assert {r["model"] for r in summary["rows"]} == {"teacher", "baseline", "distilled"}
+    assert all(0 <= r["accuracy"] <= 1 for r in summary["rows"])
+    html = (out / "report" / "report.html").read_text()
+    assert "distilled" in html and ".png" in html
+    phases = {json.loads(line)["phase"] for line in (out / "metrics.jsonl").read_text().splitlines()}
+    assert phases == {"teacher", "baseline", "distill"}
+
+    # Second run reuses the cached teacher (no teacher phase trained again) and gives the same numbers.
+    out2 = tmp_path / "run2"
+    assert main(["run", str(tiny), "--out", str(out2), "--quiet"]) == 0
+    capsys.readouterr()
+    phases2 = {json.loads(line)["phase"] for line in (out2 / "metrics.jsonl").read_text().splitlines()}
+    assert phases2 == {"baseline", "distill"}
+    rows2 = json.loads((out2 / "summary.json").read_text())["rows"]
+    assert [r["accuracy"] for r in rows2] == [r["accuracy"] for r in summary["rows"]]
+
+    assert main(["eval", str(out)]) == 0
+    evald = capsys.readouterr().out
+    distilled_acc = next(r["accuracy"] for r in summary["rows"] if r["model"] == "distilled")
+    assert f"{100 * distilled_acc:.2f}%" in evald
+    assert main(["report", str(out)]) == 0
+    assert main(["runs", "--runs-dir", str(tmp_path / "runs")]) == 0
+    listing = capsys.readouterr().out
+    assert "tiny/kd" in listing and "done" in listing
+
+
+def test_resume_a_finished_run_does_not_retrain(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(tiny), "--out", str(out), "--quiet"]) == 0
+    before = (out / "metrics.jsonl").read_text()
+    assert main(["run", str(tiny), "--resume", str(out), "--quiet"]) == 0
+    assert (out / "metrics.jsonl").read_text() == before
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["run", "mnist1d/kdd"], "unknown recipe 'mnist1d/kdd'. Did you mean 'mnist1d/kd'"),
+    (["run", "mnist1d/kd", "distill.train.lr=fast"], "distill.train.lr: expected a number"),
+    (["run", "mnist1d/kd", "distill.terms.0.loss=kl"], "unknown loss 'kl'"),
+    (["eval", "/nonexistent/run"], "run config '/nonexistent/run/config.yaml' is missing"),
+])
+def test_bad_input_is_one_line_error(args, fragment, capsys):
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert fragment in err
+    assert err.count("\n") == 1 and "Traceback" not in err
+
+
+def test_missing_and_corrupted_weights(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(tiny), "--out", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    w = out / "models" / "distilled.safetensors"
+    w.write_bytes(w.read_bytes()[:-7] + b"garbage")
+    assert main(["eval", str(out)]) == 2
+    assert "corrupted (checksum mismatch)" in capsys.readouterr().err
+    w.unlink()
+    assert main(["eval", str(out)]) == 2
+    assert "distilled weights" in capsys.readouterr().err
+
+
+def test_validate_and_ls(capsys):
+    assert main(["validate"]) == 0
+    assert "ok      mnist1d/kd" in capsys.readouterr().out
+    assert main(["validate", "mnist1d/kd", "nope.yaml"]) == 1
+    out = capsys.readouterr().out
+    assert "ok      mnist1d/kd" in out and "invalid nope.yaml: recipe file 'nope.yaml' does not exist" in out
+    assert main(["ls"]) == 0
+    listing = capsys.readouterr().out
+    for name in ("mnist1d/kd", "kd", "dkd", "mlp", "cnn1d", "mnist1d_transfer", "digits"):
+        assert f"  {name}\n" in listing
+
+
+def test_console_script_module_entry():
+    r = subprocess.run([sys.executable, "-m", "distillery", "ls", "losses"], capture_output=True, text=True, check=True)
+    assert "generalized_jsd" in r.stdout
