@@ -35,3 +35,20 @@ def write(path: str | Path, payload: dict) -> Path:
     atomic_write_json(path, payload)
     print(f"wrote {path}")
     return path
+
+
+BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
+
+
+def update_markdown(name: str, text: str) -> None:
+    """Replace this benchmark's section of BENCHMARKS.md (between its markers), or append it."""
+    from distillery.io import atomic_write_text
+
+    start, end = f"<!-- {name}:start -->", f"<!-- {name}:end -->"
+    doc = BENCHMARKS_MD.read_text() if BENCHMARKS_MD.exists() else "# Benchmarks\n"
+    block = f"{start}\n{text.strip()}\n{end}"
+    if start in doc and end in doc:
+        doc = doc[: doc.index(start)] + block + doc[doc.index(end) + len(end):]
+    else:
+        doc = doc.rstrip() + "\n\n" + block + "\n"
+    atomic_write_text(BENCHMARKS_MD, doc)

@@ -17,7 +17,6 @@ import time
 
 import torch
 import torch.nn.functional as F
-from _common import RESULTS, command, machine, write
 
 from distillery import data as datasets
 from distillery import models
@@ -26,6 +25,8 @@ from distillery.data.core import batches, epoch_order
 from distillery.engine import fit
 from distillery.objective import Objective
 from distillery.teachers import ModuleTeacher
+
+from _common import RESULTS, command, machine, write
 
 
 def hand_loop(student, teacher, data, steps: int, batch_size: int, lr: float, seed: int) -> list[float]:

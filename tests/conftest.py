@@ -13,3 +13,11 @@ def toy_data():
     x = torch.randn(96, 12, generator=g)
     y = (x[:, :4].argmax(1)).long()
     return TensorData(x, y, torch.arange(96), 4, "toy")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _hermetic_cache(tmp_path_factory):
+    """Generated data sets are cached in a folder of this test session, not in the home folder."""
+    import os
+
+    os.environ["DISTILLERY_CACHE"] = str(tmp_path_factory.mktemp("cache"))

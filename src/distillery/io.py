@@ -82,3 +82,36 @@ def atomic_save_safetensors(path: str | os.PathLike, tensors: dict) -> Path:
     from safetensors.torch import save
 
     return atomic_write_bytes(path, save({k: v.detach().contiguous() for k, v in tensors.items()}))
+
+
+def cache_root() -> Path:
+    """Where generated data sets are cached: ``$DISTILLERY_CACHE`` or ``~/.cache/distillery``."""
+    return Path(os.environ.get("DISTILLERY_CACHE") or Path.home() / ".cache" / "distillery")
+
+
+def cached_arrays(path: str | os.PathLike, build) -> dict:
+    """numpy arrays from ``path`` (.npz, no pickle) when its checksum verifies, else ``build()`` them
+    and store them atomically with a ``.json`` checksum beside. A corrupted file is rebuilt."""
+    import io as _io
+
+    import numpy as np
+
+    path = Path(path)
+    side = path.with_suffix(".json")
+    if path.is_file() and side.is_file():
+        try:
+            ok = json.loads(side.read_text()).get("sha256") == sha256_file(path)
+        except (json.JSONDecodeError, OSError):
+            ok = False
+        if ok:
+            with np.load(path, allow_pickle=False) as z:
+                return {k: z[k] for k in z.files}
+    arrays = build()
+    buf = _io.BytesIO()
+    np.savez(buf, **arrays)
+    try:
+        atomic_write_bytes(path, buf.getvalue())
+        atomic_write_json(side, {"sha256": sha256_file(path)})
+    except OSError:
+        pass  # a read-only cache only costs time
+    return arrays

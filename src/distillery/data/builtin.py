@@ -7,22 +7,29 @@ import random
 import numpy as np
 import torch
 
+from ..io import cache_root, cached_arrays
 from . import DATASETS
 from .core import TensorData
 
 
 def _make_mnist1d(num_samples: int, seed: int, train_split: float) -> dict:
-    """Call mnist1d's generator and restore the global random/numpy RNG state it reseeds."""
+    """mnist1d's generator (cached under ``cache_root()/data``), restoring the global
+    random/numpy RNG state it reseeds."""
     from mnist1d.data import get_dataset_args, make_dataset
 
-    args = get_dataset_args()
-    args.num_samples, args.seed, args.train_split = num_samples, seed, train_split
-    py_state, np_state = random.getstate(), np.random.get_state()
-    try:
-        return make_dataset(args)
-    finally:
-        random.setstate(py_state)
-        np.random.set_state(np_state)
+    def build() -> dict:
+        args = get_dataset_args()
+        args.num_samples, args.seed, args.train_split = num_samples, seed, train_split
+        py_state, np_state = random.getstate(), np.random.get_state()
+        try:
+            d = make_dataset(args)
+        finally:
+            random.setstate(py_state)
+            np.random.set_state(np_state)
+        return {k: d[k] for k in ("x", "y", "x_test", "y_test")}
+
+    name = f"mnist1d-v1-n{num_samples}-seed{seed}-split{train_split}.npz"
+    return cached_arrays(cache_root() / "data" / name, build)
 
 
 def _tensor_x(a: np.ndarray) -> torch.Tensor:

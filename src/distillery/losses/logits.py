@@ -417,7 +417,7 @@ def dkd(
     )
     tckd = _kl(_binary_log_probs(_log_probs(t, tau), y), _binary_log_probs(_log_probs(s, tau), y))
     rest = _non_target_index(y, s.shape[-1])  # (N, C-1)
-    gt = torch.zeros_like(s).scatter_(1, y[:, None], 1.0); nckd = _kl(_log_probs(t - 1000 * tau * gt, tau), _log_probs(s - 1000 * tau * gt, tau))
+    nckd = _kl(_log_probs(t.gather(-1, rest), tau), _log_probs(s.gather(-1, rest), tau))
     rows = tau**2 * (alpha * tckd + beta * nckd)
     return _reduce(rows, mask, reduction)
 
