@@ -27,7 +27,7 @@ from distillery.config import TermConfig
 from distillery.engine import evaluate, fit, seed_everything
 from distillery.objective import Objective
 from distillery.pipeline import CE, build_model, load_data
-from distillery.teachers import ModuleTeacher
+from distillery.teachers import ModuleTeacher, PrecomputedTeacher
 
 from _common import RESULTS, command, machine, update_markdown, write
 
@@ -61,11 +61,12 @@ def one_seed(seed: int, methods: list[str], recipe_name: str) -> dict[str, float
         s = student()
         fit(s, Objective([TermConfig(loss="kd")]), data.train, base_train, teacher=teacher, seed=seed, progress=False)
         out["kd_labelled"] = accuracy(s, data.test)
+    answers = PrecomputedTeacher(teacher, data.transfer)  # as `distillery run` does
     for name in TRANSFER_LOSSES:
         if f"{name}_transfer" not in methods:
             continue
         s = student()
-        fit(s, Objective([TermConfig(loss=name)]), data.transfer, recipe.distill.train, teacher=teacher,
+        fit(s, Objective([TermConfig(loss=name)]), data.transfer, recipe.distill.train, teacher=answers,
             seed=seed, progress=False)
         out[f"{name}_transfer"] = accuracy(s, data.test)
     return out

@@ -117,6 +117,9 @@ class DistillConfig:
     data: Literal["transfer", "train", "train+transfer"] = "transfer"
     """Which samples the distillation step reads: the unlabelled transfer set, the labelled set, or both."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    precompute_teacher: bool = True
+    """Compute the teacher's logits once per sample and look them up by id (the inputs do not change
+    between epochs); false runs the teacher at every step. Terms that read teacher taps run it live."""
 
 
 @dataclass

@@ -217,10 +217,11 @@ class MetricsLog:
 class _Progress:
     """A rich progress bar on a terminal (terms, throughput, ETA); one line per epoch otherwise."""
 
-    def __init__(self, enabled: bool | None, phase: str, total: int, done: int):
-        self.phase, self.total = phase, total
+    def __init__(self, enabled: bool | None, phase: str, total: int, done: int, epochs: int = 1):
+        self.phase, self.total, self.last = phase, total, ""
+        self.every = max(1, epochs // 10)  # without a terminal: about ten lines per phase
         tty = sys.stderr.isatty()
-        self.enabled = tty if enabled is None else enabled
+        self.enabled = True if enabled is None else enabled
         self.bar = None
         if self.enabled and tty:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -235,12 +236,13 @@ class _Progress:
             self.bar.advance(self.task, n)
 
     def info(self, text: str) -> None:
+        self.last = text
         if self.bar is not None:
             self.bar.update(self.task, info=text)
 
-    def epoch(self, text: str) -> None:
-        if self.enabled and self.bar is None:
-            print(f"[{self.phase}] {text}", file=sys.stderr, flush=True)
+    def epoch(self, epoch: int, epochs: int, text: str) -> None:
+        if self.enabled and self.bar is None and (epoch % self.every == 0 or epoch == epochs):
+            print(f"[{self.phase}] epoch {epoch}/{epochs} {text}  {self.last}", file=sys.stderr, flush=True)
         elif self.bar is not None:
             self.info(text)
 
@@ -323,7 +325,7 @@ def fit(
             teacher_pred = torch.cat([teacher({"x": eval_data.x[i:i + 1024]})["logits"]
                                       for i in range(0, len(eval_data), 1024)]).argmax(-1)
 
-    bar = _Progress(progress, phase, cfg.epochs * steps_per_epoch, global_step)
+    bar = _Progress(progress, phase, cfg.epochs * steps_per_epoch, global_step, cfg.epochs)
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
     s_taps = Taps(student, objective.student_taps)
 
@@ -383,7 +385,7 @@ def fit(
                     ev = evaluate(student, eval_data, teacher_pred)
                     record.update(accuracy=ev.get("accuracy"), loss=ev.get("loss"), agreement=ev["agreement"])
                     log.write(record)
-                    bar.epoch(f"epoch {epoch + 1}/{cfg.epochs} acc {100 * ev.get('accuracy', float('nan')):.2f}%")
+                    bar.epoch(epoch + 1, cfg.epochs, f"test acc {100 * ev.get('accuracy', float('nan')):.2f}%")
                 history.append({k: record.get(k) for k in ("epoch", "step", "accuracy", "loss", "agreement")})
                 save(epoch + 1, 0, done=epoch + 1 == cfg.epochs)
     finally:

@@ -28,7 +28,7 @@ from .engine import evaluate, fit, seed_everything
 from .errors import DistilleryError
 from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json, sha256_file
 from .objective import Objective
-from .teachers import ModuleTeacher
+from .teachers import ModuleTeacher, PrecomputedTeacher
 
 CE = [TermConfig(loss="ce", teacher=None)]
 
@@ -222,13 +222,15 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
         cache = Path(recipe.cache_dir or Path(recipe.runs_dir) / "cache") / "teachers" / teacher_fingerprint(recipe)[:16]
         weights = cache / "teacher.safetensors"
         if weights.is_file():
-            load_weights(teacher_model, weights)
+            meta = load_weights(teacher_model, weights)
             _say(progress, f"teacher: reused from the cache {cache}")
+            _log_reused_history(run_dir, meta.get("history", []), str(cache))
         else:
             _say(progress, "teacher: training")
-            fit(teacher_model, Objective(CE), data.train, recipe.teacher.train, eval_data=data.test,
-                run_dir=run_dir, phase="teacher", seed=seed, resume=resume, progress=progress)
-            save_weights(teacher_model, weights, {"model": to_dict(recipe.teacher.model), "fingerprint": teacher_fingerprint(recipe)})
+            out = fit(teacher_model, Objective(CE), data.train, recipe.teacher.train, eval_data=data.test,
+                      run_dir=run_dir, phase="teacher", seed=seed, resume=resume, progress=progress)
+            save_weights(teacher_model, weights, {"model": to_dict(recipe.teacher.model),
+                                                  "fingerprint": teacher_fingerprint(recipe), "history": out["history"]})
     teacher = ModuleTeacher(teacher_model)
     models_dir = run_dir / "models"
     save_weights(teacher_model, models_dir / "teacher.safetensors", {"model": to_dict(recipe.teacher.model)})
@@ -247,7 +249,11 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
     seed_everything(seed)
     student = build_model(recipe.student.model, data.train)
     objective = Objective(recipe.distill.terms)
-    fit(student, objective, data.for_distill(recipe.distill.data), recipe.distill.train, teacher=teacher,
+    distill_data = data.for_distill(recipe.distill.data)
+    answers = teacher
+    if recipe.distill.precompute_teacher and not objective.teacher_taps:
+        answers = PrecomputedTeacher(teacher, distill_data)
+    fit(student, objective, distill_data, recipe.distill.train, teacher=answers,
         eval_data=data.test, run_dir=run_dir, phase="distill", seed=seed, resume=resume, progress=progress)
     save_weights(student, models_dir / "distilled.safetensors", {"model": to_dict(recipe.student.model)})
     trained["distilled"] = student
@@ -259,6 +265,16 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
     from .report import write_report
 
     return RunResult(run_dir, rows, write_report(run_dir))
+
+
+def _log_reused_history(run_dir: Path, history: list[dict], source: str) -> None:
+    """A reused teacher's per-epoch evaluation, copied into this run's metrics for the report."""
+    metrics = run_dir / "metrics.jsonl"
+    if metrics.is_file() and any('"phase": "teacher"' in line for line in metrics.read_text().splitlines()):
+        return  # already there (a resumed run)
+    with open(metrics, "a", encoding="utf-8") as f:
+        for h in history:
+            f.write(json.dumps({"event": "eval", "phase": "teacher", "split": "test", "reused_from": source, **h}) + "\n")
 
 
 PHASE = {"teacher": "teacher", "baseline": "baseline", "distilled": "distill"}

@@ -57,3 +57,39 @@ class ModuleTeacher:
     def to(self, device: torch.device | str) -> ModuleTeacher:
         self.model.to(device)
         return self
+
+
+class PrecomputedTeacher:
+    """A teacher's logits for every sample of a fixed data set, computed once and looked up by
+    sample id (``batch["id"]``), never by batch position.
+
+    Right when the inputs do not change between epochs (no augmentation): the answers are those of
+    the live teacher, without its forward pass at every step. Batches without ids (evaluation)
+    go to the live teacher; an id outside the set is an error."""
+
+    def __init__(self, teacher: Teacher, data, batch_size: int = 1024):
+        self.live = teacher
+        ids = data.ids
+        with torch.no_grad():
+            logits = torch.cat([teacher({"x": data.x[i:i + batch_size]})["logits"]
+                                for i in range(0, len(data), batch_size)])
+        self.sorted_ids, order = torch.sort(ids)
+        self.logits = logits[order]
+
+    def check_taps(self, taps: Sequence[str]) -> None:
+        extra = [t for t in taps if t != "logits"]
+        if extra:
+            raise DistilleryError(f"precomputed teacher outputs hold logits only, not taps {extra}; "
+                                  "set distill.precompute_teacher=false for feature terms.")
+
+    def __call__(self, batch: dict[str, Tensor], taps: Sequence[str] = ()) -> dict[str, Tensor]:
+        self.check_taps(taps)
+        if "id" not in batch:
+            return self.live(batch, taps)
+        ids = batch["id"]
+        pos = torch.searchsorted(self.sorted_ids, ids).clamp_(max=len(self.sorted_ids) - 1)
+        if not torch.equal(self.sorted_ids[pos], ids):
+            missing = ids[self.sorted_ids[pos] != ids][:5].tolist()
+            raise DistilleryError(f"sample ids {missing} are not in the precomputed teacher outputs; "
+                                  "precompute them for the data set being trained on.")
+        return {"logits": self.logits[pos]}
