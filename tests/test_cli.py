@@ -52,8 +52,10 @@ def test_run_end_to_end_then_reuse_teacher_eval_report_runs(tiny, tmp_path, caps
     out2 = tmp_path / "run2"
     assert main(["run", str(tiny), "--out", str(out2), "--quiet"]) == 0
     capsys.readouterr()
-    phases2 = {json.loads(line)["phase"] for line in (out2 / "metrics.jsonl").read_text().splitlines()}
-    assert phases2 == {"baseline", "distill"}
+    records2 = [json.loads(line) for line in (out2 / "metrics.jsonl").read_text().splitlines()]
+    assert {r["phase"] for r in records2 if r["event"] == "train"} == {"baseline", "distill"}
+    reused = [r for r in records2 if r["phase"] == "teacher"]
+    assert len(reused) == 2 and all(r["event"] == "eval" and "reused_from" in r for r in reused)
     rows2 = json.loads((out2 / "summary.json").read_text())["rows"]
     assert [r["accuracy"] for r in rows2] == [r["accuracy"] for r in summary["rows"]]
 
