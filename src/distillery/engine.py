@@ -6,6 +6,7 @@ The engine knows no distillation method: it calls the teacher protocol and the o
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -326,7 +327,9 @@ def fit(
                                       for i in range(0, len(eval_data), 1024)]).argmax(-1)
 
     bar = _Progress(progress, phase, cfg.epochs * steps_per_epoch, global_step, cfg.epochs)
-    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.autocast == "bf16")
+    amp = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.autocast == "bf16" else contextlib.nullcontext()
+    t_taps = objective.teacher_taps
+    ask_teacher = teacher if objective.needs_teacher else None
     s_taps = Taps(student, objective.student_taps)
 
     def save(epoch: int, step_in_epoch: int, done: bool = False) -> None:
@@ -351,14 +354,15 @@ def fit(
                     opt.zero_grad(set_to_none=True)
                     for index in group:
                         batch = data.batch(index)
-                        t_out = teacher(batch, objective.teacher_taps) if teacher is not None and objective.needs_teacher else None
+                        t_out = ask_teacher(batch, t_taps) if ask_teacher is not None else None
                         with amp:
                             s_taps.clear()
                             s_out = {"logits": student(batch["x"]), **s_taps.outputs}
                             result = objective(s_out, t_out, batch)
                         check_finite(result, f"{phase} epoch {epoch + 1} step {global_step + 1}")
                         # Weight by this micro-batch's share of the optimiser step's items.
-                        (result["total"] * (len(index) / n_group)).backward()
+                        loss = result["total"] if len(group) == 1 else result["total"] * (len(index) / n_group)
+                        loss.backward()
                         del t_out, s_out
                     if cfg.clip_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)

@@ -9,6 +9,7 @@ tensors came from: the objective looks them up and passes plain tensors.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +44,7 @@ class Term:
         if self.targets not in ("auto", "labels", "teacher"):
             raise DistilleryError(f"term {self.name!r}: targets must be auto, labels or teacher, got {self.targets!r}.")
         self.call = functools.partial(self.fn, **self.params)  # recipe parameters bound once
+        self.needs_targets = bool(getattr(self.fn, "needs_targets", False))
 
     @classmethod
     def from_config(cls, cfg: TermConfig) -> Term:
@@ -76,7 +78,8 @@ class Objective:
 
     @property
     def needs_labels(self) -> bool:
-        return any(t.targets == "labels" or (t.teacher is None and t.targets == "auto") for t in self.terms)
+        return any(t.needs_targets and (t.targets == "labels" or (t.teacher is None and t.targets == "auto"))
+                   for t in self.terms)
 
     def __call__(self, student: dict[str, Tensor], teacher: dict[str, Tensor] | None,
                  batch: dict[str, Tensor]) -> dict[str, Any]:
@@ -95,7 +98,10 @@ class Objective:
                         f"teacher and student disagree on the class count: teacher logits have {tv.shape[-1]} classes, "
                         f"student logits {s.shape[-1]}; build both for the same data set (num_classes)."
                     )
-            value = t.call(s, tv, targets=self._targets(t, batch, teacher))
+            if t.needs_targets:
+                value = t.call(s, tv, targets=self._targets(t, batch, teacher))
+            else:
+                value = t.call(s, tv)
             terms[t.name] = value
             total = t.weight * value if total is None else total + t.weight * value
         return {"total": total, "terms": terms}
@@ -117,10 +123,12 @@ class Objective:
 def check_finite(result: dict[str, Any], where: str) -> None:
     """Stop with a message naming the non-finite terms (NaN or inf), never a silent divergence."""
     total = result["total"]
-    if bool(torch.isfinite(total).all()):
+    total = total.detach()
+    finite = math.isfinite(float(total)) if total.numel() == 1 else bool(torch.isfinite(total).all())
+    if finite:  # a scalar costs one sync and no extra kernels
         return
     bad = {k: float(v.detach()) for k, v in result["terms"].items() if not bool(torch.isfinite(v).all())}
-    detail = ", ".join(f"{k} = {v}" for k, v in bad.items()) or f"total = {float(total.detach())}"
+    detail = ", ".join(f"{k} = {v}" for k, v in bad.items()) or f"total = {float(total)}"
     raise DistilleryError(
         f"non-finite loss at {where}: {detail}. The run stopped; lower the learning rate, set "
         "train.clip_grad_norm, or check the inputs and teacher outputs for NaN/inf."

@@ -34,11 +34,12 @@ class ModuleTeacher:
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             raise DistilleryError("the teacher is wrapped in DDP/DataParallel; pass the bare module (a frozen teacher needs no gradient sync).")
         self.model = model.eval().requires_grad_(False)
+        self._params = list(model.parameters())  # walked once: named_modules() on every call costs
 
     def check_frozen(self) -> None:
         if self.model.training:
             raise DistilleryError("the teacher module was switched to train mode; teachers must stay in eval mode.")
-        if any(p.requires_grad for p in self.model.parameters()):
+        if any(p.requires_grad for p in self._params):
             raise DistilleryError("the teacher has parameters with requires_grad=True; teachers must stay frozen.")
 
     def check_taps(self, taps: Sequence[str]) -> None:

@@ -580,3 +580,9 @@ def ce(
     )
     rows = F.cross_entropy(s, y, reduction="none", label_smoothing=eps)
     return _reduce(rows, mask, reduction)
+
+
+# Losses that read class targets; the objective passes targets to these only, so a label of -100
+# masks rows only where a loss uses the labels (other terms take an explicit ``mask``).
+for _fn in (dkd, pld, ce):
+    _fn.needs_targets = True
