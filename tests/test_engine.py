@@ -160,3 +160,24 @@ def test_objective_terms_and_targets(toy_data):
     assert torch.allclose(hard["total"], torch.nn.functional.cross_entropy(s["logits"], t["logits"].argmax(-1)))
     with pytest.raises(DistilleryError, match="needs labels"):
         Objective([Term("ce", teacher=None)])(s, None, {"x": batch["x"]})
+
+
+def test_clipping_bf16_and_step_schedule_run(toy_data):
+    s = student()
+    out = fit(s, Objective(KD_CE), toy_data, cfg(epochs=2, clip_grad_norm=0.1, autocast="bf16", schedule="step",
+                                                  step_epochs=1, gamma=0.5), teacher=teacher(), eval_data=toy_data,
+              seed=0, progress=False)
+    assert len(out["history"]) == 2 and all(0 <= h["accuracy"] <= 1 for h in out["history"])
+    assert all(torch.isfinite(p).all() for p in s.parameters())
+
+
+def test_clipping_bounds_the_update(toy_data):
+    """With plain SGD (no momentum) one step moves the weights by lr * clipped gradient."""
+    s = student()
+    s[2].p = 0.0
+    before = [p.detach().clone() for p in s.parameters()]
+    c = cfg(epochs=1, batch_size=96, grad_accum=1, momentum=0.0, lr=1.0, warmup_epochs=0, schedule="constant",
+            clip_grad_norm=1e-3)
+    fit(s, Objective([TermConfig(loss="ce", teacher=None)]), toy_data, c, seed=0, progress=False)
+    moved = float(torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(s.parameters(), before))))
+    assert moved == pytest.approx(1e-3, rel=1e-3)

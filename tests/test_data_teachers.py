@@ -1,0 +1,73 @@
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from distillery import data, models
+from distillery.errors import DistilleryError
+from distillery.teachers import ModuleTeacher, PrecomputedTeacher
+
+
+def test_mnist1d_split_ids_and_global_rng_untouched():
+    random.seed(123)
+    np.random.seed(123)
+    py_before, np_before = random.random(), np.random.rand()
+    random.seed(123)
+    np.random.seed(123)
+    splits = data.build("mnist1d", {"num_samples": 500})
+    assert (random.random(), np.random.rand()) == (py_before, np_before)  # mnist1d reseeds; we restore
+    tr, te = splits["train"], splits["test"]
+    assert (len(tr), len(te), tr.input_shape) == (400, 100, (40,))
+    assert torch.equal(tr.ids, torch.arange(400)) and torch.equal(te.ids, torch.arange(400, 500))
+    again = data.build("mnist1d", {"num_samples": 500})  # from the cache now: the same samples
+    assert torch.equal(again["train"].x, tr.x) and torch.equal(again["test"].y, te.y)
+
+
+def test_transfer_set_is_unlabelled_and_differs_from_the_standard_set():
+    t = data.build("mnist1d_transfer", {"size": 205, "seed": 3})["transfer"]
+    assert t.y is None and len(t) == 205 and t.input_shape == (40,)
+    std = data.build("mnist1d", {"num_samples": 500})["train"]
+    assert not torch.allclose(t.x[:50], std.x[:50])
+    with pytest.raises(ValueError, match="seed 42"):
+        data.build("mnist1d_transfer", {"seed": 42})
+
+
+def test_digits_and_models_by_name():
+    d = data.build("digits")
+    assert d["train"].input_shape == (1, 8, 8) and len(d["train"]) + len(d["test"]) == 1797
+    assert not set(d["train"].ids.tolist()) & set(d["test"].ids.tolist())
+    for name, shape in (("mlp", (1, 8, 8)), ("cnn2d", (1, 8, 8)), ("cnn1d", (40,))):
+        m = models.build(name, shape, 10)
+        assert m(torch.zeros(3, *shape)).shape == (3, 10)
+    with pytest.raises(DistilleryError, match="unknown parameter 'width'"):
+        models.build("mlp", (40,), 10, {"width": 3})
+
+
+def test_precomputed_teacher_answers_by_id_not_position():
+    torch.manual_seed(0)
+    live = ModuleTeacher(nn.Linear(40, 10))
+    t = data.build("mnist1d_transfer", {"size": 100, "seed": 3})["transfer"]
+    shuffled = t.subset(torch.randperm(100))  # ids no longer equal positions
+    pre = PrecomputedTeacher(live, shuffled)
+    index = torch.tensor([5, 0, 99, 42])
+    batch = shuffled.batch(index)
+    assert torch.allclose(pre(batch)["logits"], live(batch)["logits"], atol=1e-6)
+    assert torch.allclose(pre({"x": batch["x"]})["logits"], live(batch)["logits"])  # no ids: live teacher
+    with pytest.raises(DistilleryError, match=r"sample ids \[1000\] are not in the precomputed"):
+        pre({"x": batch["x"][:1], "id": torch.tensor([1000])})
+    with pytest.raises(DistilleryError, match="logits only"):
+        pre(batch, ["0"])
+
+
+def test_teacher_refuses_ddp_wrapper(tmp_path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        with pytest.raises(DistilleryError, match="wrapped in DDP"):
+            ModuleTeacher(nn.parallel.DistributedDataParallel(nn.Linear(2, 2)))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
