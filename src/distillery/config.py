@@ -86,6 +86,8 @@ class TermConfig:
     """``logits``, a module path of the teacher, or null for terms that read no teacher (``ce``)."""
     targets: Literal["auto", "labels", "teacher"] = "auto"
     """``auto``: the labels where the batch has them, else the teacher's argmax."""
+    adapter: Literal["auto", "none", "linear", "conv1x1", "mlp"] = "auto"
+    """Projection of the student tensor to the teacher's shape, for feature terms (``distillery.adapters``)."""
     params: dict[str, Any] = field(default_factory=dict)
 
 
@@ -117,6 +119,8 @@ class DistillConfig:
     data: Literal["transfer", "train", "train+transfer"] = "transfer"
     """Which samples the distillation step reads: the unlabelled transfer set, the labelled set, or both."""
     train: TrainConfig = field(default_factory=TrainConfig)
+    normalize_terms: bool = False
+    """Divide each feature term by a running estimate of its magnitude (LAPTOP-Diff), so none dominates."""
     precompute_teacher: bool = True
     """Compute the teacher's logits once per sample and look them up by id (the inputs do not change
     between epochs); false runs the teacher at every step. Terms that read teacher taps run it live."""

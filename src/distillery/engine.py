@@ -282,8 +282,6 @@ def fit(
     with the same weights as an uninterrupted run. Returns the last evaluation and the history.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
-    modules = dict(modules or {})
-    trainable = {"student": student, **modules}
     if objective.needs_teacher and teacher is None:
         raise DistilleryError(f"phase {phase!r}: the objective reads the teacher, but none was given.")
     if objective.needs_labels and not data.labelled:
@@ -292,6 +290,10 @@ def fit(
     if teacher is not None and hasattr(teacher, "check_taps"):
         teacher.check_taps(objective.teacher_taps)
     Taps(student, objective.student_taps)  # wrong paths fail now, before any step
+    if not objective.built:
+        probe(student, objective, teacher, data, seed)
+    modules = {**objective.modules(), **(modules or {})}
+    trainable = {"student": student, **modules}
 
     params = [p for m in trainable.values() for p in m.parameters() if p.requires_grad]
     opt = make_optimizer(params, cfg)
@@ -396,6 +398,21 @@ def fit(
         bar.close()
         log.flush()
     return {"history": history, "final": history[-1] if history else {}, "resumed": start_epoch > 0 or start_step > 0}
+
+
+@torch.no_grad()
+def probe(student: nn.Module, objective: Objective, teacher: Teacher | None, data: TensorData, seed: int) -> None:
+    """Run two samples through both models (eval mode, taps on) so the objective can size its adapters."""
+    batch = data.batch(torch.arange(min(2, len(data))))
+    was_training = student.training
+    student.eval()
+    try:
+        with Taps(student, objective.student_taps) as taps:
+            s_out = {"logits": student(batch["x"]), **taps.outputs}
+    finally:
+        student.train(was_training)
+    t_out = teacher(batch, objective.teacher_taps) if teacher is not None and objective.needs_teacher else None
+    objective.build(s_out, t_out, seed=seed)
 
 
 def _groups(batch_list: list[Tensor], accum: int) -> list[list[Tensor]]:

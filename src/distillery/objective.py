@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from . import losses
+from . import adapters, losses
 from .config import TermConfig, check_kwargs
 from .errors import DistilleryError
 
-_RESERVED = ("targets", "mask", "reduction")
+_RESERVED = ("targets", "mask", "reduction", "state", "ids")
 
 
 @dataclass
@@ -35,6 +35,8 @@ class Term:
     teacher: str | None = "logits"
     targets: str = "auto"
     params: dict[str, Any] = field(default_factory=dict)
+    adapter: str = "auto"
+    """Projection of the student tensor before the loss (``distillery.adapters``); feature terms only."""
 
     def __post_init__(self) -> None:
         self.fn = losses.get(self.loss) if isinstance(self.loss, str) else self.loss
@@ -45,17 +47,55 @@ class Term:
             raise DistilleryError(f"term {self.name!r}: targets must be auto, labels or teacher, got {self.targets!r}.")
         self.call = functools.partial(self.fn, **self.params)  # recipe parameters bound once
         self.needs_targets = bool(getattr(self.fn, "needs_targets", False))
+        self.needs_ids = bool(getattr(self.fn, "needs_ids", False))
+        self.state_cls = getattr(self.fn, "state", None)
+        if self.adapter not in adapters.KINDS:
+            raise DistilleryError(f"term {self.name!r}: adapter {self.adapter!r} is not known; "
+                                  f"use one of {', '.join(adapters.KINDS)}.")
+        self.adapter_module: nn.Module | None = None  # built by Objective.build from probed shapes
+        self.state_module: nn.Module | None = None
 
+    @property
+    def is_feature(self) -> bool:
+        return self.student != "logits" or self.teacher not in ("logits", None)
     @classmethod
     def from_config(cls, cfg: TermConfig) -> Term:
-        return cls(cfg.loss, cfg.weight, cfg.name or "", cfg.student, cfg.teacher, cfg.targets, dict(cfg.params))
+        return cls(cfg.loss, cfg.weight, cfg.name or "", cfg.student, cfg.teacher, cfg.targets, dict(cfg.params),
+                   cfg.adapter)
+
+
+class TermScales(nn.Module):
+    """Running magnitude of each normalised term (EMA of its detached value), as buffers so that
+    checkpoints keep them: term / scale keeps every feature term near 1 (LAPTOP-Diff's normalised
+    feature distillation: no single layer's magnitude dominates the sum)."""
+
+    def __init__(self, names: Sequence[str], momentum: float = 0.99):
+        super().__init__()
+        self.names, self.momentum = list(names), momentum
+        self.register_buffer("scale", torch.zeros(len(self.names)))
+        self.register_buffer("seen", torch.zeros((), dtype=torch.long))
+
+    def forward(self, i: int, value: Tensor) -> Tensor:
+        v = value.detach().abs().float()
+        if self.training:
+            first = self.scale[i] == 0
+            self.scale[i] = torch.where(first, v, self.momentum * self.scale[i] + (1 - self.momentum) * v)
+        return value / self.scale[i].clamp(min=1e-12)
 
 
 class Objective:
-    """Terms -> ``{"total": Tensor, "terms": {name: Tensor}}`` for one batch."""
+    """Terms -> ``{"total": Tensor, "terms": {name: Tensor}}`` for one batch.
 
-    def __init__(self, terms: Sequence[Term | TermConfig]):
+    ``normalize=True`` divides every feature term by its running magnitude before weighting
+    (``TermScales``); the raw values are logged as ``<term>`` and the scaled ones as ``<term>/scaled``.
+    Adapters and the learned state of losses (``fn.state``) are built by ``build`` from one probed
+    batch and returned by ``modules()`` for the engine to train and checkpoint with the student."""
+
+    def __init__(self, terms: Sequence[Term | TermConfig], *, normalize: bool = False):
         self.terms = [t if isinstance(t, Term) else Term.from_config(t) for t in terms]
+        self.normalize = normalize
+        self.scales: TermScales | None = None
+        self.built = False
         if not self.terms:
             raise DistilleryError("an objective needs at least one term.")
         seen: dict[str, int] = {}
@@ -63,6 +103,42 @@ class Objective:
             seen[t.name] = seen.get(t.name, 0) + 1
             if seen[t.name] > 1:
                 t.name = f"{t.name}_{seen[t.name]}"
+        if normalize:
+            self.scales = TermScales([t.name for t in self.terms if t.is_feature])
+        self.built = not any(t.is_feature or t.state_cls is not None for t in self.terms)
+
+    def build(self, student: dict[str, Tensor], teacher: dict[str, Tensor] | None, *, seed: int = 0) -> None:
+        """Size adapters and loss states from one probed batch (outputs of both models, by tap).
+        Initialisation is seeded and leaves the global RNG as it was."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 7919)
+            for t in self.terms:
+                s = student[t.student]
+                tv = None if t.teacher is None or teacher is None else teacher[t.teacher]
+                where = f"term {t.name!r}"
+                if t.is_feature and tv is not None:
+                    t.adapter_module = adapters.build(t.adapter, tuple(s.shape[1:]), tuple(tv.shape[1:]), where=where,
+                                                      different_widths_ok=getattr(t.fn, "different_widths", False))
+                    if isinstance(t.adapter_module, nn.Identity):
+                        t.adapter_module = None
+                    else:
+                        with torch.no_grad():
+                            s = t.adapter_module(s)
+                if t.state_cls is not None:
+                    t.state_module = t.state_cls(tuple(s.shape[1:]), None if tv is None else tuple(tv.shape[1:]), **t.params)
+        self.built = True
+
+    def modules(self) -> dict[str, nn.Module]:
+        """Trainable parts owned by terms, by checkpoint name (left out of the exported student)."""
+        out: dict[str, nn.Module] = {}
+        for t in self.terms:
+            if t.adapter_module is not None:
+                out[f"adapter.{t.name}"] = t.adapter_module
+            if t.state_module is not None:
+                out[f"state.{t.name}"] = t.state_module
+        if self.scales is not None and self.scales.names:
+            out["term_scales"] = self.scales
+        return out
 
     @property
     def needs_teacher(self) -> bool:
@@ -98,11 +174,26 @@ class Objective:
                         f"teacher and student disagree on the class count: teacher logits have {tv.shape[-1]} classes, "
                         f"student logits {s.shape[-1]}; build both for the same data set (num_classes)."
                     )
+            if t.adapter_module is not None:
+                s = t.adapter_module(s)
+            kw: dict[str, Any] = {}
             if t.needs_targets:
-                value = t.call(s, tv, targets=self._targets(t, batch, teacher))
-            else:
-                value = t.call(s, tv)
+                kw["targets"] = self._targets(t, batch, teacher)
+            if t.state_cls is not None:
+                if t.state_module is None:
+                    raise DistilleryError(f"term {t.name!r}: its loss has learned state; call Objective.build first "
+                                          "(the engine does this on the first batch).")
+                kw["state"] = t.state_module
+            if t.needs_ids:
+                if "id" not in batch:
+                    raise DistilleryError(f"term {t.name!r} needs sample ids, but the batch has no 'id'; "
+                                          "train on a data set whose batches carry sample ids.")
+                kw["ids"] = batch["id"]
+            value = t.call(s, tv, **kw)
             terms[t.name] = value
+            if self.scales is not None and t.name in self.scales.names:
+                value = self.scales(self.scales.names.index(t.name), value)
+                terms[f"{t.name}/scaled"] = value
             total = t.weight * value if total is None else total + t.weight * value
         return {"total": total, "terms": terms}
 

@@ -248,7 +248,7 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
     # 3. Distillation.
     seed_everything(seed)
     student = build_model(recipe.student.model, data.train)
-    objective = Objective(recipe.distill.terms)
+    objective = Objective(recipe.distill.terms, normalize=recipe.distill.normalize_terms)
     distill_data = data.for_distill(recipe.distill.data)
     answers = teacher
     if recipe.distill.precompute_teacher and not objective.teacher_taps:
