@@ -118,3 +118,49 @@ def test_validate_and_ls(capsys):
 def test_console_script_module_entry():
     r = subprocess.run([sys.executable, "-m", "distillery", "ls", "losses"], capture_output=True, text=True, check=True)
     assert "generalized_jsd" in r.stdout
+
+
+STAGED = TINY.replace("""distill:
+  terms:
+    - {{loss: kd, temperature: 4.0, weight: 0.9}}
+    - {{loss: ce, teacher: null, weight: 0.1, targets: labels}}
+""", """distill:
+  stages:
+    - {{name: head, terms: [{{loss: ce, teacher: null}}], trainable: [head], train: {{epochs: 1, lr: 0.01}}}}
+    - {{name: kd, terms: [{{loss: kd}}]}}
+""")
+
+
+def test_staged_recipe_runs_stages_in_order_and_resumes_at_a_stage(tmp_path, capsys):
+    import torch
+    from safetensors.torch import load_file
+
+    p = tmp_path / "staged.yaml"
+    p.write_text(STAGED.format(runs=tmp_path / "runs"))
+    out = tmp_path / "run"
+    assert main(["run", str(p), "--out", str(out), "--quiet"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    order = list(dict.fromkeys(r["phase"] for r in records if r["event"] == "train"))
+    assert order == ["teacher", "baseline", "distill-head", "distill-kd"]
+    first = load_file(str(out / "models/distilled.safetensors"))
+    stage1 = load_file(str(out / "checkpoints/distill-head/last.safetensors"))
+    init = {k: v for k, v in load_file(str(out / "checkpoints/baseline/last.safetensors")).items()}
+    assert "student/body.0.weight" in stage1 and "student/body.0.weight" in init
+    # Stage 1 trained only the head: the body still has the initial weights of the student.
+    torch.manual_seed(0)
+    from distillery import models
+
+    fresh = models.build("mlp", (40,), 10, {"hidden": [16]}).state_dict()
+    assert torch.equal(stage1["student/body.0.weight"], fresh["body.0.weight"])
+    assert not torch.equal(stage1["student/head.weight"], fresh["head.weight"])
+    # Lose stage 2 and resume: stage 1 is loaded as it was, stage 2 retrained to the same weights.
+    for f in (out / "checkpoints/distill-kd").iterdir():
+        f.unlink()
+    assert main(["run", str(p), "--resume", str(out), "--quiet"]) == 0
+    capsys.readouterr()
+    again = load_file(str(out / "models/distilled.safetensors"))
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    with pytest.raises(Exception, match="exactly one of them"):
+        from distillery import recipes
+
+        recipes.load(str(p), ["distill.terms=[{loss: kd}]"])

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -114,8 +115,23 @@ class BaselineConfig:
 
 
 @dataclass
-class DistillConfig:
+class StageConfig:
+    """One stage of a staged distillation (FitNets: hint pre-training, then KD); stages run in order,
+    each resumable, on the same student."""
+
+    name: str
     terms: list[TermConfig]
+    train: TrainConfig | None = None
+    """Defaults to ``distill.train``."""
+    trainable: list[str] | None = None
+    """Student module paths trained in this stage (the rest is frozen); null trains the whole student."""
+
+
+@dataclass
+class DistillConfig:
+    terms: list[TermConfig] = field(default_factory=list)
+    stages: list[StageConfig] = field(default_factory=list)
+    """Instead of ``terms``: stages run in order, each with its own terms, training and trainable parts."""
     data: Literal["transfer", "train", "train+transfer"] = "transfer"
     """Which samples the distillation step reads: the unlabelled transfer set, the labelled set, or both."""
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -149,8 +165,15 @@ class Recipe:
                 f"distill.data is {self.distill.data!r} but the recipe has no 'transfer' data set; "
                 "add transfer: {name: ...} or set distill.data=train."
             )
-        if not self.distill.terms:
-            raise DistilleryError("distill.terms is empty; add at least one term, e.g. {loss: kd}.")
+        if bool(self.distill.terms) == bool(self.distill.stages):
+            raise DistilleryError("give distill.terms (one stage) or distill.stages (several), exactly one of them; "
+                                  "e.g. terms: [{loss: kd}].")
+        names = [st.name for st in self.distill.stages]
+        if len(set(names)) != len(names) or not all(re.fullmatch(r"[A-Za-z0-9_-]+", n) for n in names):
+            raise DistilleryError(f"distill.stages need distinct names of letters, digits, _ or -; got {names}.")
+        for st in self.distill.stages:
+            if not st.terms:
+                raise DistilleryError(f"distill.stages {st.name!r} has no terms.")
         if self.threads < 1:
             raise DistilleryError("threads must be >= 1.")
 

@@ -373,7 +373,7 @@ def fit(
                     global_step += 1
                     window_n += n_group
                     bar.step()
-                    if global_step % cfg.log_every == 0:
+                    if global_step % cfg.log_every == 0 or step_in_epoch == len(groups) - 1:
                         now = time.perf_counter()
                         terms = {k: float(v.detach()) for k, v in result["terms"].items()}
                         rate = window_n / max(now - window_t, 1e-9)

@@ -5,6 +5,7 @@ Each stage is one call of the engine; this module only wires recipe sections to 
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -22,12 +23,13 @@ from torch import nn
 
 from . import data as datasets
 from . import models
-from .config import Recipe, TermConfig, check_kwargs, to_dict
+from .config import Recipe, StageConfig, TermConfig, check_kwargs, to_dict
 from .data.core import TensorData, concat
 from .engine import evaluate, fit, seed_everything
 from .errors import DistilleryError
 from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json, sha256_file
 from .objective import Objective
+from .taps import find_module
 from .teachers import ModuleTeacher, PrecomputedTeacher
 
 CE = [TermConfig(loss="ce", teacher=None)]
@@ -43,7 +45,8 @@ def validate(recipe: Recipe) -> None:
         check_kwargs(datasets.get(recipe.transfer.name), recipe.transfer.args, f"transfer {recipe.transfer.name!r}")
     for where, spec in (("teacher.model", recipe.teacher.model), ("student.model", recipe.student.model)):
         check_kwargs(models.get(spec.name), spec.args, f"{where} {spec.name!r}", skip=2)
-    Objective(recipe.distill.terms)
+    for stage in stages(recipe):
+        Objective(stage.terms)
 
 
 # --------------------------------------------------------------------------- weights on disk
@@ -245,16 +248,22 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
         save_weights(baseline, models_dir / "baseline.safetensors", {"model": to_dict(recipe.student.model)})
         trained["baseline"] = baseline
 
-    # 3. Distillation.
+    # 3. Distillation, in one stage or several (each its own resumable phase), on one student.
     seed_everything(seed)
     student = build_model(recipe.student.model, data.train)
-    objective = Objective(recipe.distill.terms, normalize=recipe.distill.normalize_terms)
     distill_data = data.for_distill(recipe.distill.data)
-    answers = teacher
-    if recipe.distill.precompute_teacher and not objective.teacher_taps:
-        answers = PrecomputedTeacher(teacher, distill_data)
-    fit(student, objective, distill_data, recipe.distill.train, teacher=answers,
-        eval_data=data.test, run_dir=run_dir, phase="distill", seed=seed, resume=resume, progress=progress)
+    precomputed: PrecomputedTeacher | None = None
+    for stage in stages(recipe):
+        objective = Objective(stage.terms, normalize=recipe.distill.normalize_terms)
+        answers: Any = teacher
+        if recipe.distill.precompute_teacher and not objective.teacher_taps:
+            precomputed = precomputed or PrecomputedTeacher(teacher, distill_data)
+            answers = precomputed
+        phase = "distill" if not recipe.distill.stages else f"distill-{stage.name}"
+        _say(progress, f"{phase}: {', '.join(t.name for t in objective.terms)}")
+        with train_only(student, stage.trainable):
+            fit(student, objective, distill_data, stage.train or recipe.distill.train, teacher=answers,
+                eval_data=data.test, run_dir=run_dir, phase=phase, seed=seed, resume=resume, progress=progress)
     save_weights(student, models_dir / "distilled.safetensors", {"model": to_dict(recipe.student.model)})
     trained["distilled"] = student
 
@@ -275,6 +284,29 @@ def _log_reused_history(run_dir: Path, history: list[dict], source: str) -> None
     with open(metrics, "a", encoding="utf-8") as f:
         for h in history:
             f.write(json.dumps({"event": "eval", "phase": "teacher", "split": "test", "reused_from": source, **h}) + "\n")
+
+
+def stages(recipe: Recipe) -> list[StageConfig]:
+    """The recipe's stages; a recipe with plain ``distill.terms`` is one stage."""
+    return recipe.distill.stages or [StageConfig(name="distill", terms=recipe.distill.terms)]
+
+
+@contextlib.contextmanager
+def train_only(model: nn.Module, paths: list[str] | None):
+    """Freeze every parameter of ``model`` outside the modules at ``paths`` (all trainable when None);
+    the previous ``requires_grad`` flags come back on exit."""
+    if paths is None:
+        yield
+        return
+    keep = {id(p) for path in paths for p in find_module(model, path).parameters()}
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        for p, _ in flags:
+            p.requires_grad_(id(p) in keep)
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 PHASE = {"teacher": "teacher", "baseline": "baseline", "distilled": "distill"}

@@ -15,13 +15,17 @@ Every loss here has the signature::
   integrator builds it once as ``fn.state(student_shape, teacher_shape, **params)`` (shapes
   without N), trains and checkpoints it with the student, and calls ``fn(s, t, state=module,
   **params)``. Here: ``acam`` (``ACAMMaskGenerator``) and ``mi_alpha`` (``MIAlphaCritic``).
-- Computation runs in float32 or higher (half and bfloat16 are upcast, float64 stays float64;
-  autocast is switched off inside the losses with learned parts), and every division that can
-  meet 0 / 0 carries the eps of the reference code (named in each docstring).
+- Computation runs in float32 or higher (half and bfloat16 are upcast, float64 stays float64,
+  and autocast is switched off inside every loss, so an AMP region does not run the Gram
+  matrices or the attention in half precision), and every division that can meet 0 / 0
+  carries the eps of the reference code (named in each docstring).
 - One reduction for all: each loss forms one value per sample (N,) and ``_reduce`` takes the
   batch mean, which equals the reference codes' mean over all elements.
 - Gradients flow to both inputs; the teacher is not detached here (compute it under
   ``no_grad``), so online regimes can choose for themselves.
+- ``fn.different_widths = True`` marks the losses that compare student and teacher of different
+  widths themselves (attention, nst: channel counts; similarity, mi_alpha: feature dims), so the
+  objective's ``auto`` adapter leaves their student unprojected.
 - Weights RepDistiller used on CIFAR-100 (``scripts/run_cifar_distill.sh``, KD off): FitNet 100,
   AT 1000, SP 3000, NST 50.
 """
@@ -75,7 +79,9 @@ def _prepare(
     """
     for name, x in (("student_features", student), ("teacher_features", teacher)):
         if not isinstance(x, Tensor):
-            raise LossInputError(f"{loss}: {name} must be a torch.Tensor of {accepted}, got {type(x).__name__}.")
+            raise LossInputError(
+                f"{loss}: {name} must be a torch.Tensor of {accepted}, got {type(x).__name__}."
+            )
         if (x.dim() not in ndims) if ndims is not None else (x.dim() < 2):
             raise LossInputError(f"{loss}: {name} must be {accepted}; got shape {tuple(x.shape)}. {fix}")
         if not x.is_floating_point():
@@ -114,6 +120,15 @@ def _check_state(loss: str, state: object, cls: type, fn_name: str) -> nn.Module
     if not isinstance(state, cls):
         raise LossInputError(f"{loss}: state must be a {cls.__name__}, got {type(state).__name__}.")
     return state
+
+
+def _state_shapes(loss: str, student_shape: object, teacher_shape: object) -> tuple[tuple, tuple]:
+    if student_shape is None or teacher_shape is None:
+        raise LossInputError(
+            f"{loss} compares the student with the teacher; its state needs both shapes, got student "
+            f"{student_shape}, teacher {teacher_shape}. Give the term a teacher tap."
+        )
+    return tuple(student_shape), tuple(teacher_shape)
 
 
 def _positive(loss: str, name: str, value: float) -> float:
@@ -179,17 +194,18 @@ def hint(student_features: Tensor, teacher_features: Tensor, *, metric: str = "m
         same_shape=True,
     )
     s, t = _flat(s), _flat(t)
-    if metric == "cosine":
-        s_unit = s / torch.linalg.vector_norm(s, dim=1, keepdim=True).clamp_min(COSINE_EPS)
-        t_unit = t / torch.linalg.vector_norm(t, dim=1, keepdim=True).clamp_min(COSINE_EPS)
-        rows = 1.0 - (s_unit * t_unit).sum(1)
-    elif metric == "mse":
-        rows = (s - t).pow(2).mean(1)
-    elif metric == "l1":
-        rows = (s - t).abs().mean(1)
-    else:
-        rows = F.smooth_l1_loss(s, t, reduction="none", beta=1.0).mean(1)
-    return _reduce(rows)
+    with _no_autocast(s):
+        if metric == "cosine":
+            s_unit = s / torch.linalg.vector_norm(s, dim=1, keepdim=True).clamp_min(COSINE_EPS)
+            t_unit = t / torch.linalg.vector_norm(t, dim=1, keepdim=True).clamp_min(COSINE_EPS)
+            rows = 1.0 - (s_unit * t_unit).sum(1)
+        elif metric == "mse":
+            rows = (s - t).pow(2).mean(1)
+        elif metric == "l1":
+            rows = (s - t).abs().mean(1)
+        else:
+            rows = F.smooth_l1_loss(s, t, reduction="none", beta=1.0).mean(1)
+        return _reduce(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -220,7 +236,9 @@ def attention(student_features: Tensor, teacher_features: Tensor, *, p: float = 
     """
     p = _positive("attention", "p", p)
     if p < 1:
-        raise LossInputError(f"attention: p must be >= 1 (|F|^p has an infinite gradient at 0 below 1), got {p}.")
+        raise LossInputError(
+            f"attention: p must be >= 1 (|F|^p has an infinite gradient at 0 below 1), got {p}."
+        )
     s, t = _prepare(
         "attention",
         student_features,
@@ -230,8 +248,9 @@ def attention(student_features: Tensor, teacher_features: Tensor, *, p: float = 
         fix="Reshape vectors or tokens into maps, e.g. tokens (N, T, D) -> (N, D, T).",
         same_spatial=True,
     )
-    rows = (_attention_map(s, p) - _attention_map(t, p)).pow(2).mean(1)
-    return _reduce(rows)
+    with _no_autocast(s):
+        rows = (_attention_map(s, p) - _attention_map(t, p)).pow(2).mean(1)
+        return _reduce(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,8 +284,9 @@ def similarity(student_features: Tensor, teacher_features: Tensor) -> Tensor:
         fix="Add the batch dimension first: (D,) -> (1, D).",
     )
     n = s.shape[0]
-    rows = (_row_normalised_gram(s) - _row_normalised_gram(t)).pow(2).sum(1) / n  # mean -> / N^2
-    return _reduce(rows)
+    with _no_autocast(s):
+        rows = (_row_normalised_gram(s) - _row_normalised_gram(t)).pow(2).sum(1) / n  # mean -> / N^2
+        return _reduce(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,10 +322,11 @@ def nst(student_features: Tensor, teacher_features: Tensor) -> Tensor:
         fix="Reshape vectors or tokens into maps, e.g. tokens (N, T, D) -> (N, D, T).",
         same_spatial=True,
     )
-    s = F.normalize(s.flatten(2), dim=2, eps=NORMALIZE_EPS)  # (N, Cs, P)
-    t = F.normalize(t.flatten(2), dim=2, eps=NORMALIZE_EPS)  # (N, Ct, P)
-    rows = _poly2_kernel_mean(s, s) + _poly2_kernel_mean(t, t) - 2.0 * _poly2_kernel_mean(s, t)
-    return _reduce(rows)
+    with _no_autocast(s):
+        s = F.normalize(s.flatten(2), dim=2, eps=NORMALIZE_EPS)  # (N, Cs, P)
+        t = F.normalize(t.flatten(2), dim=2, eps=NORMALIZE_EPS)  # (N, Ct, P)
+        rows = _poly2_kernel_mean(s, s) + _poly2_kernel_mean(t, t) - 2.0 * _poly2_kernel_mean(s, t)
+        return _reduce(rows)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -341,9 +362,11 @@ class ACAMMaskGenerator(nn.Module):
     Memory grows as P^2 per sample (the attention over positions).
     """
 
-    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], *, num_masks: int = 4, **_):
+    def __init__(
+        self, student_shape: Sequence[int], teacher_shape: Sequence[int], *, num_masks: int = 4, **_
+    ):
         super().__init__()
-        student_shape, teacher_shape = tuple(student_shape), tuple(teacher_shape)
+        student_shape, teacher_shape = _state_shapes("acam", student_shape, teacher_shape)
         if len(teacher_shape) not in (2, 3) or student_shape != teacher_shape:
             raise LossInputError(
                 f"acam: the mask generator needs equal student and teacher map shapes without the batch "
@@ -410,7 +433,9 @@ def acam(
     gen = _check_state("acam", state, ACAMMaskGenerator, "acam")
     w_div = float(diversity_weight)
     if not (math.isfinite(w_div) and w_div >= 0):
-        raise LossInputError(f"acam: diversity_weight must be a finite number >= 0, got {diversity_weight!r}.")
+        raise LossInputError(
+            f"acam: diversity_weight must be a finite number >= 0, got {diversity_weight!r}."
+        )
     s, t = _prepare(
         "acam",
         student_features,
@@ -439,7 +464,7 @@ def acam(
         return _reduce(rows)
 
 
-acam.state = ACAMMaskGenerator
+acam.state = ACAMMaskGenerator  # learned masks, built once by the objective
 
 
 # ---------------------------------------------------------------------------------------------
@@ -455,9 +480,11 @@ class MIAlphaCritic(nn.Module):
     h(t) = W_h t of size ``embed_dim``; learned log-baseline a(t) = w_a . h(t)/|h(t)| + b_a.
     """
 
-    def __init__(self, student_shape: Sequence[int], teacher_shape: Sequence[int], *, embed_dim: int = 128, **_):
+    def __init__(
+        self, student_shape: Sequence[int], teacher_shape: Sequence[int], *, embed_dim: int = 128, **_
+    ):
         super().__init__()
-        student_shape, teacher_shape = tuple(student_shape), tuple(teacher_shape)
+        student_shape, teacher_shape = _state_shapes("mi_alpha", student_shape, teacher_shape)
         if len(student_shape) not in (1, 2) or len(teacher_shape) not in (1, 2):
             raise LossInputError(
                 f"mi_alpha: the critic needs vector (D,) or token (T, D) shapes without the batch "
@@ -531,7 +558,9 @@ def mi_alpha(
     s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
     b = s.shape[0]
     if b < 2:
-        raise LossInputError("mi_alpha needs at least 2 samples (or tokens): the other samples are the negatives.")
+        raise LossInputError(
+            "mi_alpha needs at least 2 samples (or tokens): the other samples are the negatives."
+        )
     if (critic.student_dim, critic.teacher_dim, critic.embed_dim) != (s.shape[1], t.shape[1], embed_dim):
         raise LossInputError(
             f"mi_alpha: state was built for Ds={critic.student_dim}, Dt={critic.teacher_dim}, "
@@ -557,4 +586,8 @@ def mi_alpha(
         return _reduce(-(1.0 + joint - marginal))
 
 
-mi_alpha.state = MIAlphaCritic
+mi_alpha.state = MIAlphaCritic  # learned critic and baseline, built once by the objective
+
+# losses that compare different student / teacher widths themselves (no projection needed)
+for _fn in (attention, similarity, nst, mi_alpha):
+    _fn.different_widths = True
