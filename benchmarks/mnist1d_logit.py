@@ -31,7 +31,7 @@ from distillery.teachers import ModuleTeacher, PrecomputedTeacher
 
 from _common import RESULTS, command, machine, update_markdown, write
 
-TRANSFER_LOSSES = [n for n in losses.names() if n != "ce"]
+TRANSFER_LOSSES = [n for n in losses.names() if losses.get(n).__module__ == "distillery.losses.logits" and n != "ce"]
 
 
 def accuracy(model, test) -> float:

@@ -164,3 +164,11 @@ def test_staged_recipe_runs_stages_in_order_and_resumes_at_a_stage(tmp_path, cap
         from distillery import recipes
 
         recipes.load(str(p), ["distill.terms=[{loss: kd}]"])
+
+
+def test_wrong_stage_path_fails_before_any_training(tmp_path, capsys):
+    p = tmp_path / "staged.yaml"
+    p.write_text(STAGED.format(runs=tmp_path / "runs").replace("trainable: [head]", "trainable: [haed]"))
+    assert main(["run", str(p), "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    assert "unknown module path 'haed'. Did you mean 'head'" in capsys.readouterr().err
+    assert not (tmp_path / "run" / "metrics.jsonl").exists()

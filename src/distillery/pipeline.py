@@ -29,7 +29,7 @@ from .engine import evaluate, fit, seed_everything
 from .errors import DistilleryError
 from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json, sha256_file
 from .objective import Objective
-from .taps import find_module
+from .taps import check_paths, find_module
 from .teachers import ModuleTeacher, PrecomputedTeacher
 
 CE = [TermConfig(loss="ce", teacher=None)]
@@ -218,6 +218,7 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
     # 1. Teacher: given weights, the cache, or trained now (and put in the cache).
     seed_everything(seed)
     teacher_model = build_model(recipe.teacher.model, data.train)
+    check_module_paths(recipe, build_model(recipe.student.model, data.train), teacher_model)
     if recipe.teacher.checkpoint:
         load_weights(teacher_model, Path(recipe.teacher.checkpoint))
         _say(progress, f"teacher: loaded {recipe.teacher.checkpoint}")
@@ -284,6 +285,14 @@ def _log_reused_history(run_dir: Path, history: list[dict], source: str) -> None
     with open(metrics, "a", encoding="utf-8") as f:
         for h in history:
             f.write(json.dumps({"event": "eval", "phase": "teacher", "split": "test", "reused_from": source, **h}) + "\n")
+
+
+def check_module_paths(recipe: Recipe, student: nn.Module, teacher: nn.Module) -> None:
+    """Every module path of every stage, checked before anything trains (close matches named)."""
+    for stage in stages(recipe):
+        objective = Objective(stage.terms)
+        check_paths(student, [*objective.student_taps, *(stage.trainable or [])])
+        check_paths(teacher, objective.teacher_taps)
 
 
 def stages(recipe: Recipe) -> list[StageConfig]:

@@ -187,7 +187,7 @@ def rkd(
     with _full_precision(s):
         d_s, a_s = _rkd_geometry(_max_abs_scaled(s.flatten(1)))
         d_t, a_t = _rkd_geometry(_max_abs_scaled(t.flatten(1)))
-        return dw * F.mse_loss(d_s, d_t) + aw * F.smooth_l1_loss(a_s, a_t)
+        return dw * F.smooth_l1_loss(d_s, d_t) + aw * F.smooth_l1_loss(a_s, a_t)
 
 
 # ---------------------------------------------------------------------------------------------
