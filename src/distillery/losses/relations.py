@@ -405,9 +405,10 @@ def crd(
     with _full_precision(s):
         v_s, v_t = _embed(st.embed_s, s), _embed(st.embed_t, t)  # (N, F)
         idx = torch.cat([y.unsqueeze(1), st.negatives(y, k)], dim=1)  # (N, 1 + K), column 0 positive
-        # scores against the whole bank, then pick the N x (1 + K) used: cheaper than gathering
-        # N (1 + K) bank rows whenever num_samples < (1 + K) * feat_dim, and the same numbers
-        # (copies: the banks are updated in place below, after autograd has saved them)
+        # scores against the whole bank (N x num_samples), then pick the N x (1 + K) used: the same
+        # numbers as RepDistiller's bmm over N (1 + K) gathered bank rows, in less memory whenever
+        # num_samples < (1 + K) * feat_dim (CIFAR-100: 5e4 < 2.1e6). Copies of the banks, because
+        # they are updated in place below, after autograd has saved them.
         logit_s = (v_s @ st.memory_t.to(v_s.dtype, copy=True).T).gather(1, idx) / tau  # student anchor
         logit_t = (v_t @ st.memory_s.to(v_t.dtype, copy=True).T).gather(1, idx) / tau  # teacher anchor
         total = s.new_zeros(())
@@ -554,7 +555,7 @@ def trg(
     - nodes: ``num_tokens`` tokens drawn at random (global torch RNG, same positions for student
       and teacher) from each sample, or all T when None; M = N * num_tokens nodes over the batch.
     - L_local (inter-sample k-NN graph): A_ij = exp(-|v_i - v_j|^2 / (2 sigma)) for j among i's
-      k nearest nodes, else 0, built for student and teacher from their own features;
+      k nearest nodes (k capped at M - 1), else 0, built for student and teacher from their own features;
       mean_i KL(softmax_j A^S_ij || softmax_j A^T_ij) over j != i.
     - L_global (graph topology, InfoNCE): -mean_i log softmax_j(cos(v^S_i, v^T_j) / tau_g)[i],
       the same token in the teacher being the positive and every other node a negative.
@@ -619,3 +620,8 @@ def trg(
                 target = torch.arange(cos.shape[0], device=cos.device)
                 terms.append(g * F.cross_entropy(cos / tau, target))
         return sum(terms) if terms else s.sum() * 0.0  # all weights 0: an exact 0 with a grad path
+
+# These compare batch relations (or embed both sides themselves), so student and teacher widths
+# may differ: the objective's `auto` adapter leaves the student as it is.
+for _fn in (rkd, pkt, crd):
+    _fn.different_widths = True
