@@ -57,8 +57,18 @@ def test_precomputed_teacher_answers_by_id_not_position():
     assert torch.allclose(pre({"x": batch["x"]})["logits"], live(batch)["logits"])  # no ids: live teacher
     with pytest.raises(DistilleryError, match=r"sample ids \[1000\] are not in the precomputed"):
         pre({"x": batch["x"][:1], "id": torch.tensor([1000])})
-    with pytest.raises(DistilleryError, match="logits only"):
+    with pytest.raises(DistilleryError, match="hold \\['logits'\\], not \\['0'\\]"):
         pre(batch, ["0"])
+
+
+def test_precomputed_teacher_stores_taps():
+    torch.manual_seed(0)
+    live = ModuleTeacher(nn.Sequential(nn.Linear(40, 8), nn.ReLU(), nn.Linear(8, 10)))
+    t = data.build("mnist1d_transfer", {"size": 50, "seed": 3})["transfer"]
+    pre = PrecomputedTeacher(live, t, taps=["1"])
+    batch = t.batch(torch.tensor([3, 7]))
+    got, want = pre(batch, ["1"]), live(batch, ["1"])
+    assert set(got) == {"logits", "1"} and torch.allclose(got["1"], want["1"]) and torch.allclose(got["logits"], want["logits"])
 
 
 def test_teacher_refuses_ddp_wrapper(tmp_path):

@@ -138,8 +138,8 @@ class DistillConfig:
     normalize_terms: bool = False
     """Divide each feature term by a running estimate of its magnitude (LAPTOP-Diff), so none dominates."""
     precompute_teacher: bool = True
-    """Compute the teacher's logits once per sample and look them up by id (the inputs do not change
-    between epochs); false runs the teacher at every step. Terms that read teacher taps run it live."""
+    """Compute the teacher's logits (and the taps terms read) once per sample and look them up by id
+    (the inputs do not change between epochs); false runs the teacher at every step."""
 
 
 @dataclass

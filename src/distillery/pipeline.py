@@ -253,13 +253,12 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
     seed_everything(seed)
     student = build_model(recipe.student.model, data.train)
     distill_data = data.for_distill(recipe.distill.data)
-    precomputed: PrecomputedTeacher | None = None
+    answers: Any = teacher
+    if recipe.distill.precompute_teacher:  # logits and every tap any stage reads, once per sample
+        taps = [p for st in stages(recipe) for p in Objective(st.terms).teacher_taps]
+        answers = PrecomputedTeacher(teacher, distill_data, taps)
     for stage in stages(recipe):
         objective = Objective(stage.terms, normalize=recipe.distill.normalize_terms)
-        answers: Any = teacher
-        if recipe.distill.precompute_teacher and not objective.teacher_taps:
-            precomputed = precomputed or PrecomputedTeacher(teacher, distill_data)
-            answers = precomputed
         phase = "distill" if not recipe.distill.stages else f"distill-{stage.name}"
         _say(progress, f"{phase}: {', '.join(t.name for t in objective.terms)}")
         with train_only(student, stage.trainable):

@@ -61,27 +61,27 @@ class ModuleTeacher:
 
 
 class PrecomputedTeacher:
-    """A teacher's logits for every sample of a fixed data set, computed once and looked up by
-    sample id (``batch["id"]``), never by batch position.
+    """A teacher's outputs (logits, and the tapped features named in ``taps``) for every sample of
+    a fixed data set, computed once and looked up by sample id (``batch["id"]``), never by batch
+    position.
 
     Right when the inputs do not change between epochs (no augmentation): the answers are those of
     the live teacher, without its forward pass at every step. Batches without ids (evaluation)
-    go to the live teacher; an id outside the set is an error."""
+    go to the live teacher; an id outside the set, or a tap that was not stored, is an error."""
 
-    def __init__(self, teacher: Teacher, data, batch_size: int = 1024):
+    def __init__(self, teacher: Teacher, data, taps: Sequence[str] = (), batch_size: int = 1024):
         self.live = teacher
-        ids = data.ids
+        self.taps = [t for t in dict.fromkeys(taps) if t != "logits"]
         with torch.no_grad():
-            logits = torch.cat([teacher({"x": data.x[i:i + batch_size]})["logits"]
-                                for i in range(0, len(data), batch_size)])
-        self.sorted_ids, order = torch.sort(ids)
-        self.logits = logits[order]
+            parts = [teacher({"x": data.x[i:i + batch_size]}, self.taps) for i in range(0, len(data), batch_size)]
+        self.sorted_ids, order = torch.sort(data.ids)
+        self.outputs = {k: torch.cat([p[k] for p in parts])[order] for k in ["logits", *self.taps]}
 
     def check_taps(self, taps: Sequence[str]) -> None:
-        extra = [t for t in taps if t != "logits"]
+        extra = [t for t in taps if t != "logits" and t not in self.outputs]
         if extra:
-            raise DistilleryError(f"precomputed teacher outputs hold logits only, not taps {extra}; "
-                                  "set distill.precompute_teacher=false for feature terms.")
+            raise DistilleryError(f"the precomputed teacher outputs hold {sorted(self.outputs)}, not {extra}; "
+                                  "precompute those taps too, or set distill.precompute_teacher=false.")
 
     def __call__(self, batch: dict[str, Tensor], taps: Sequence[str] = ()) -> dict[str, Tensor]:
         self.check_taps(taps)
@@ -93,4 +93,4 @@ class PrecomputedTeacher:
             missing = ids[self.sorted_ids[pos] != ids][:5].tolist()
             raise DistilleryError(f"sample ids {missing} are not in the precomputed teacher outputs; "
                                   "precompute them for the data set being trained on.")
-        return {"logits": self.logits[pos]}
+        return {k: self.outputs[k][pos] for k in ("logits", *taps) if k in self.outputs}
