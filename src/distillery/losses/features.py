@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import register
-from .logits import LossInputError
+from .logits import LossInputError, _positive
 
 VECTORS = "vectors (N, D)"
 TOKENS = "tokens (N, T, D)"
@@ -131,11 +131,6 @@ def _state_shapes(loss: str, student_shape: object, teacher_shape: object) -> tu
     return tuple(student_shape), tuple(teacher_shape)
 
 
-def _positive(loss: str, name: str, value: float) -> float:
-    v = float(value)
-    if not (math.isfinite(v) and v > 0):
-        raise LossInputError(f"{loss}: {name} must be a finite number > 0, got {value!r}.")
-    return v
 
 
 # ---------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from . import register
-from .logits import LossInputError
+from .logits import LossInputError, _positive
 
 # ---------------------------------------------------------------------------------------------
 # validation
@@ -85,11 +85,6 @@ def _check_pair(
     return student.to(dtype), teacher.to(dtype)
 
 
-def _positive(loss: str, name: str, value: float) -> float:
-    v = float(value)
-    if not (math.isfinite(v) and v > 0):
-        raise LossInputError(f"{loss}: {name} must be a finite number > 0, got {value!r}.")
-    return v
 
 
 def _non_negative(loss: str, name: str, value: float) -> float:
