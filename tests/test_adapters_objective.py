@@ -135,3 +135,19 @@ def test_normalized_terms_are_scaled_and_logged(toy_data):
     assert out["terms"]["a"].item() > 100  # the raw value is logged too
     assert "kd/scaled" not in out["terms"]  # logit terms are not rescaled
     assert torch.allclose(out["total"], out["terms"]["a/scaled"] + out["terms"]["b/scaled"] + out["terms"]["kd"])
+
+
+def test_pair_terms_with_a_ddp_wrapped_student(tmp_path, toy_data):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        student, teacher = nets()
+        ddp = nn.parallel.DistributedDataParallel(student)
+        obj = Objective([Term("kd"), Term("hint", student="module.1", teacher="1")])
+        fit(ddp, obj, toy_data, cfg(epochs=1), teacher=teacher, seed=0, progress=False)
+        assert isinstance(obj.terms[1].adapter_module, nn.Linear)
+        assert len(student[1]._forward_hooks) == 0  # hooks gone after training
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()
