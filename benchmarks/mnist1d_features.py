@@ -63,7 +63,7 @@ def terms_for(loss: str | None, weight: float, n_transfer: int) -> list[TermConf
 class Bench:
     def __init__(self, args):
         self.args = args
-        self.recipe = recipes.load(args.recipe, [f"transfer.args.size={args.transfer}"])
+        self.recipe = recipes.load(args.recipe, [f"transfer.size={args.transfer}"])
         self.data = load_data(self.recipe)
         val = datasets.build("mnist1d", {"seed": 7, "num_samples": 1000, "train_split": 0.0})["test"]
         self.val = TensorData(val.x, val.y, val.ids, val.num_classes, "mnist1d/val-seed7")

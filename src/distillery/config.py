@@ -267,7 +267,10 @@ def from_dict(cls: type, data: Any, where: str = "") -> Any:
     for key, value in data.items():
         key_s = str(key)
         path = f"{where}.{key_s}" if where else key_s
-        if key_s == rest_key or key_s not in fields:
+        if key_s == rest_key and isinstance(value, dict):  # an explicit `args:` / `params:` mapping
+            rest.update({str(k): v for k, v in value.items()})
+            continue
+        if key_s not in fields:
             if rest_key is not None:
                 rest[key_s] = value
                 continue
