@@ -73,6 +73,8 @@ def test_resume_a_finished_run_does_not_retrain(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", str(tiny), "--out", str(out), "--quiet"]) == 0
     before = (out / "metrics.jsonl").read_text()
+    assert main(["run", str(tiny), "--out", str(out), "--quiet"]) == 2
+    assert "already holds a run; continue it with --resume" in capsys.readouterr().err
     assert main(["run", str(tiny), "--resume", str(out), "--quiet"]) == 0
     assert (out / "metrics.jsonl").read_text() == before
 

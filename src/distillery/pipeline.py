@@ -191,6 +191,9 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: bool = Fal
     validate(recipe)
     torch.set_num_threads(recipe.threads)
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(recipe)
+    if not resume and (run_dir / "config.yaml").exists():
+        raise DistilleryError(f"{str(run_dir)!r} already holds a run; continue it with --resume {run_dir}, "
+                              "or choose another --out.")
     run_dir.mkdir(parents=True, exist_ok=True)
     _say(progress, f"run directory: {run_dir}")
     config_text = yaml.safe_dump(to_dict(recipe), sort_keys=False)
