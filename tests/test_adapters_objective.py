@@ -151,3 +151,21 @@ def test_pair_terms_with_a_ddp_wrapped_student(tmp_path, toy_data):
     finally:
         dist.barrier()
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("loss", ["trg", "hint", "similarity"])
+def test_token_feature_terms_between_transformers(loss):
+    from distillery import data, models
+
+    d = data.build("mnist1d", {"num_samples": 200})["train"]
+    torch.manual_seed(0)
+    teacher = ModuleTeacher(models.build("patch_transformer", (40,), 10, {"dim": 32}))
+    student = models.build("patch_transformer", (40,), 10, {"dim": 16, "heads": 2})
+    obj = Objective([Term("kd"), Term(loss, student="blocks.1", teacher="blocks.1")])
+    out = fit(student, obj, d, cfg(epochs=1, lr=0.01), teacher=teacher, eval_data=d, seed=0, progress=False)
+    adapter = obj.terms[1].adapter_module
+    if loss == "similarity":
+        assert adapter is None  # compares batch relations: widths may differ
+    else:
+        assert isinstance(adapter, nn.Linear) and adapter.weight.shape == (32, 16)  # tokens: project D only
+    assert 0 <= out["final"]["accuracy"] <= 1

@@ -38,7 +38,7 @@ def test_digits_and_models_by_name():
     d = data.build("digits")
     assert d["train"].input_shape == (1, 8, 8) and len(d["train"]) + len(d["test"]) == 1797
     assert not set(d["train"].ids.tolist()) & set(d["test"].ids.tolist())
-    for name, shape in (("mlp", (1, 8, 8)), ("cnn2d", (1, 8, 8)), ("cnn1d", (40,))):
+    for name, shape in (("mlp", (1, 8, 8)), ("cnn2d", (1, 8, 8)), ("cnn1d", (40,)), ("patch_transformer", (40,))):
         m = models.build(name, shape, 10)
         assert m(torch.zeros(3, *shape)).shape == (3, 10)
     with pytest.raises(DistilleryError, match="unknown parameter 'width'"):
@@ -81,3 +81,12 @@ def test_teacher_refuses_ddp_wrapper(tmp_path):
     finally:
         dist.barrier()
         dist.destroy_process_group()
+
+
+def test_patch_transformer_taps_tokens():
+    from distillery.taps import Taps
+
+    m = models.build("patch_transformer", (40,), 10, {"dim": 16, "heads": 2})
+    with Taps(m, ["blocks.1"]) as taps:
+        m(torch.randn(3, 40))
+    assert taps["blocks.1"].shape == (3, 10, 16)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 
+import torch
 from torch import Tensor, nn
 
 from . import MODELS
@@ -83,3 +84,35 @@ def cnn2d(input_shape: tuple[int, ...], num_classes: int, channels: int = 16) ->
     if len(input_shape) != 3:
         raise ValueError(f"cnn2d needs (C, H, W) inputs, got shape {input_shape}")
     return CNN2d(input_shape[0], num_classes, channels)
+
+
+class PatchTransformer(nn.Module):
+    """A small transformer over non-overlapping patches of a 1-D signal: (N, L) -> tokens (N, T, D)
+    in ``blocks.i`` (T = L / patch) -> mean over tokens -> ``head``. For token-level feature terms."""
+
+    def __init__(self, length: int, num_classes: int, patch: int, dim: int, depth: int, heads: int):
+        super().__init__()
+        if length % patch:
+            raise ValueError(f"patch_transformer: signal length {length} is not a multiple of patch {patch}")
+        self.patch = patch
+        self.embed = nn.Linear(patch, dim)
+        self.pos = nn.Parameter(torch.zeros(1, length // patch, dim))
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(dim, heads, 2 * dim, dropout=0.0, batch_first=True, norm_first=True)
+            for _ in range(depth))
+        self.norm = nn.LayerNorm(dim)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x.reshape(x.shape[0], -1, self.patch)  # (N, L) -> (N, T, patch)
+        h = self.embed(x) + self.pos  # (N, T, D)
+        for block in self.blocks:
+            h = block(h)
+        return self.head(self.norm(h).mean(1))
+
+
+@MODELS.register("patch_transformer")
+def patch_transformer(input_shape: tuple[int, ...], num_classes: int, patch: int = 4, dim: int = 32,
+                      depth: int = 2, heads: int = 4) -> nn.Module:
+    """Transformer over MNIST-1D patches (40 samples / patch 4 = 10 tokens)."""
+    return PatchTransformer(input_shape[-1], num_classes, patch, dim, depth, heads)
