@@ -18,8 +18,10 @@ token features and is left to a token benchmark. Teacher and student come from t
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -102,15 +104,20 @@ def main() -> None:
     ap.add_argument("--recipe", default="mnist1d/fitnets")
     ap.add_argument("--losses", nargs="*", default=list(LOSSES), choices=list(LOSSES))
     ap.add_argument("--out", default=str(RESULTS / "mnist1d_features.json"))
+    ap.add_argument("--reuse-tuning", metavar="JSON", help="take the tuned weights from an earlier result file")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.time()
     b = Bench(args)
 
-    # Tuning on the validation set, seed 0 only.
+    # Tuning on the validation set, seed 0 only (or taken from an earlier run's JSON).
     teacher0 = b.teacher(0)
     tuned: dict[str, dict] = {}
+    if args.reuse_tuning:
+        tuned = {k: v for k, v in json.loads(Path(args.reuse_tuning).read_text())["tuning"].items() if k in args.losses}
     for loss in args.losses:
+        if loss in tuned:
+            continue
         w = LOSSES[loss][2]
         scores = {c: b.distil(teacher0, 0, loss, c, split="val") for c in (w / 10, w, w * 10)}
         best = max(scores, key=scores.get)
