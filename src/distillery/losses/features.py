@@ -47,6 +47,13 @@ VECTORS = "vectors (N, D)"
 TOKENS = "tokens (N, T, D)"
 MAPS_1D = "1-D maps (N, C, L)"
 MAPS_2D = "2-D maps (N, C, H, W)"
+# The arguments of `_prepare` for map losses whose channel counts may differ (attention, nst).
+_MAPS_SAME_SPATIAL = dict(
+    ndims=(3, 4),
+    accepted=f"{MAPS_1D} or {MAPS_2D}",
+    fix="Reshape vectors or tokens into maps, e.g. tokens (N, T, D) -> (N, D, T).",
+    same_spatial=True,
+)
 ANY = "features (N, ...) with at least 2 dimensions"
 HINT_METRICS = ("mse", "l1", "cosine", "smooth_l1")
 NORMALIZE_EPS = 1e-12  # F.normalize's default, as RepDistiller's AT / SP / NST
@@ -234,15 +241,7 @@ def attention(student_features: Tensor, teacher_features: Tensor, *, p: float = 
         raise LossInputError(
             f"attention: p must be >= 1 (|F|^p has an infinite gradient at 0 below 1), got {p}."
         )
-    s, t = _prepare(
-        "attention",
-        student_features,
-        teacher_features,
-        ndims=(3, 4),
-        accepted=f"{MAPS_1D} or {MAPS_2D}",
-        fix="Reshape vectors or tokens into maps, e.g. tokens (N, T, D) -> (N, D, T).",
-        same_spatial=True,
-    )
+    s, t = _prepare("attention", student_features, teacher_features, **_MAPS_SAME_SPATIAL)
     with _no_autocast(s):
         rows = (_attention_map(s, p) - _attention_map(t, p)).pow(2).mean(1)
         return _reduce(rows)
@@ -308,15 +307,7 @@ def nst(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     scaling either input by a positive constant.
     Shapes: (N, Cs, L), (N, Ct, L) or (N, Cs, H, W), (N, Ct, H, W) -> scalar.
     """
-    s, t = _prepare(
-        "nst",
-        student_features,
-        teacher_features,
-        ndims=(3, 4),
-        accepted=f"{MAPS_1D} or {MAPS_2D}",
-        fix="Reshape vectors or tokens into maps, e.g. tokens (N, T, D) -> (N, D, T).",
-        same_spatial=True,
-    )
+    s, t = _prepare("nst", student_features, teacher_features, **_MAPS_SAME_SPATIAL)
     with _no_autocast(s):
         s = F.normalize(s.flatten(2), dim=2, eps=NORMALIZE_EPS)  # (N, Cs, P)
         t = F.normalize(t.flatten(2), dim=2, eps=NORMALIZE_EPS)  # (N, Ct, P)
