@@ -27,7 +27,7 @@ from .errors import DistilleryError
 from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json, sha256_file
 from .objective import Objective, check_finite
 from .taps import Taps
-from .teachers import Teacher
+from .teachers import Teacher, answer_all
 
 # --------------------------------------------------------------------------- set-up
 
@@ -324,9 +324,7 @@ def fit(
 
     teacher_pred = None
     if eval_data is not None and teacher is not None:
-        with torch.no_grad():
-            teacher_pred = torch.cat([teacher({"x": eval_data.x[i:i + 1024]})["logits"]
-                                      for i in range(0, len(eval_data), 1024)]).argmax(-1)
+        teacher_pred = answer_all(teacher, eval_data.x)["logits"].argmax(-1)
 
     bar = _Progress(progress, phase, cfg.epochs * steps_per_epoch, global_step, cfg.epochs)
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.autocast == "bf16" else contextlib.nullcontext()

@@ -25,7 +25,7 @@ from . import data as datasets
 from . import models
 from .config import Recipe, StageConfig, TermConfig, check_kwargs, to_dict
 from .data.core import TensorData, concat
-from .engine import evaluate, fit, seed_everything
+from .engine import MetricsLog, evaluate, fit, seed_everything
 from .errors import DistilleryError
 from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json, sha256_file
 from .objective import Objective
@@ -284,9 +284,10 @@ def _log_reused_history(run_dir: Path, history: list[dict], source: str) -> None
     metrics = run_dir / "metrics.jsonl"
     if metrics.is_file() and any('"phase": "teacher"' in line for line in metrics.read_text().splitlines()):
         return  # already there (a resumed run)
-    with open(metrics, "a", encoding="utf-8") as f:
-        for h in history:
-            f.write(json.dumps({"event": "eval", "phase": "teacher", "split": "test", "reused_from": source, **h}) + "\n")
+    log = MetricsLog(metrics)
+    for h in history:
+        log.write({"event": "eval", "phase": "teacher", "split": "test", "reused_from": source, **h})
+    log.flush()
 
 
 def check_module_paths(recipe: Recipe, student: nn.Module, teacher: nn.Module) -> None:

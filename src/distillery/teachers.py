@@ -60,6 +60,13 @@ class ModuleTeacher:
         return self
 
 
+@torch.no_grad()
+def answer_all(teacher: Teacher, x: Tensor, taps: Sequence[str] = (), batch_size: int = 1024) -> dict[str, Tensor]:
+    """The teacher's answers for every row of ``x``, in batches, concatenated: logits and ``taps``."""
+    parts = [teacher({"x": x[i:i + batch_size]}, taps) for i in range(0, len(x), batch_size)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
 class PrecomputedTeacher:
     """A teacher's outputs (logits, and the tapped features named in ``taps``) for every sample of
     a fixed data set, computed once and looked up by sample id (``batch["id"]``), never by batch
@@ -72,10 +79,9 @@ class PrecomputedTeacher:
     def __init__(self, teacher: Teacher, data, taps: Sequence[str] = (), batch_size: int = 1024):
         self.live = teacher
         self.taps = [t for t in dict.fromkeys(taps) if t != "logits"]
-        with torch.no_grad():
-            parts = [teacher({"x": data.x[i:i + batch_size]}, self.taps) for i in range(0, len(data), batch_size)]
+        answers = answer_all(teacher, data.x, self.taps, batch_size)
         self.sorted_ids, order = torch.sort(data.ids)
-        self.outputs = {k: torch.cat([p[k] for p in parts])[order] for k in ["logits", *self.taps]}
+        self.outputs = {k: v[order] for k, v in answers.items()}
 
     def check_taps(self, taps: Sequence[str]) -> None:
         extra = [t for t in taps if t != "logits" and t not in self.outputs]
