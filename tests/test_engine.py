@@ -181,3 +181,63 @@ def test_clipping_bounds_the_update(toy_data):
     fit(s, Objective([TermConfig(loss="ce", teacher=None)]), toy_data, c, seed=0, progress=False)
     moved = float(torch.sqrt(sum(((p.detach() - b) ** 2).sum() for p, b in zip(s.parameters(), before))))
     assert moved == pytest.approx(1e-3, rel=1e-3)
+
+
+def _val(toy_data):
+    from distillery.data import TensorData
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(40, 12, generator=g)
+    return TensorData(x, x[:, :4].argmax(1).long(), torch.arange(1000, 1040), 4, "toy-val")
+
+
+def test_select_best_ends_with_the_best_epochs_weights(toy_data):
+    from distillery.engine import evaluate
+
+    val = _val(toy_data)
+    s = student()
+    out = fit(s, Objective(KD_CE), toy_data, cfg(epochs=8, lr=0.2, select="best"), teacher=teacher(), eval_data=val,
+              seed=3, progress=False)
+    accs = [h["accuracy"] for h in out["history"]]
+    best_epoch = max(i for i, a in enumerate(accs) if a == max(accs)) + 1  # ties: the later epoch
+    assert out["best"] == {"accuracy": max(accs), "epoch": best_epoch}
+    assert out["final"]["epoch"] == best_epoch
+    assert evaluate(s, val)["accuracy"] == pytest.approx(max(accs))
+    if best_epoch < 8:  # the weights went back to that epoch's, not the last one's
+        last = student()
+        fit(last, Objective(KD_CE), toy_data, cfg(epochs=best_epoch, lr=0.2), teacher=teacher(), eval_data=val,
+            seed=3, progress=False)
+        for a, b in zip(s.state_dict().values(), last.state_dict().values()):
+            assert torch.equal(a, b)
+
+
+def test_patience_stops_early_and_resume_keeps_the_best(tmp_path, toy_data):
+    val = _val(toy_data)
+    kw = dict(epochs=30, lr=0.2, select="best", patience=2)
+    full = student()
+    out = fit(full, Objective(KD_CE), toy_data, cfg(**kw), teacher=teacher(), eval_data=val, seed=3, progress=False)
+    n = len(out["history"])
+    assert n < 30 and n - out["best"]["epoch"] == 2
+
+    part = student()
+
+    def stop(step):
+        if step == 3 * (n - 1):  # at the end of the last epoch but one, after its best was seen
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        fit(part, Objective(KD_CE), toy_data, cfg(**kw), teacher=teacher(), eval_data=val, run_dir=tmp_path,
+            seed=3, progress=False, on_step=stop)
+    resumed = student()
+    out2 = fit(resumed, Objective(KD_CE), toy_data, cfg(**kw), teacher=teacher(), eval_data=val, run_dir=tmp_path,
+               seed=3, progress=False)
+    assert out2["best"] == out["best"]
+    for a, b in zip(full.state_dict().values(), resumed.state_dict().values()):
+        assert torch.equal(a, b)
+
+
+def test_select_best_needs_a_labelled_eval_set(toy_data):
+    with pytest.raises(DistilleryError, match="validation set"):
+        fit(student(), Objective(KD_CE), toy_data, cfg(select="best"), teacher=teacher(), progress=False)
+    with pytest.raises(DistilleryError, match="patience"):
+        TrainConfig(patience=0)

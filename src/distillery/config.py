@@ -49,9 +49,18 @@ class TrainConfig:
     """Steps between metric records."""
     checkpoint_every_steps: int | None = None
     """Also checkpoint every this many optimiser steps (a checkpoint is written every epoch anyway)."""
+    select: Literal["last", "best"] = "last"
+    """``best``: end with the weights of the epoch whose evaluation accuracy was highest, the later
+    one on ties (the evaluation set must then be a validation set, never the test set)."""
+    patience: int | None = None
+    """Stop after this many epochs without an evaluation accuracy at least as high as the best (early stopping)."""
 
     def __post_init__(self) -> None:
         _positive(self, "epochs", "batch_size", "grad_accum", "log_every")
+        if self.select not in ("last", "best"):
+            raise DistilleryError(f"train.select must be last or best, got {self.select!r}.")
+        if self.patience is not None and self.patience < 1:
+            raise DistilleryError(f"train.patience must be >= 1 or null, got {self.patience}.")
         if self.lr <= 0:
             raise DistilleryError(f"train.lr must be > 0, got {self.lr}.")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:

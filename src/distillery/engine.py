@@ -134,10 +134,11 @@ def load_module_tensors(modules: dict[str, nn.Module], tensors: dict[str, Tensor
                                   "Was it written by another recipe?") from None
 
 
-def save_checkpoint(path: Path, modules: dict[str, nn.Module], opt, sched, meta: dict) -> None:
-    """``path``.safetensors (weights, optimiser tensors, torch RNG) then ``path``.json (the commit
-    point: counters, RNG states, the safetensors' sha256). Both written atomically."""
-    tensors = module_tensors(modules)
+def save_checkpoint(path: Path, modules: dict[str, nn.Module], opt, sched, meta: dict,
+                    extra: dict[str, Tensor] | None = None) -> None:
+    """``path``.safetensors (weights, optimiser tensors, torch RNG, ``extra`` tensors) then ``path``.json
+    (the commit point: counters, RNG states, the safetensors' sha256). Both written atomically."""
+    tensors = {**module_tensors(modules), **(extra or {})}
     opt_tensors, opt_meta = _flat_optimizer(opt)
     tensors.update(opt_tensors)
     tensors["rng/torch"] = torch.get_rng_state()
@@ -282,6 +283,9 @@ def fit(
     with the same weights as an uninterrupted run. Returns the last evaluation and the history.
     """
     run_dir = Path(run_dir) if run_dir is not None else None
+    if (cfg.select == "best" or cfg.patience is not None) and (eval_data is None or not eval_data.labelled):
+        raise DistilleryError(f"phase {phase!r}: train.select=best and train.patience pick epochs by evaluation "
+                              "accuracy; pass a labelled validation set as eval_data.")
     if objective.needs_teacher and teacher is None:
         raise DistilleryError(f"phase {phase!r}: the objective reads the teacher, but none was given.")
     if objective.needs_labels and not data.labelled:
@@ -305,6 +309,7 @@ def fit(
 
     start_epoch, start_step, global_step = 0, 0, 0
     history: list[dict] = []
+    best: dict[str, Any] = {"accuracy": None, "epoch": 0, "tensors": None}
     if ckpt is not None and resume and ckpt.with_suffix(".json").exists():
         meta, tensors = load_checkpoint(ckpt)
         if meta.get("config") != to_dict(cfg):
@@ -317,8 +322,11 @@ def fit(
         start_epoch, start_step, global_step = meta["epoch"], meta["step_in_epoch"], meta["global_step"]
         history = meta.get("history", [])
         log.drop_after(phase, global_step)
+        if "best" in meta:
+            best.update(accuracy=meta["best"]["accuracy"], epoch=meta["best"]["epoch"],
+                        tensors={k[5:]: v for k, v in tensors.items() if k.startswith("best/")} or None)
         if meta.get("done"):
-            return {"history": history, "final": history[-1] if history else {}, "resumed": True}
+            return _result(history, best, cfg, resumed=True)
     else:
         seed_everything(seed)
 
@@ -336,9 +344,12 @@ def fit(
         if ckpt is None:
             return
         log.flush()
+        extra = {} if best["tensors"] is None else {f"best/{k}": v for k, v in best["tensors"].items()}
         save_checkpoint(ckpt, trainable, opt, sched, {
             "phase": phase, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
-            "done": done, "config": to_dict(cfg), "history": history})
+            "done": done, "config": to_dict(cfg), "history": history,
+            **({"best": {"accuracy": best["accuracy"], "epoch": best["epoch"]}} if best["accuracy"] is not None else {})},
+            extra)
 
     try:
         with s_taps:
@@ -391,11 +402,32 @@ def fit(
                     log.write(record)
                     bar.epoch(epoch + 1, cfg.epochs, f"test acc {100 * ev.get('accuracy', float('nan')):.2f}%")
                 history.append({k: record.get(k) for k in ("epoch", "step", "accuracy", "loss", "agreement")})
-                save(epoch + 1, 0, done=epoch + 1 == cfg.epochs)
+                stop = False
+                if cfg.select == "best" or cfg.patience is not None:
+                    acc = record["accuracy"]
+                    if best["accuracy"] is None or acc >= best["accuracy"]:  # ties: the later epoch (as GLNN)
+                        best.update(accuracy=acc, epoch=epoch + 1,
+                                    tensors=module_tensors(trainable) if cfg.select == "best" else None)
+                    stop = cfg.patience is not None and epoch + 1 - best["epoch"] >= cfg.patience
+                if stop or epoch + 1 == cfg.epochs:
+                    if cfg.select == "best" and best["tensors"] is not None:
+                        load_module_tensors(trainable, best["tensors"], f"best epoch {best['epoch']}")
+                    save(epoch + 1, 0, done=True)
+                    break
+                save(epoch + 1, 0)
     finally:
         bar.close()
         log.flush()
-    return {"history": history, "final": history[-1] if history else {}, "resumed": start_epoch > 0 or start_step > 0}
+    return _result(history, best, cfg, resumed=start_epoch > 0 or start_step > 0)
+
+
+def _result(history: list[dict], best: dict, cfg: TrainConfig, resumed: bool) -> dict[str, Any]:
+    """``final`` is the evaluation of the weights the model ends with (the best epoch's with select=best)."""
+    final = history[-1] if history else {}
+    if cfg.select == "best" and best["accuracy"] is not None:
+        final = next((h for h in history if h.get("epoch") == best["epoch"]), final)
+    return {"history": history, "final": final, "resumed": resumed,
+            "best": None if best["accuracy"] is None else {"accuracy": best["accuracy"], "epoch": best["epoch"]}}
 
 
 @torch.no_grad()

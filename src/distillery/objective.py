@@ -42,7 +42,10 @@ class Term:
         self.fn = losses.get(self.loss) if isinstance(self.loss, str) else self.loss
         loss_name = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", "loss")
         self.name = self.name or loss_name
-        check_kwargs(self.fn, self.params, f"term {self.name!r} (loss {loss_name!r})", skip=2, reserved=_RESERVED)
+        self.batch_keys = tuple(getattr(self.fn, "batch_keys", ()))
+        """Batch entries the loss reads, passed by name (``edges`` of graph batches, ...)."""
+        check_kwargs(self.fn, self.params, f"term {self.name!r} (loss {loss_name!r})", skip=2,
+                     reserved=_RESERVED + self.batch_keys)
         if self.targets not in ("auto", "labels", "teacher"):
             raise DistilleryError(f"term {self.name!r}: targets must be auto, labels or teacher, got {self.targets!r}.")
         self.call = functools.partial(self.fn, **self.params)  # recipe parameters bound once
@@ -189,6 +192,12 @@ class Objective:
                     raise DistilleryError(f"term {t.name!r} needs sample ids, but the batch has no 'id'; "
                                           "train on a data set whose batches carry sample ids.")
                 kw["ids"] = batch["id"]
+            for key in t.batch_keys:
+                if key not in batch:
+                    raise DistilleryError(f"term {t.name!r} (loss {t.fn.__name__!r}) reads {key!r} from the batch, but "
+                                          f"the batch has only {sorted(batch)}; train it on a data set whose batches "
+                                          f"carry {key!r} (graph losses: distillery.graph.NodeData).")
+                kw[key] = batch[key]
             value = t.call(s, tv, **kw)
             terms[t.name] = value
             if self.scales is not None and t.name in self.scales.names:
