@@ -146,8 +146,18 @@ def naive_nst(s, t):
 
 
 def lin(layer, v):
-    w, b = layer.weight.tolist(), layer.bias.tolist()
+    w = layer.weight.tolist()
+    b = layer.bias.tolist() if layer.bias is not None else [0.0] * len(w)
     return [sum(wi * x for wi, x in zip(row, v)) + bi for row, bi in zip(w, b)]
+
+
+def mlp(layers, v):
+    """Linear / ReLU stack (or one Linear) on a python list."""
+    if isinstance(layers, torch.nn.Linear):
+        return lin(layers, v)
+    for layer in layers:
+        v = lin(layer, v) if isinstance(layer, torch.nn.Linear) else [max(0.0, x) for x in v]
+    return v
 
 
 def sigmoid(x):
@@ -159,21 +169,22 @@ def naive_masks(state, s, t):
     c = t.shape[0]
     tt = t.reshape(c, -1).T.tolist()  # P tokens of C
     ss = s.reshape(c, -1).T.tolist()
-    q = [lin(state.query, v) for v in tt]
+    q = [lin(state.query, v) for v in tt]  # C -> C_q
     k = [lin(state.key, v) for v in ss]
-    v = [lin(state.value, x) for x in ss]
+    v = [lin(state.value, x) for x in ss]  # C -> C
+    c_q = max(c // 2, 1)
+    assert len(q[0]) == len(k[0]) == c_q and len(v[0]) == c
     fused = []
     for qp in q:
-        logits = [sum(a * b for a, b in zip(qp, kp)) / math.sqrt(c) for kp in k]
+        logits = [sum(a * b for a, b in zip(qp, kp)) / math.sqrt(c_q) for kp in k]
         e = [math.exp(z - max(logits)) for z in logits]
         w = [x / sum(e) for x in e]
         fused.append([sum(w[j] * v[j][ch] for j in range(len(v))) for ch in range(c)])
     m = state.num_masks
     spatial = [[sigmoid(lin(state.spatial_unit, fp)[mi]) for fp in fused] for mi in range(m)]
-    pooled = [sum(fp[ch] for fp in fused) / len(fused) for ch in range(c)]
-    hidden = [max(0.0, h) for h in lin(state.channel_hidden, pooled)]
-    out = [sigmoid(z) for z in lin(state.channel_out, hidden)]
-    channel = [out[mi * c : (mi + 1) * c] for mi in range(m)]
+    pooled = [sum(fp[ch] for fp in fused) / len(fused) for ch in range(c)]  # v (C,)
+    scale = state.channel_scale.tolist()  # m_c (M,)
+    channel = [[sigmoid(scale[mi] * pooled[ch]) for ch in range(c)] for mi in range(m)]
     return spatial, channel
 
 
@@ -191,7 +202,7 @@ def naive_dice(masks):
     return sum(vals) / len(vals)
 
 
-def naive_acam(s, t, state, num_masks=4, diversity_weight=1.0):
+def naive_acam(s, t, state, num_masks=6, diversity_weight=1.0):
     total = 0.0
     for a, b in zip(s, t):
         spatial, channel = naive_masks(state, a, b)
@@ -199,29 +210,48 @@ def naive_acam(s, t, state, num_masks=4, diversity_weight=1.0):
         d = ((a - b) ** 2).reshape(c, -1).tolist()  # [C][P]
         p = len(d[0])
         ls = sum(
-            sum(ms[j] * d[ch][j] for ch in range(c) for j in range(p)) / (c * (sum(ms) + 1e-5))
+            sum(ms[j] ** 2 * d[ch][j] for ch in range(c) for j in range(p)) / (c * (sum(ms) + 1e-5))
             for ms in spatial
         ) / len(spatial)
         lc = sum(
-            sum(mc[ch] * d[ch][j] for ch in range(c) for j in range(p)) / (p * (sum(mc) + 1e-5))
+            sum(mc[ch] ** 2 * d[ch][j] for ch in range(c) for j in range(p)) / (p * (sum(mc) + 1e-5))
             for mc in channel
         ) / len(channel)
         total += ls + lc + diversity_weight * (naive_dice(spatial) + naive_dice(channel))
     return total / s.shape[0]
 
 
-def naive_mi_alpha(s, t, state, alpha=0.5, temperature=0.1, embed_dim=128):
-    S = s.reshape(-1, s.shape[-1]).tolist()
-    T = t.reshape(-1, t.shape[-1]).tolist()
+def naive_pool(x, pool):
+    """(N, D) or (N, T, D) tensor -> N python lists of D: tokens mean-pooled or token 0."""
+    if x.dim() == 2:
+        return x.tolist()
+    rows = x.tolist()
+    if pool == "first":
+        return [r[0] for r in rows]
+    return [[sum(tok[d] for tok in r) / len(r) for d in range(len(r[0]))] for r in rows]
+
+
+def naive_critic(state, S, T, critic, temperature):
+    """Scores f[i][j] = f(s_i, t_j) and log-baselines a(t_j) from python lists."""
     n = len(S)
+    g = [mlp(state.student_net, v) for v in S]
+    h = [mlp(state.teacher_net, v) for v in T]
+    if critic == "mlp":  # unnormalised dot product, no temperature; baseline on the raw teacher
+        f = [[sum(a * b for a, b in zip(g[i], h[j])) for j in range(n)] for i in range(n)]
+        return f, [mlp(state.baseline, v)[0] for v in T]
 
     def unit(v):
         return [x / max(norm(v), 1e-12) for x in v]
 
-    zs = [unit(lin(state.student_proj, v)) for v in S]
-    zt = [unit(lin(state.teacher_proj, v)) for v in T]
-    f = [[sum(a * b for a, b in zip(zs[i], zt[j])) / temperature for j in range(n)] for i in range(n)]
-    q = [math.exp(lin(state.baseline, z)[0]) for z in zt]  # q(t_j) = e^{a(t_j)}
+    g, h = [unit(v) for v in g], [unit(v) for v in h]
+    f = [[sum(a * b for a, b in zip(g[i], h[j])) / temperature for j in range(n)] for i in range(n)]
+    return f, [lin(state.baseline, v)[0] for v in h]
+
+
+def naive_estimator(f, log_base, alpha):
+    """-I_alpha from scores f[i][j] and log-baselines, with explicit sums and exps."""
+    n = len(f)
+    q = [math.exp(a) for a in log_base]  # q(t_j) = e^{a(t_j)}
     total = 0.0
     for j in range(n):
         m = sum(math.exp(f[i][j]) for i in range(n)) / n
@@ -234,13 +264,27 @@ def naive_mi_alpha(s, t, state, alpha=0.5, temperature=0.1, embed_dim=128):
     return -total / n
 
 
+def naive_mi_alpha(
+    s, t, state, alpha=0.5, critic="mlp", hidden_dim=512, embed_dim=64, temperature=0.1, pool="mean"
+):
+    f, log_base = naive_critic(state, naive_pool(s, pool), naive_pool(t, pool), critic, temperature)
+    return naive_estimator(f, log_base, alpha)
+
+
 PARAMS = {
     "hint": [{}, {"metric": "l1"}, {"metric": "cosine"}, {"metric": "smooth_l1"}, {"metric": "mse"}],
     "attention": [{}, {"p": 3.0}, {"p": 1.0}],
     "similarity": [{}],
     "nst": [{}],
     "acam": [{}, {"num_masks": 1}, {"num_masks": 3, "diversity_weight": 0.25}],
-    "mi_alpha": [{}, {"alpha": 0.0}, {"alpha": 1.0}, {"alpha": 0.2, "temperature": 0.5, "embed_dim": 6}],
+    "mi_alpha": [
+        {},
+        {"alpha": 0.0},
+        {"alpha": 1.0},
+        {"alpha": 0.9, "hidden_dim": 7, "embed_dim": 5},
+        {"alpha": 0.2, "critic": "cosine", "temperature": 0.5, "embed_dim": 6},
+        {"alpha": 0.0, "critic": "cosine"},
+    ],
 }
 CASES = [pytest.param(n, p, id=f"{n}-{i}") for n in NAMES for i, p in enumerate(PARAMS.get(n, [{}]))]
 
@@ -344,32 +388,61 @@ def test_matches_naive_reference_float32(name, params):
     assert got.item() == pytest.approx(want, rel=1e-4, abs=1e-5)
 
 
-def test_mi_alpha_end_points_are_infonce_and_tuba():
+@pytest.mark.parametrize("critic", ["mlp", "cosine"])
+def test_mi_alpha_end_points_are_infonce_and_tuba(critic):
     s, t = inputs("mi_alpha", seed=4)
-    state = make_state("mi_alpha", s, t, embed_dim=6)
+    params = {"critic": critic, "hidden_dim": 9, "embed_dim": 6}
+    state = make_state("mi_alpha", s, t, **params)
     scores, log_base = state(s, t, 0.1)
     n = s.shape[0]
     # alpha = 1: InfoNCE over each teacher column, log N - CE(S^T, diagonal)
     infonce = math.log(n) - torch.nn.functional.cross_entropy(scores.T, torch.arange(n))
-    got = call("mi_alpha", s, t, state=state, alpha=1.0, embed_dim=6)
+    got = call("mi_alpha", s, t, state=state, alpha=1.0, **params)
     torch.testing.assert_close(-got, infonce)
     assert -got.item() <= math.log(n) + 1e-12  # InfoNCE never exceeds log N
     # alpha = 0: TUBA, 1 + E_joint[S - a] - E_marginal[e^{S - a}]
     off = ~torch.eye(n, dtype=torch.bool)
     tuba = 1 + (scores.diagonal() - log_base).mean() - (scores - log_base).exp()[off].mean()
-    torch.testing.assert_close(-call("mi_alpha", s, t, state=state, alpha=0.0, embed_dim=6), tuba)
+    torch.testing.assert_close(-call("mi_alpha", s, t, state=state, alpha=0.0, **params), tuba)
 
 
-def test_mi_alpha_tokens_count_every_token_as_a_sample():
+def test_mi_alpha_estimator_matches_naive_sums_on_the_module_scores():
+    # the critic's outputs from the module, the estimator by explicit float64 sums, over the grid
+    s, t = inputs("mi_alpha", seed=6)
+    state = make_state("mi_alpha", s, t)
+    scores, log_base = state(s, t)
+    for alpha in (0.0, 0.1, 0.5, 0.9, 1.0):
+        want = naive_estimator(scores.tolist(), log_base.tolist(), alpha)
+        assert Fe.mi_alpha(s, t, state=state, alpha=alpha).item() == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_mi_alpha_default_critic_is_distillers_separable_mlp():
+    state = Fe.MIAlphaCritic((3,), (4,))
+    assert (state.critic, state.hidden_dim, state.embed_dim) == ("mlp", 512, 64)
+    shapes = [tuple(p.shape) for p in state.student_net.parameters()]
+    assert shapes == [(512, 3), (512,), (512, 512), (512,), (64, 512), (64,)]
+    assert tuple(state.teacher_net[0].weight.shape) == (512, 4)
+    assert [tuple(p.shape) for p in state.baseline.parameters()] == [(512, 4), (512,), (1, 512), (1,)]
+    s, t = torch.randn(3, 3), torch.randn(3, 4)
+    scores, _ = state(s, t, 123.0)  # no temperature, no normalisation: a plain dot product
+    torch.testing.assert_close(scores, state.student_net(s) @ state.teacher_net(t).T)
+
+
+@pytest.mark.parametrize("pool", ["mean", "first"])
+def test_mi_alpha_pools_tokens_to_one_score_per_sample_pair(pool):
     g = gen(5)
     s, t = (
-        torch.randn(2, 3, 4, generator=g, dtype=torch.float64),
-        torch.randn(2, 3, 5, generator=g, dtype=torch.float64),
+        torch.randn(3, 4, 4, generator=g, dtype=torch.float64),
+        torch.randn(3, 2, 5, generator=g, dtype=torch.float64),  # token counts may differ
     )
-    state = Fe.MIAlphaCritic((3, 4), (3, 5), embed_dim=6).double()
-    got = Fe.mi_alpha(s, t, state=state, embed_dim=6)
-    torch.testing.assert_close(got, Fe.mi_alpha(s.reshape(6, 4), t.reshape(6, 5), state=state, embed_dim=6))
-    assert got.item() == pytest.approx(naive_mi_alpha(s, t, state, embed_dim=6), rel=1e-9)
+    params = {"hidden_dim": 8, "embed_dim": 6, "pool": pool}
+    state = Fe.MIAlphaCritic((4, 4), (2, 5), **params).double()
+    got = Fe.mi_alpha(s, t, state=state, **params)
+    reduce = (lambda x: x.mean(1)) if pool == "mean" else (lambda x: x[:, 0])
+    torch.testing.assert_close(got, Fe.mi_alpha(reduce(s), reduce(t), state=state, **params))
+    assert got.item() == pytest.approx(naive_mi_alpha(s, t, state, **params), rel=1e-9)
+    other = "first" if pool == "mean" else "mean"
+    assert got.item() != pytest.approx(Fe.mi_alpha(s, t, state=state, **{**params, "pool": other}).item())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -384,14 +457,28 @@ def zero_state(name, s, t, **params):
     return state
 
 
-def identity_critic(dim, baseline_bias=0.0):
-    state = Fe.MIAlphaCritic((dim,), (dim,), embed_dim=dim).double()
+def identity_critic(dim, critic="cosine", baseline_bias=0.0):
+    """Cosine critic with W_g = W_h = I, or an MLP critic of width dim whose layers are all I."""
+    state = Fe.MIAlphaCritic((dim,), (dim,), critic=critic, hidden_dim=dim, embed_dim=dim).double()
     with torch.no_grad():
         for p in state.parameters():
             p.zero_()
-        state.student_proj.weight.copy_(torch.eye(dim))
-        state.teacher_proj.weight.copy_(torch.eye(dim))
-        state.baseline.bias.fill_(baseline_bias)
+        for net in (state.student_net, state.teacher_net):
+            for layer in [net] if isinstance(net, torch.nn.Linear) else net:
+                if isinstance(layer, torch.nn.Linear):
+                    layer.weight.copy_(torch.eye(dim))
+        last = state.baseline if critic == "cosine" else state.baseline[-1]
+        last.bias.fill_(baseline_bias)
+    return state
+
+
+def acam_hand_state(s, t):
+    """C = 1, M = 2: W_v = 0 with bias 1, so F_fused = 1 at every position (attention rows sum to 1)
+    and v = 1; spatial unit 0 (masks 1/2); channel scales (ln 3, -ln 3): masks 3/4 and 1/4."""
+    state = zero_state("acam", s, t, num_masks=2)
+    with torch.no_grad():
+        state.value.bias.fill_(1.0)
+        state.channel_scale.copy_(torch.tensor([math.log(3.0), -math.log(3.0)]))
     return state
 
 
@@ -419,21 +506,46 @@ HAND = [
     # orthogonal single channels: 1 + 1 - 2 * 0 = 2
     pytest.param("nst", [[[1.0, 0.0]]], [[[0.0, 1.0]]], {}, 2.0, id="nst-orthogonal"),
     # all-zero state: every mask is sigmoid(0) = 1/2. s = (1, 0), t = (0, 0) on C = 1, P = 2: D = (1, 0).
-    # spatial: 0.5 * 1 / (1 * (0.5 * 2 + 1e-5)) = 0.5 / 1.00001 = 0.4999950
-    # channel: 0.5 * 1 / (2 * (0.5 + 1e-5)) = 0.5 / 1.00002 = 0.4999900
-    # Dice of two equal masks = 1 for both mask sets (less ~2e-12): 0.4999950 + 0.4999900 + 2 = 2.9999850
-    pytest.param("acam", [[[1.0, 0.0]]], [[[0.0, 0.0]]], {"num_masks": 2}, 0.5 / 1.00001 + 0.5 / 1.00002 + 2.0, id="acam"),
+    # spatial: (1/2)^2 * 1 / (1 * (0.5 * 2 + 1e-5)) = 0.25 / 1.00001 = 0.2499975
+    # channel: (1/2)^2 * 1 / (2 * (0.5 + 1e-5)) = 0.25 / 1.00002 = 0.2499950
+    # Dice of two equal masks = 1 for both mask sets (less ~2e-12): 0.2499975 + 0.2499950 + 2 = 2.4999925
+    pytest.param("acam", [[[1.0, 0.0]]], [[[0.0, 0.0]]], {"num_masks": 2}, 0.25 / 1.00001 + 0.25 / 1.00002 + 2.0, id="acam"),
+    # ``acam_hand_state``: spatial masks 1/2 as above (0.25 / 1.00001); channel masks 3/4 and 1/4:
+    # 1/2 [(9/16) / (2 (3/4 + 1e-5)) + (1/16) / (2 (1/4 + 1e-5))] = 1/2 (0.3749950 + 0.1249950) = 0.2499950
+    # (the unsquared mask would give 0.5); Dice: spatial 1, channel 2 (3/16) / (9/16 + 1/16) = 0.6.
+    # total 0.2499975 + 0.2499950 + 1 + 0.6 = 2.0999925
+    pytest.param(
+        "acam", [[[1.0, 0.0]]], [[[0.0, 0.0]]], {"num_masks": 2, "hand_state": "scaled"},
+        0.25 / 1.00001 + 0.5 * (0.5625 / 1.50002 + 0.0625 / 0.50002) + 1.6, id="acam-channel-scales",
+    ),
     # identity critic, tau = 1, s = t = I_2: S = I. alpha = 1 is InfoNCE:
     # 1 - log((e + 1) / 2) = 1 - 0.620115 = 0.379885 (the marginal term is exactly 1): loss -0.379885
     pytest.param(
         "mi_alpha", [[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]],
-        {"alpha": 1.0, "temperature": 1.0, "embed_dim": 2}, -(1 - math.log((math.e + 1) / 2)), id="mi_alpha-nce",
+        {"alpha": 1.0, "critic": "cosine", "temperature": 1.0, "embed_dim": 2}, -(1 - math.log((math.e + 1) / 2)),
+        id="mi_alpha-nce",
     ),
     # alpha = 0 with the constant baseline a = 1 is NWJ: mean S_jj - mean_{i!=j} e^{S_ij - 1}
     # = 1 - e^{-1} = 0.632121: loss -0.632121
     pytest.param(
         "mi_alpha", [[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]],
-        {"alpha": 0.0, "temperature": 1.0, "embed_dim": 2}, -(1 - math.exp(-1)), id="mi_alpha-nwj",
+        {"alpha": 0.0, "critic": "cosine", "temperature": 1.0, "embed_dim": 2}, -(1 - math.exp(-1)), id="mi_alpha-nwj",
+    ),
+    # identity cosine critic, tau = 1/2, alpha = 1/2, baseline a = 0 (q = 1), s = t = I_2: S = 2 I.
+    # m_j = (e^2 + 1) / 2 = 4.194528, m_j^loo = 1: b_j = log((4.194528 + 1) / 2) = 0.954459,
+    # b_j^loo = log((1 + 1) / 2) = 0; I = 1 + (2 - 0.954459) - e^0 = 1.045541: loss -1.045541
+    pytest.param(
+        "mi_alpha", [[1.0, 0.0], [0.0, 1.0]], [[1.0, 0.0], [0.0, 1.0]],
+        {"alpha": 0.5, "critic": "cosine", "temperature": 0.5, "embed_dim": 2},
+        -(2 - math.log((math.exp(2) + 3) / 4)), id="mi_alpha-half",
+    ),
+    # MLP critic whose layers are all the identity (biases 0), s = t = (1, 0), (0, 0): ReLU keeps
+    # them, S[i, j] = <s_i, t_j> = [[1, 0], [0, 0]] (no temperature). alpha = 1 (InfoNCE):
+    # column 0: 1 - log((e + 1) / 2) = 0.379885; column 1: 0 - log((1 + 1) / 2) = 0; the marginal
+    # term is 1, so I = 0.379885 / 2 = 0.189943: loss -0.189943
+    pytest.param(
+        "mi_alpha", [[1.0, 0.0], [0.0, 0.0]], [[1.0, 0.0], [0.0, 0.0]],
+        {"alpha": 1.0, "hidden_dim": 2, "embed_dim": 2}, -(1 - math.log((math.e + 1) / 2)) / 2, id="mi_alpha-mlp",
     ),
 ]  # fmt: skip
 
@@ -442,11 +554,13 @@ HAND = [
 def test_hand_computed_value(name, s, t, params, expected):
     s = torch.tensor(s, dtype=torch.float64)
     t = torch.tensor(t, dtype=torch.float64)
-    state = None
+    state, params = None, dict(params)
     if name == "acam":
-        state = zero_state(name, s, t, **params)
+        scaled = params.pop("hand_state", None) == "scaled"
+        state = acam_hand_state(s, t) if scaled else zero_state(name, s, t, **params)
     elif name == "mi_alpha":
-        state = identity_critic(2, baseline_bias=1.0 if params["alpha"] == 0.0 else 0.0)
+        kind = params.get("critic", "mlp")
+        state = identity_critic(2, critic=kind, baseline_bias=1.0 if params["alpha"] == 0.0 else 0.0)
     got = call(name, s, t, state=state, **params)
     assert got.item() == pytest.approx(expected, rel=1e-6)
 
@@ -518,6 +632,11 @@ def test_extreme_features_stay_finite_with_finite_grads(name, params):
     s.requires_grad_(True)
     state = make_state(name, s, t, dtype=torch.float32, **params) if name in STATE_CLASSES else None
     loss = call(name, s, t, state=state, **params)
+    if name == "mi_alpha" and params.get("alpha") == 0.0 and params.get("critic", "mlp") == "mlp":
+        # documented: TUBA (alpha = 0) with the unbounded MLP critic has e^{S - a} unbounded, so
+        # huge features overflow to +inf (never NaN); alpha > 0 or the cosine critic stays finite
+        assert loss.item() == math.inf
+        return
     assert torch.isfinite(loss)
     loss.backward()
     assert torch.isfinite(s.grad).all()
@@ -548,12 +667,9 @@ def test_gradient_reaches_the_student_and_the_state_not_the_teacher(name, params
     assert s.grad is not None and torch.isfinite(s.grad).all() and s.grad.abs().sum() > 0
     assert t.grad is None
     if state is not None:
-        unused = set()
-        if name == "mi_alpha" and params.get("alpha") == 1.0:
-            unused = {"baseline.weight", "baseline.bias"}  # InfoNCE has no learned baseline
         for pname, p in state.named_parameters():
-            if pname in unused:
-                continue
+            if name == "mi_alpha" and params.get("alpha") == 1.0 and pname.startswith("baseline."):
+                continue  # InfoNCE has no learned baseline
             assert p.grad is not None and torch.isfinite(p.grad).all(), pname
             assert p.grad.abs().sum() > 0, pname
 
@@ -609,7 +725,7 @@ BAD = [
     ("acam", (2, 3), (2, 3), ["(N, C, H, W)"]),
     ("mi_alpha", (2, 3, 4, 4), (2, 3, 4, 4), ["(N, D)", "(N, T, D)", "Pool"]),
     ("mi_alpha", (1, 3), (1, 4), ["at least 2 samples"]),
-    ("mi_alpha", (2, 3, 4), (2, 5, 4), ["pair up"]),
+    ("mi_alpha", (2, 3, 4), (3, 5, 4), ["batch sizes"]),
 ]
 
 
@@ -664,6 +780,13 @@ def test_state_built_with_other_params_is_refused():
         Fe.mi_alpha(s, t, state=Fe.MIAlphaCritic(s.shape[1:], t.shape[1:], embed_dim=8))
     with pytest.raises(LossInputError, match="Ds="):
         Fe.mi_alpha(s, t, state=Fe.MIAlphaCritic((7,), t.shape[1:]))
+    with pytest.raises(LossInputError, match="hidden_dim"):
+        Fe.mi_alpha(s, t, state=Fe.MIAlphaCritic(s.shape[1:], t.shape[1:], hidden_dim=8))
+    with pytest.raises(LossInputError, match="critic='cosine'"):
+        Fe.mi_alpha(s, t, state=Fe.MIAlphaCritic(s.shape[1:], t.shape[1:], critic="cosine"))
+    # the cosine critic has no hidden layer: hidden_dim does not matter for it
+    cos = Fe.MIAlphaCritic(s.shape[1:], t.shape[1:], critic="cosine", hidden_dim=8)
+    assert torch.isfinite(Fe.mi_alpha(s, t, state=cos, critic="cosine"))
 
 
 def test_state_constructors_check_shapes_and_params():
@@ -675,6 +798,10 @@ def test_state_constructors_check_shapes_and_params():
         Fe.MIAlphaCritic((3, 4, 4), (3,))
     with pytest.raises(LossInputError, match="embed_dim"):
         Fe.MIAlphaCritic((3,), (3,), embed_dim=0)
+    with pytest.raises(LossInputError, match="hidden_dim"):
+        Fe.MIAlphaCritic((3,), (3,), hidden_dim=2.5)
+    with pytest.raises(LossInputError, match="critic"):
+        Fe.MIAlphaCritic((3,), (3,), critic="transformer")
     for cls in (Fe.ACAMMaskGenerator, Fe.MIAlphaCritic):  # the objective passes None without a teacher tap
         with pytest.raises(LossInputError, match="teacher tap"):
             cls((3, 4), None)
@@ -689,6 +816,7 @@ def test_state_constructors_check_shapes_and_params():
         ("acam", {"diversity_weight": -1.0}, "diversity_weight"),
         ("mi_alpha", {"alpha": 1.5}, "alpha"),
         ("mi_alpha", {"temperature": 0.0}, "temperature"),
+        ("mi_alpha", {"pool": "max"}, "pool"),
     ],
 )
 def test_out_of_range_params_are_refused(name, params, word):

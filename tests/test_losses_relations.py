@@ -186,21 +186,27 @@ def naive_trg_terms(s, t, k=5, sigma=1.0, tau_g=0.1):
     ]  # fmt: skip
     l_inner = sum(inner) / len(inner)
 
-    def graph(V):
-        m = len(V)
-        out = []
-        for i in range(m):
-            d2 = {j: sum((a - b) ** 2 for a, b in zip(V[i], V[j])) for j in range(m) if j != i}
-            near = sorted(d2, key=d2.get)[:k]
-            a = {j: (math.exp(-d2[j] / (2 * sigma)) if j in near else 0.0) for j in d2}
-            total = sum(math.exp(v) for v in a.values())
-            out.append({j: math.exp(v) / total for j, v in a.items()})
-        return out
-
     vs = [tok for S in s for tok in S]
     vt = [tok for T in t for tok in T]
-    gs, gt = graph(vs), graph(vt)
-    l_local = sum(sum(p * math.log(p / q[j]) for j, p in ps.items()) for ps, q in zip(gs, gt)) / len(vs)
+
+    def d2(V, i, j):
+        return sum((a - b) ** 2 for a, b in zip(V[i], V[j]))
+
+    # neighbours from the teacher only, the same for both graphs (self excluded, k capped at M - 1)
+    near = [
+        sorted((j for j in range(len(vt)) if j != i), key=lambda j: d2(vt, i, j))[:k] for i in range(len(vt))
+    ]
+
+    def rows(V):
+        out = []
+        for i, nb in enumerate(near):
+            a = [math.exp(-d2(V, i, j) / (2 * sigma)) for j in nb]  # kernel values are the logits
+            total = sum(math.exp(x) for x in a)
+            out.append([math.exp(x) / total for x in a])
+        return out
+
+    gs, gt = rows(vs), rows(vt)
+    l_local = sum(sum(p * math.log(p / q) for p, q in zip(ps, qs)) for ps, qs in zip(gs, gt)) / len(vs)
     l_global = 0.0
     for i, a in enumerate(vs):
         logits = [dot(a, b) / (norm(a) * norm(b)) / tau_g for b in vt]
@@ -292,6 +298,31 @@ def test_trg_terms_separately_and_with_sampled_tokens():
     assert not torch.equal(ss, s[:, :2])  # really sampled, not the first tokens
 
 
+def test_trg_local_term_is_clearly_non_zero_and_its_rows_are_not_uniform():
+    # The softmax runs over each node's k neighbours only (the teacher's kNN for both models): no
+    # non-neighbour at A = 0 (e^0 = 1 each) flattens the rows towards uniform and L_local towards 0.
+    g = torch.Generator().manual_seed(11)
+    s, t = (torch.randn(4, 8, 3, generator=g, dtype=torch.float64) for _ in range(2))
+    local = R.trg(s, t, alpha=0.0, gamma=0.0).item()
+    assert local > 1e-2
+    v_s, v_t = s.reshape(-1, 3), t.reshape(-1, 3)
+    near = R._teacher_knn(v_t, 5)
+    assert near.shape == (32, 5) and not bool((near == torch.arange(32).unsqueeze(1)).any())
+    d2 = torch.cdist(v_t, v_t).pow(2).fill_diagonal_(math.inf)
+    assert torch.equal(d2.gather(1, near).sort(1).values, d2.sort(1).values[:, :5])  # the 5 nearest
+    for x in (v_s, v_t):
+        q = R._knn_log_graph(x, near, 1.0).exp()  # (M, k) over the neighbours only
+        assert torch.allclose(q.sum(1), torch.ones(32, dtype=torch.float64))
+        ratio = q.amax(1) / q.amin(1)
+        assert ratio.median() > 1.2  # not uniform: most rows spread over a factor > 1.2
+    # the neighbour set is the teacher's: moving one student node far away changes its kernel
+    # values but not which nodes enter the rows, so the loss matches the naive teacher-kNN reference
+    s2 = s.clone()
+    s2[0, 0] += 6.0
+    _, want, _ = naive_trg_terms(s2.tolist(), t.tolist())
+    assert R.trg(s2, t, alpha=0.0, gamma=0.0).item() == pytest.approx(want, rel=1e-9)
+
+
 @pytest.mark.parametrize("params", PARAMS["crd"])
 def test_crd_two_steps_match_repdistiller_including_bank_updates_and_z(params):
     s, t = batch("crd")
@@ -360,17 +391,29 @@ HAND = [
         math.log1p(math.exp(-1.0)),
         id="trg-global",
     ),
-    # nodes s = (0, 1, 3), t = (0, 1, 2.5), k = 1, sigma = 1/2 (A = exp(-d^2)). Nearest: node 0 -> 1
-    # and node 1 -> 0 in both (A = e^-1 both: rows agree); node 2 -> 1 with A = e^-4 (s), e^-2.25 (t).
-    # Row 2 over j in {0, 1}: p_s = softmax(0, e^-4) = (0.4954212, 0.5045788), p_t = softmax(0,
-    # e^-2.25) = (0.4736746, 0.5263254); KL(p_s || p_t) = 0.000947313; mean over 3 rows 0.000315771.
+    # nodes s = (0, 1, 3), t = (0, 1, 2.5), k = 5 capped at M - 1 = 2 (every other node), sigma = 1/2
+    # (A = exp(-d^2)). With two neighbours a row is (sigmoid(A_1 - A_2), sigmoid(A_2 - A_1)).
+    # node 0: A_s = (e^-1, e^-9), A_t = (e^-1, e^-6.25): p = 0.5909166, q = 0.5904797, KL 3.95e-7
+    # node 1: A_s = (e^-1, e^-4), A_t = (e^-1, e^-2.25): p = 0.5865118, q = 0.5652459, KL 0.000923916
+    # node 2: A_s = (e^-9, e^-4), A_t = (e^-6.25, e^-2.25): p = 0.4954521, q = 0.4741559, KL 0.000908426
+    # mean over the 3 nodes: 0.000610912.
     pytest.param(
         "trg",
         [[[0.0], [1.0], [3.0]]],
         [[[0.0], [1.0], [2.5]]],
-        {"alpha": 0.0, "gamma": 0.0, "k": 1, "sigma": 0.5},
-        0.000315771,
+        {"alpha": 0.0, "gamma": 0.0, "k": 5, "sigma": 0.5},
+        0.000610912,
         id="trg-local",
+    ),
+    # k = 1: one neighbour per node, so each row is the single probability 1 and L_local = 0,
+    # whatever the features (a softmax over the neighbours only; non-neighbours do not enter).
+    pytest.param(
+        "trg",
+        [[[0.0], [1.0], [3.0]]],
+        [[[0.0], [5.0], [2.5]]],
+        {"alpha": 0.0, "gamma": 0.0, "k": 1},
+        0.0,
+        id="trg-local-k1",
     ),
     # crd: the NCE part by hand (below); the whole step is checked against the naive reference above.
     pytest.param("crd", None, None, {}, 2 * math.log(2.0), id="crd-nce"),

@@ -337,19 +337,26 @@ def _dice_diversity(masks: Tensor) -> Tensor:
 class ACAMMaskGenerator(nn.Module):
     """ACAM-KD's learned parts: the STCA-FF cross-attention and the ASCM mask selection units.
 
-    ``ACAMMaskGenerator(student_shape, teacher_shape, *, num_masks=4, **_)`` with shapes without
+    ``ACAMMaskGenerator(student_shape, teacher_shape, *, num_masks=6, **_)`` with shapes without
     the batch dimension, (C, L) or (C, H, W), equal for student and teacher (the student is
     adapted first). For teacher tokens t_p and student tokens s_p (positions p of the map, C
-    channels each):
-        Q = W_q t, K = W_k s, V = W_v s (linear maps over channels, i.e. 1x1 convs),
-        F_fused = softmax(Q K^T / sqrt(C)) V                     (P x P attention, no residual),
-        spatial masks M^s = sigmoid(W_s F_fused)  -> (N, M, P)   (a selection unit per position),
-        channel masks M^c = sigmoid(MLP(mean_p F_fused)) -> (N, M, C)  (pooled descriptor -> MLP).
-    Memory grows as P^2 per sample (the attention over positions).
+    channels each), with C_q = max(C // 2, 1):
+        Q = W_q t + b_q (C -> C_q), K = W_k s (C -> C_q), V = W_v s + b_v (C -> C)   (1x1 convs),
+        F_fused = softmax_p'(Q K^T / sqrt(C_q)) V     (P x P attention over positions, no residual),
+        spatial masks M^s_{m,p} = sigmoid(m_s[m] . F_fused[p])  -> (N, M, P),  m_s in R^{M x C},
+        channel masks M^c_{m,k} = sigmoid(m_c[m] * v_k)         -> (N, M, C),  m_c in R^M,
+    where v = mean_p F_fused (N, C) is the spatially average-pooled fused map. Parameters:
+    ``query``, ``key``, ``value`` (Linear), ``spatial_unit`` (Linear(C, M, bias=False)) and
+    ``channel_scale`` (M,), initialised U(-1, 1) (as ``nn.Linear(1, M)``'s weight), so that the
+    masks start different. Neither selection unit has a bias (the paper's notes show none); K
+    has none either (it would add q . b_k to a whole attention row, which the softmax removes).
+    With one scalar per mask, every channel mask is a monotone function of the same v: the
+    channel masks can only rank channels by v_k in the same or the reverse order, differing in
+    sharpness; that is the unit as the notes describe it. Memory grows as P^2 per sample.
     """
 
     def __init__(
-        self, student_shape: Sequence[int], teacher_shape: Sequence[int], *, num_masks: int = 4, **_
+        self, student_shape: Sequence[int], teacher_shape: Sequence[int], *, num_masks: int = 6, **_
     ):
         super().__init__()
         student_shape, teacher_shape = _state_shapes("acam", student_shape, teacher_shape)
@@ -359,29 +366,27 @@ class ACAMMaskGenerator(nn.Module):
                 f"dimension, (C, L) or (C, H, W); got student {student_shape}, teacher {teacher_shape}. "
                 "Give the term an adapter (1x1 conv) that maps the student to the teacher's channels."
             )
-        if int(num_masks) != num_masks or num_masks < 1:
+        if isinstance(num_masks, bool) or int(num_masks) != num_masks or num_masks < 1:
             raise LossInputError(f"acam: num_masks must be an integer >= 1, got {num_masks!r}.")
         c, m = teacher_shape[0], int(num_masks)
-        hidden = max(c // 4, 4)
-        self.channels, self.num_masks = c, m
-        self.query = nn.Linear(c, c)  # teacher -> query
-        self.key = nn.Linear(c, c)  # student -> key
+        self.channels, self.num_masks, self.attn_dim = c, m, max(c // 2, 1)
+        self.query = nn.Linear(c, self.attn_dim)  # teacher -> query
+        self.key = nn.Linear(c, self.attn_dim, bias=False)  # student -> key (a bias cancels in the softmax)
         self.value = nn.Linear(c, c)  # student -> value
-        self.spatial_unit = nn.Linear(c, m)
-        self.channel_hidden = nn.Linear(c, hidden)
-        self.channel_out = nn.Linear(hidden, m * c)
+        self.spatial_unit = nn.Linear(c, m, bias=False)  # m_s
+        self.channel_scale = nn.Parameter(torch.empty(m).uniform_(-1.0, 1.0))  # m_c
 
     def forward(self, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
         """(N, C, *spatial) twice -> spatial masks (N, M, P) and channel masks (N, M, C), in [0, 1]."""
-        n, c = teacher.shape[:2]
         t_tok = teacher.flatten(2).transpose(1, 2)  # (N, P, C)
         s_tok = student.flatten(2).transpose(1, 2)
         q, k, v = _linear(self.query, t_tok), _linear(self.key, s_tok), _linear(self.value, s_tok)
-        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(c), dim=-1)  # (N, P, P)
+        attn = torch.softmax(q @ k.transpose(1, 2) / math.sqrt(self.attn_dim), dim=-1)  # (N, P, P)
         fused = attn @ v  # (N, P, C)
         spatial = torch.sigmoid(_linear(self.spatial_unit, fused)).transpose(1, 2)  # (N, M, P)
-        hidden = torch.relu(_linear(self.channel_hidden, fused.mean(1)))  # (N, hidden)
-        channel = torch.sigmoid(_linear(self.channel_out, hidden)).view(n, self.num_masks, c)
+        pooled = fused.mean(1)  # (N, C)
+        scale = self.channel_scale.to(pooled.dtype)
+        channel = torch.sigmoid(scale.view(1, -1, 1) * pooled.unsqueeze(1))  # (N, M, C)
         return spatial, channel
 
 
@@ -391,28 +396,34 @@ def acam(
     teacher_features: Tensor,
     *,
     state: ACAMMaskGenerator | None = None,
-    num_masks: int = 4,
+    num_masks: int = 6,
     diversity_weight: float = 1.0,
 ) -> Tensor:
     """ACAM-KD (Lan & Tian, "ACAM-KD: Adaptive and Cooperative Attention Masking for KD", ICCV 2025, arXiv 2503.06307).
 
     With the masks of ``state`` (``ACAMMaskGenerator``: STCA-FF cross-attention with the teacher
-    as query and the student as key / value, then ASCM spatial and channel selection units) and
-    D = (s - t)^2 of the adapted student s and the teacher t, per sample:
-        L_spatial = 1/M sum_m  sum_{c,p} M^s_{m,p} D_{c,p} / (C (sum_p M^s_{m,p} + 1e-5)),
-        L_channel = 1/M sum_m  sum_{c,p} M^c_{m,c} D_{c,p} / (P (sum_c M^c_{m,c} + 1e-5)),
-        L_div     = Dice(M^s) + Dice(M^c)  (mean pairwise Dice between different masks),
+    as query and the student as key / value, then the ASCM spatial and channel selection units)
+    and D = (s - t)^2 of the adapted student s and the teacher t, per sample:
+        L_spatial = 1/M sum_m  sum_{c,p} (M^s_{m,p})^2 D_{c,p} / (C (sum_p M^s_{m,p} + 1e-5)),
+        L_channel = 1/M sum_m  sum_{c,p} (M^c_{m,c})^2 D_{c,p} / (P (sum_c M^c_{m,c} + 1e-5)),
+        L_div     = Dice(M^s) + Dice(M^c)  (mean over the pairs i != j of 2<m_i, m_j> / (|m_i|^2 + |m_j|^2)),
         loss      = L_spatial + L_channel + diversity_weight * L_div,   batch mean.
-    What we could verify (arXiv abstract and secondary summaries of the paper; no official code
-    was found): teacher query / student key-value cross-attention fusion; spatial and channel
-    masks produced from the fused features by learnable selection units with a sigmoid, from
-    pooled descriptors; a mask-weighted feature loss normalised by the mask sum (the channel
-    term's form 1/M sum_m 1/(HW sum_k M^c_{m,k}) ...); and a diversity loss on the masks.
-    What we could not verify, and chose: the exact layers (linear maps over channels, attention
-    dim C, no residual, channel MLP C -> max(C/4, 4) -> M*C), M = 4, the spatial term's
-    normalisation (the mirror of the channel term), the 1e-5 eps and the Dice form of the
-    diversity loss (both from MasKD, Huang et al. 2022, which ACAM-KD builds on), the weights
-    (1, 1, 1) and how the masks are trained: here they are trained by this loss itself.
+    Sources: notes on the paper (no official code exists) and MasKD (Huang et al. 2022;
+    hunto/MasKD, mmrazor ``maskd.py``), which ACAM-KD builds on. Following them: the mask sits
+    inside the norm, ||M_m (F_T - F_S)||^2 (MasKD: (M s - M t)^2), hence the squared mask; the
+    channel term's normalisation 1/(P sum_k M^c_{m,k}) (the spatial term is its mirror, as
+    MasKD's 1/sum_p M); M = 6 (the paper's detection setting, MasKD's num_tokens = 6); the
+    diversity loss in MasKD's Dice form with weight 1 (the paper's lambda = 1, alpha = 1); the
+    mask-sum eps 1e-5 and Dice eps 1e-12 (MasKD); the units' forms (see ``ACAMMaskGenerator``:
+    attention dim C // 2, value C -> C, teacher as query, which the paper's ablation finds
+    best). Our choices: biases on Q and V (1x1 convs), no residual around the attention, the
+    U(-1, 1) init of m_c, no bias in either unit, and the mean over masks and batch.
+    Training of the masks: the paper gives only the joint objective and does not say how the
+    mask units are trained; here they are trained by this loss itself, with the student. Risk:
+    sum (M^2 D) / sum M scales with the mask scale, so the masked terms fall as all masks
+    shrink towards 0 (the Dice term is scale-free and does not stop it); masks trained by this
+    loss alone can collapse, weakening the feature terms. Watch the mask means, or train the
+    units with a separate objective if they do.
     Identical inputs give exactly diversity_weight * L_div (the masked feature terms are 0).
     Shapes: (N, C, L), (N, C, L) or (N, C, H, W), (N, C, H, W), equal -> scalar.
     """
@@ -442,8 +453,9 @@ def acam(
         c, p = diff2.shape[1:]
         per_pos = diff2.sum(1)  # (N, P): sum over channels
         per_ch = diff2.sum(2)  # (N, C): sum over positions
-        l_spatial = (spatial * per_pos.unsqueeze(1)).sum(2) / (c * (spatial.sum(2) + MASK_EPS))  # (N, M)
-        l_channel = (channel * per_ch.unsqueeze(1)).sum(2) / (p * (channel.sum(2) + MASK_EPS))
+        # (N, M): mask squared (it sits inside the norm), normalised by the mask sum
+        l_spatial = (spatial.pow(2) * per_pos.unsqueeze(1)).sum(2) / (c * (spatial.sum(2) + MASK_EPS))
+        l_channel = (channel.pow(2) * per_ch.unsqueeze(1)).sum(2) / (p * (channel.sum(2) + MASK_EPS))
         rows = l_spatial.mean(1) + l_channel.mean(1)
         if w_div > 0:
             rows = rows + w_div * (_dice_diversity(spatial) + _dice_diversity(channel))
@@ -457,17 +469,61 @@ acam.state = ACAMMaskGenerator  # learned masks, built once by the objective
 # MI-alpha (Distiller)
 
 
-class MIAlphaCritic(nn.Module):
-    """The learned critic and baseline of ``mi_alpha``.
+MI_CRITICS = ("mlp", "cosine")
+MI_POOLS = ("mean", "first")
 
-    ``MIAlphaCritic(student_shape, teacher_shape, *, embed_dim=128, **_)`` with shapes without the
-    batch dimension, (D,) for vectors or (T, D) for tokens (student and teacher D may differ).
-    Separable critic f(s, t) = <g(s), h(t)> / tau on L2-normalised embeddings g(s) = W_g s,
-    h(t) = W_h t of size ``embed_dim``; learned log-baseline a(t) = w_a . h(t)/|h(t)| + b_a.
+
+def _mlp(layers: nn.Module, x: Tensor) -> Tensor:
+    """A stack of Linear / ReLU layers (or one Linear) applied in x's dtype."""
+    if isinstance(layers, nn.Linear):
+        return _linear(layers, x)
+    for layer in layers:
+        x = _linear(layer, x) if isinstance(layer, nn.Linear) else torch.relu(x)
+    return x
+
+
+def _three_layer_mlp(d_in: int, hidden: int, d_out: int) -> nn.Sequential:
+    """Linear(d_in, hidden) ReLU Linear(hidden, hidden) ReLU Linear(hidden, d_out), as Distiller's 'mlp'."""
+    return nn.Sequential(
+        nn.Linear(d_in, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, d_out)
+    )
+
+
+def _choice(loss: str, name: str, value: object, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise LossInputError(f"{loss}: unknown {name} {value!r}; use one of {', '.join(map(repr, allowed))}.")
+    return str(value)
+
+
+def _size(loss: str, name: str, value: object) -> int:
+    if isinstance(value, bool) or int(value) != value or int(value) < 1:
+        raise LossInputError(f"{loss}: {name} must be an integer >= 1, got {value!r}.")
+    return int(value)
+
+
+class MIAlphaCritic(nn.Module):
+    """The learned critic and log-baseline of ``mi_alpha``.
+
+    ``MIAlphaCritic(student_shape, teacher_shape, *, critic="mlp", hidden_dim=512, embed_dim=64, **_)``
+    with shapes without the batch dimension, (D,) for vectors or (T, D) for tokens (student and
+    teacher D may differ; tokens are pooled by the loss, so only D is used).
+    - ``critic="mlp"`` (Distiller's 'mlp' critic): separable f(s, t) = <g(s), h(t)>, g and h each
+      Linear(D, hidden) ReLU Linear(hidden, hidden) ReLU Linear(hidden, embed_dim)
+      (``student_net``, ``teacher_net``), no normalisation, no temperature; log-baseline
+      a(t) = Linear(hidden, 1)(ReLU(Linear(D_t, hidden)(t))) (``baseline``, teacher only).
+    - ``critic="cosine"`` (our option, bounded scores |f| <= 1 / tau): f(s, t) = <g(s), h(t)> / tau
+      on L2-normalised g(s) = W_g s, h(t) = W_h t of size embed_dim; a(t) = w_a . h(t)/|h(t)| + b_a.
     """
 
     def __init__(
-        self, student_shape: Sequence[int], teacher_shape: Sequence[int], *, embed_dim: int = 128, **_
+        self,
+        student_shape: Sequence[int],
+        teacher_shape: Sequence[int],
+        *,
+        critic: str = "mlp",
+        hidden_dim: int = 512,
+        embed_dim: int = 64,
+        **_,
     ):
         super().__init__()
         student_shape, teacher_shape = _state_shapes("mi_alpha", student_shape, teacher_shape)
@@ -476,19 +532,31 @@ class MIAlphaCritic(nn.Module):
                 f"mi_alpha: the critic needs vector (D,) or token (T, D) shapes without the batch "
                 f"dimension; got student {student_shape}, teacher {teacher_shape}. Pool or flatten maps first."
             )
-        if int(embed_dim) != embed_dim or embed_dim < 1:
-            raise LossInputError(f"mi_alpha: embed_dim must be an integer >= 1, got {embed_dim!r}.")
-        self.embed_dim = int(embed_dim)
-        self.student_dim, self.teacher_dim = student_shape[-1], teacher_shape[-1]
-        self.student_proj = nn.Linear(self.student_dim, self.embed_dim)
-        self.teacher_proj = nn.Linear(self.teacher_dim, self.embed_dim)
-        self.baseline = nn.Linear(self.embed_dim, 1)
+        self.critic = _choice("mi_alpha", "critic", critic, MI_CRITICS)
+        self.hidden_dim = _size("mi_alpha", "hidden_dim", hidden_dim)
+        self.embed_dim = _size("mi_alpha", "embed_dim", embed_dim)
+        self.student_dim, self.teacher_dim = int(student_shape[-1]), int(teacher_shape[-1])
+        h, e = self.hidden_dim, self.embed_dim
+        if self.critic == "mlp":
+            self.student_net = _three_layer_mlp(self.student_dim, h, e)
+            self.teacher_net = _three_layer_mlp(self.teacher_dim, h, e)
+            self.baseline = nn.Sequential(nn.Linear(self.teacher_dim, h), nn.ReLU(), nn.Linear(h, 1))
+        else:
+            self.student_net = nn.Linear(self.student_dim, e)
+            self.teacher_net = nn.Linear(self.teacher_dim, e)
+            self.baseline = nn.Linear(e, 1)
 
-    def forward(self, student: Tensor, teacher: Tensor, temperature: float) -> tuple[Tensor, Tensor]:
-        """(B, Ds), (B, Dt) -> scores S[i, j] = f(s_i, t_j) (B, B) and log-baselines a(t_j) (B,)."""
-        z_s = F.normalize(_linear(self.student_proj, student), dim=1, eps=NORMALIZE_EPS)
-        z_t = F.normalize(_linear(self.teacher_proj, teacher), dim=1, eps=NORMALIZE_EPS)
-        return z_s @ z_t.T / temperature, _linear(self.baseline, z_t).squeeze(1)
+    def forward(self, student: Tensor, teacher: Tensor, temperature: float = 0.1) -> tuple[Tensor, Tensor]:
+        """(B, Ds), (B, Dt) -> scores S[i, j] = f(s_i, t_j) (B, B) and log-baselines a(t_j) (B,).
+
+        ``temperature`` is used by the cosine critic only.
+        """
+        g, h = _mlp(self.student_net, student), _mlp(self.teacher_net, teacher)
+        if self.critic == "mlp":
+            return g @ h.T, _mlp(self.baseline, teacher).squeeze(1)
+        g = F.normalize(g, dim=1, eps=NORMALIZE_EPS)
+        h = F.normalize(h, dim=1, eps=NORMALIZE_EPS)
+        return g @ h.T / temperature, _linear(self.baseline, h).squeeze(1)
 
 
 @register("mi_alpha")
@@ -498,8 +566,11 @@ def mi_alpha(
     *,
     state: MIAlphaCritic | None = None,
     alpha: float = 0.5,
+    critic: str = "mlp",
+    hidden_dim: int = 512,
+    embed_dim: int = 64,
     temperature: float = 0.1,
-    embed_dim: int = 128,
+    pool: str = "mean",
 ) -> Tensor:
     """MI-alpha intermediate objective of Distiller (He, Shi, Mueller, Zha, Li & Karypis, "Distiller:
     A Systematic Study of Model Distillation Methods in NLP", SustaiNLP workshop at EMNLP 2021).
@@ -509,25 +580,37 @@ def mi_alpha(
         b_j     = log(alpha * m_j     + (1 - alpha) * e^{a_j}),  m_j     = 1/N     sum_i      e^{S[i,j]}
         b_j^loo = log(alpha * m_j^loo + (1 - alpha) * e^{a_j}),  m_j^loo = 1/(N-1) sum_{i!=j} e^{S[i,j]}
         I_alpha = 1 + mean_j (S[j,j] - b_j) - mean_j mean_{i!=j} e^{S[i,j] - b_j^loo}.
-    The joint term uses the positive pair plus the N-1 in-batch negatives; the marginal term uses
-    the N-1 students independent of t_j (leave one out), so alpha = 1 is exactly InfoNCE
-    (the marginal term is 1) and alpha = 0 is TUBA with the learned baseline (NWJ when a = 1).
-    Everything runs in log space (logsumexp, logaddexp). Token inputs (N, T, D) count every
-    token as a sample (N*T of them, negatives are the other tokens): memory (N*T)^2.
-    What we followed: the paper's abstract (verified) says Distiller unifies intermediate
-    objectives as MI estimation and proposes "a class of MI-alpha objective functions with better
-    bias/variance trade-off"; that is the description of Poole et al.'s I_alpha, which we
-    implement. We could not read the paper's definition, its critic or its alpha default:
-    alpha = 0.5 (the midpoint), the cosine critic with tau = 0.1 (bounded, so e^{S} stays finite,
-    as CRD's normalised embeddings) and embed_dim = 128 are our choices; set them in the recipe.
-    We could not confirm the brief's "alpha-skew Jensen-Shannon" reading either.
-    Shapes: (N, Ds), (N, Dt) or (N, T, Ds), (N, T, Dt) -> scalar; needs N (or N*T) >= 2.
+    Source: Distiller's code (a TextBrewer fork). Its ``mi_loss`` returns
+    -interpolated_lower_bound(scores, log_baseline, alpha_logit) of Poole et al.'s code; its
+    ``Critic`` is 'mlp' (3 linear layers with ReLU, hidden 512, out 64, one per side, separable
+    dot-product critic without normalisation or temperature) or 'transformer'; the baseline is a
+    teacher-only network with out_dim 1; the CLI default is --alpha 0.5, its search grid
+    {0, 0.1, 0.5, 0.9, 1.0}, and the active search favours 0.9 (try ``alpha=0.9``). It scores
+    whole sequences (a B x B matrix), not tokens.
+    What follows Distiller: the bound, the default separable MLP critic (``critic="mlp"``,
+    hidden_dim 512, embed_dim 64, see ``MIAlphaCritic``), a learned teacher-only log-baseline,
+    alpha = 0.5, one score per sample pair. Our choices: the baseline's layers
+    (D_t -> hidden -> 1); the optional bounded ``critic="cosine"`` (tau = ``temperature``, 0.1,
+    used by that critic only); no 'transformer' critic; token inputs (N, T, D) reduced to (N, D)
+    per side before the critic by ``pool="mean"`` (mean over T, our default) or ``"first"``
+    (token 0, e.g. [CLS]), so T may differ between the sides; alpha is the mixture weight
+    itself in [0, 1] (Poole's function takes its logit). The estimator is ours in layout: the
+    marginal term is Poole's (the N - 1 samples independent of t_j, leave one out); the joint
+    term uses the full N-sample mean m_j, where Poole's code averages N - 1 leave-one-out means,
+    so here alpha = 1 is exactly InfoNCE (marginal term 1) and alpha = 0 is TUBA with the learned
+    baseline (NWJ when a = 1). Everything runs in log space (logsumexp, logaddexp).
+    Range: for alpha > 0 the marginal term is at most 1/alpha; at alpha = 0 with the unbounded
+    MLP critic e^{S - a} is unbounded and can overflow for large scores (use alpha > 0 or the
+    cosine critic). Needs ``state`` (``mi_alpha.state``) built with the same critic params.
+    Shapes: (N, Ds) or (N, Ts, Ds), and (N, Dt) or (N, Tt, Dt) -> scalar; needs N >= 2.
     """
-    critic = _check_state("mi_alpha", state, MIAlphaCritic, "mi_alpha")
+    net = _check_state("mi_alpha", state, MIAlphaCritic, "mi_alpha")
     a = float(alpha)
     if not 0.0 <= a <= 1.0:
         raise LossInputError(f"mi_alpha: alpha must lie in [0, 1], got {alpha!r}.")
     tau = _positive("mi_alpha", "temperature", temperature)
+    kind = _choice("mi_alpha", "critic", critic, MI_CRITICS)
+    how = _choice("mi_alpha", "pool", pool, MI_POOLS)
     s, t = _prepare(
         "mi_alpha",
         student_features,
@@ -536,25 +619,22 @@ def mi_alpha(
         accepted=f"{VECTORS} or {TOKENS}",
         fix="Pool or flatten maps first: (N, C, H, W) -> (N, C) with x.mean((2, 3)).",
     )
-    if s.dim() != t.dim() or s.shape[:-1] != t.shape[:-1]:
-        raise LossInputError(
-            f"mi_alpha: student_features {tuple(s.shape)} and teacher_features {tuple(t.shape)} must pair up "
-            "sample by sample (and token by token); only the last dimension may differ."
-        )
-    s, t = s.reshape(-1, s.shape[-1]), t.reshape(-1, t.shape[-1])
+    s, t = (x if x.dim() == 2 else (x.mean(1) if how == "mean" else x[:, 0]) for x in (s, t))
     b = s.shape[0]
     if b < 2:
+        raise LossInputError("mi_alpha needs at least 2 samples: the other samples are the negatives.")
+    built = (net.critic, net.student_dim, net.teacher_dim, net.embed_dim)
+    if built != (kind, s.shape[1], t.shape[1], int(embed_dim)) or (
+        kind == "mlp" and net.hidden_dim != int(hidden_dim)
+    ):
         raise LossInputError(
-            "mi_alpha needs at least 2 samples (or tokens): the other samples are the negatives."
-        )
-    if (critic.student_dim, critic.teacher_dim, critic.embed_dim) != (s.shape[1], t.shape[1], embed_dim):
-        raise LossInputError(
-            f"mi_alpha: state was built for Ds={critic.student_dim}, Dt={critic.teacher_dim}, "
-            f"embed_dim={critic.embed_dim} but got Ds={s.shape[1]}, Dt={t.shape[1]}, embed_dim={embed_dim}; "
-            "build it with the same shapes and params as the loss."
+            f"mi_alpha: state was built for critic={net.critic!r}, Ds={net.student_dim}, Dt={net.teacher_dim}, "
+            f"hidden_dim={net.hidden_dim}, embed_dim={net.embed_dim} but got critic={kind!r}, Ds={s.shape[1]}, "
+            f"Dt={t.shape[1]}, hidden_dim={hidden_dim}, embed_dim={embed_dim}; build it with the same shapes "
+            "and params as the loss."
         )
     with _no_autocast(s):
-        scores, log_base = critic(s, t, tau)  # (B, B), (B,)
+        scores, log_base = net(s, t, tau)  # (B, B), (B,)
         off = ~torch.eye(b, dtype=torch.bool, device=scores.device)
         log_m = scores.logsumexp(0) - math.log(b)  # (B,) per teacher column j
         log_m_loo = scores.masked_fill(~off, -math.inf).logsumexp(0) - math.log(b - 1)
