@@ -174,3 +174,29 @@ def test_wrong_stage_path_fails_before_any_training(tmp_path, capsys):
     assert main(["run", str(p), "--out", str(tmp_path / "run"), "--quiet"]) == 2
     assert "unknown module path 'haed'. Did you mean 'head'" in capsys.readouterr().err
     assert not (tmp_path / "run" / "metrics.jsonl").exists()
+
+
+def test_cache_then_run_from_the_store(tiny, tmp_path, capsys):
+    store = tmp_path / "store"
+    args = ["cache", str(tiny), "--data", "train", "--out", str(store), "--quiet", "--shard-size", "200"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "480 samples" in printed and "distill.teacher_store=" in printed
+    assert main(args) == 0  # a second call finds the store complete and leaves it
+    capsys.readouterr()
+    out_live, out_store = tmp_path / "live", tmp_path / "cached"
+    assert main(["run", str(tiny), "--out", str(out_live), "--quiet", "baseline.enabled=false"]) == 0
+    assert main(["run", str(tiny), "--out", str(out_store), "--quiet", "baseline.enabled=false",
+                 f"distill.teacher_store={store}"]) == 0
+    capsys.readouterr()
+    acc = [next(r["accuracy"] for r in json.loads((d / "summary.json").read_text())["rows"] if r["model"] == "distilled")
+           for d in (out_live, out_store)]
+    assert acc[0] == pytest.approx(acc[1], abs=0.01)  # dense float32 store: the live teacher's answers
+    topk = tmp_path / "topk"
+    assert main(["cache", str(tiny), "--data", "train", "--out", str(topk), "--quiet", "--top-k", "2"]) == 0
+    # a store of another data set is refused with the reason
+    assert main(["run", str(tiny), "--out", str(tmp_path / "x"), "--quiet", "distill.data=transfer",
+                 f"distill.teacher_store={store}"]) == 2
+    assert "data_fingerprint" in capsys.readouterr().err
+    assert main(["run", str(tiny), "--out", str(tmp_path / "y"), "--quiet", "baseline.enabled=false",
+                 f"distill.teacher_store={topk}"]) == 0

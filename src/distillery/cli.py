@@ -1,4 +1,4 @@
-"""``distillery ls | run | validate | eval | report | runs``.
+"""``distillery ls | run | cache | validate | eval | report | runs``.
 
 Every user error is printed as one line (``error: ...``) with exit code 2, never a traceback.
 """
@@ -39,6 +39,21 @@ def _cmd_run(args) -> int:
     print(pipeline.format_rows(result.rows))
     print(f"run directory: {result.run_dir}")
     print(f"report: {result.report}")
+    return 0
+
+
+def _cmd_cache(args) -> int:
+    from . import pipeline, recipes
+
+    recipe = recipes.load(args.recipe, args.overrides)
+    out = pipeline.write_teacher_store(recipe, args.data, args.out, top_k=args.top_k, temperature=args.temperature,
+                                       tail=args.tail, dtype=args.dtype, shard_size=args.shard_size,
+                                       progress=False if args.quiet else None)
+    from .store import TeacherStore
+
+    st = TeacherStore(out)
+    print(f"store: {out} ({len(st)} samples, {st.bytes_per_sample():.0f} bytes per sample)")
+    print(f"use it with: distillery run {args.recipe} distill.teacher_store={out}")
     return 0
 
 
@@ -117,6 +132,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR")
     s.add_argument("--quiet", action="store_true", help="no progress output")
     s.set_defaults(fn=_cmd_run)
+
+    s = sub.add_parser("cache", help="write what the recipe's teacher says about a data set to a store")
+    s.add_argument("recipe", help="recipe name or YAML file (its teacher is trained or reused as `run` does)")
+    s.add_argument("overrides", nargs="*", help="key.path=value overrides")
+    s.add_argument("--data", default="transfer", help="train, transfer, train+transfer or test (default: transfer)")
+    s.add_argument("--out", required=True, help="store folder (an interrupted write continues there)")
+    s.add_argument("--top-k", type=int, default=None, help="keep the k most likely classes (default: dense)")
+    s.add_argument("--temperature", type=float, default=1.0, help="temperature of the stored log-probabilities")
+    s.add_argument("--tail", choices=["bucket", "drop"], default="bucket", help="top-k: keep the rest as one bucket")
+    s.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="value dtype (default: float32 dense, float16 top-k)")
+    s.add_argument("--shard-size", type=int, default=4096)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_cache)
 
     s = sub.add_parser("validate", help="check recipes without training (default: every shipped recipe)")
     s.add_argument("recipes", nargs="*")

@@ -331,7 +331,7 @@ def fit(
         seed_everything(seed)
 
     teacher_pred = None
-    if eval_data is not None and teacher is not None:
+    if eval_data is not None and teacher is not None and not getattr(teacher, "needs_ids", False):
         teacher_pred = answer_all(teacher, eval_data.x)["logits"].argmax(-1)
 
     bar = _Progress(progress, phase, cfg.epochs * steps_per_epoch, global_step, cfg.epochs)

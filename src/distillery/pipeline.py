@@ -219,25 +219,7 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
     seed = recipe.seed
 
     # 1. Teacher: given weights, the cache, or trained now (and put in the cache).
-    seed_everything(seed)
-    teacher_model = build_model(recipe.teacher.model, data.train)
-    check_module_paths(recipe, build_model(recipe.student.model, data.train), teacher_model)
-    if recipe.teacher.checkpoint:
-        load_weights(teacher_model, Path(recipe.teacher.checkpoint))
-        _say(progress, f"teacher: loaded {recipe.teacher.checkpoint}")
-    else:
-        cache = Path(recipe.cache_dir or Path(recipe.runs_dir) / "cache") / "teachers" / teacher_fingerprint(recipe)[:16]
-        weights = cache / "teacher.safetensors"
-        if weights.is_file():
-            meta = load_weights(teacher_model, weights)
-            _say(progress, f"teacher: reused from the cache {cache}")
-            _log_reused_history(run_dir, meta.get("history", []), str(cache))
-        else:
-            _say(progress, "teacher: training")
-            out = fit(teacher_model, Objective(CE), data.train, recipe.teacher.train, eval_data=data.test,
-                      run_dir=run_dir, phase="teacher", seed=seed, resume=resume, progress=progress)
-            save_weights(teacher_model, weights, {"model": to_dict(recipe.teacher.model),
-                                                  "fingerprint": teacher_fingerprint(recipe), "history": out["history"]})
+    teacher_model = get_teacher(recipe, data, run_dir, resume, progress)
     teacher = ModuleTeacher(teacher_model)
     models_dir = run_dir / "models"
     save_weights(teacher_model, models_dir / "teacher.safetensors", {"model": to_dict(recipe.teacher.model)})
@@ -257,7 +239,14 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
     student = build_model(recipe.student.model, data.train)
     distill_data = data.for_distill(recipe.distill.data)
     answers: Any = teacher
-    if recipe.distill.precompute_teacher:  # logits and every tap any stage reads, once per sample
+    if recipe.distill.teacher_store:  # what the teacher said, written once by `distillery cache`
+        from .store import CachedTeacher, TeacherStore, data_fingerprint, model_fingerprint
+
+        answers = CachedTeacher(TeacherStore(recipe.distill.teacher_store, expect={
+            "teacher_fingerprint": model_fingerprint(teacher_model, to_dict(recipe.teacher.model)),
+            "data_fingerprint": data_fingerprint(distill_data)}))
+        _say(progress, f"teacher: answers from the store {recipe.distill.teacher_store}")
+    elif recipe.distill.precompute_teacher:  # logits and every tap any stage reads, once per sample
         taps = [p for st in stages(recipe) for p in Objective(st.terms).teacher_taps]
         answers = PrecomputedTeacher(teacher, distill_data, taps)
     for stage in stages(recipe):
@@ -277,6 +266,56 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
     from .report import write_report
 
     return RunResult(run_dir, rows, write_report(run_dir))
+
+
+def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, progress: bool | None) -> nn.Module:
+    """The recipe's teacher: its given weights, the trained-teacher cache, or trained now (and cached)."""
+    seed = recipe.seed
+    seed_everything(seed)
+    teacher_model = build_model(recipe.teacher.model, data.train)
+    check_module_paths(recipe, build_model(recipe.student.model, data.train), teacher_model)
+    if recipe.teacher.checkpoint:
+        load_weights(teacher_model, Path(recipe.teacher.checkpoint))
+        _say(progress, f"teacher: loaded {recipe.teacher.checkpoint}")
+    else:
+        cache = Path(recipe.cache_dir or Path(recipe.runs_dir) / "cache") / "teachers" / teacher_fingerprint(recipe)[:16]
+        weights = cache / "teacher.safetensors"
+        if weights.is_file():
+            meta = load_weights(teacher_model, weights)
+            _say(progress, f"teacher: reused from the cache {cache}")
+            if run_dir is not None:
+                _log_reused_history(run_dir, meta.get("history", []), str(cache))
+        else:
+            _say(progress, "teacher: training")
+            out = fit(teacher_model, Objective(CE), data.train, recipe.teacher.train, eval_data=data.test,
+                      run_dir=run_dir, phase="teacher", seed=seed, resume=resume, progress=progress)
+            save_weights(teacher_model, weights, {"model": to_dict(recipe.teacher.model),
+                                                  "fingerprint": teacher_fingerprint(recipe), "history": out["history"]})
+    return teacher_model
+
+
+def write_teacher_store(recipe: Recipe, which: str, out: str | Path, *, top_k: int | None = None,
+                        temperature: float = 1.0, tail: str = "bucket", dtype: str | None = None,
+                        shard_size: int = 4096, progress: bool | None = None) -> Path:
+    """``distillery cache``: the recipe's teacher (trained or reused as ``run`` would) answers every
+    sample of ``which`` (train, transfer, train+transfer, test), with the taps the recipe's terms read."""
+    from .store import model_fingerprint, write_store
+
+    validate(recipe)
+    torch.set_num_threads(recipe.threads)
+    data = load_data(recipe)
+    choices = ("train", "transfer", "train+transfer", "test")
+    if which not in choices:
+        raise DistilleryError(f"--data must be one of {', '.join(choices)}, got {which!r}.")
+    if "transfer" in which and data.transfer is None:
+        raise DistilleryError(f"recipe {recipe.name!r} has no transfer set; cache --data train or test.")
+    subset = data.test if which == "test" else data.for_distill(which)
+    model = get_teacher(recipe, data, None, False, progress)
+    taps = [p for st in stages(recipe) for p in Objective(st.terms).teacher_taps]
+    return write_store(ModuleTeacher(model), subset, out,
+                       teacher_fingerprint=model_fingerprint(model, to_dict(recipe.teacher.model)), top_k=top_k,
+                       temperature=temperature, tail=tail, dtype=dtype, taps=taps, shard_size=shard_size,
+                       progress=progress is not False)
 
 
 def _log_reused_history(run_dir: Path, history: list[dict], source: str) -> None:

@@ -36,6 +36,7 @@ from torch import Tensor
 
 from ..errors import DistilleryError
 from . import register
+from .sparse import TopK, student_buckets
 
 IGNORE_INDEX = -100
 REDUCTIONS = ("mean", "sum", "none")
@@ -224,10 +225,29 @@ def kd(
     mdistiller). Shapes: (N, C), (N, C) -> scalar, or (N,) with reduction="none".
     """
     tau = _positive("kd", "temperature", temperature)
+    if isinstance(teacher_logits, TopK):
+        return _kd_sparse(student_logits, teacher_logits, mask, reduction, tau)
     s, t, _, mask = _prepare(
         "kd", student_logits, teacher_logits, targets=targets, mask=mask, reduction=reduction
     )
     rows = tau**2 * _kl(_log_probs(t, tau), _log_probs(s, tau))
+    return _reduce(rows, mask, reduction)
+
+
+def _kd_sparse(student_logits: Tensor, teacher: TopK, mask: Tensor | None, reduction: str, tau: float) -> Tensor:
+    """kd against a sparse teacher (``TopK``): tau^2 * sum over buckets b of p_t,b (log p_t,b - log p_s,b),
+    the teacher re-tempered from its stored temperature to tau, the student's buckets from its full softmax."""
+    if reduction not in REDUCTIONS:
+        raise LossInputError(f"kd: unknown reduction {reduction!r}; use one of {', '.join(map(repr, REDUCTIONS))}.")
+    _check_logits("kd", "student_logits", student_logits)
+    if tuple(student_logits.shape) != teacher.shape:
+        raise LossInputError(f"kd: student_logits has shape {tuple(student_logits.shape)} but the sparse teacher "
+                             f"covers {teacher.shape}; both must be the same (N, C).")
+    mask = _check_mask("kd", mask, len(teacher))
+    s = student_logits if mask is None else torch.where(mask.unsqueeze(-1), student_logits, 0.0)
+    log_t = teacher.retemper(tau).buckets()
+    log_s = student_buckets(s, teacher, tau)
+    rows = tau**2 * _kl(log_t, log_s)
     return _reduce(rows, mask, reduction)
 
 
