@@ -90,3 +90,71 @@ def test_patch_transformer_taps_tokens():
     with Taps(m, ["blocks.1"]) as taps:
         m(torch.randn(3, 40))
     assert taps["blocks.1"].shape == (3, 10, 16)
+
+
+# --------------------------------------------------------------------------- ensembles
+
+
+def _members():
+    from distillery.teachers import ModuleTeacher
+
+    torch.manual_seed(0)
+    ms = [torch.nn.Sequential(torch.nn.Linear(6, 5)) for _ in range(3)]
+    with torch.no_grad():
+        ms[1][0].weight.mul_(4.0)  # a sharper teacher
+    return ms, [ModuleTeacher(m) for m in ms]
+
+
+def test_ensemble_is_the_weighted_mean_of_probabilities():
+    from distillery.teachers import EnsembleTeacher
+
+    ms, ts = _members()
+    x = torch.randn(8, 6)
+    p = [m(x).softmax(-1) for m in ms]
+    out = EnsembleTeacher(ts)({"x": x})["logits"]
+    assert torch.allclose(out.exp(), (p[0] + p[1] + p[2]) / 3, atol=1e-6)
+    out = EnsembleTeacher(ts, weights=[1, 0, 3])({"x": x})["logits"]
+    assert torch.allclose(out.exp(), 0.25 * p[0] + 0.75 * p[2], atol=1e-6)
+    both = EnsembleTeacher(ts)({"x": x}, ["1:logits", "2:0"])
+    assert torch.allclose(both["1:logits"], ms[1](x)) and torch.allclose(both["2:0"], ms[2](x))
+    with pytest.raises(DistilleryError, match="'i:logits'"):
+        EnsembleTeacher(ts)({"x": x}, ["5:logits"])
+    with pytest.raises(DistilleryError, match="non-negative"):
+        EnsembleTeacher(ts, weights=[1, -1, 1])
+
+
+def test_entropy_balancing_reaches_equal_entropies():
+    from distillery.teachers import EnsembleTeacher, temperature_for_entropy
+
+    _, ts = _members()
+    x = torch.randn(256, 6)
+    ens = EnsembleTeacher(ts)
+    before = ens.entropies(x)
+    assert max(before) - min(before) > 0.2
+    temps = ens.balance(x)
+    after = ens.entropies(x)
+    target = sum(before) / 3
+    assert all(abs(h - target) < 1e-6 for h in after)
+    assert temps[1] > temps[0]  # the sharp teacher is softened the most
+    z = torch.tensor([[2.0, 0.0]])
+    t = temperature_for_entropy(z, 0.5)
+    p = torch.softmax(z / t, -1)
+    assert float(-(p * p.log()).sum()) == pytest.approx(0.5, abs=1e-9)
+
+
+def test_one_term_per_ensemble_member_in_an_objective():
+    from distillery.config import TermConfig
+    from distillery.losses import get
+    from distillery.objective import Objective
+    from distillery.teachers import EnsembleTeacher
+
+    ms, ts = _members()
+    x = torch.randn(8, 6)
+    obj = Objective([TermConfig(loss="kd", teacher="0:logits", name="clean"),
+                     TermConfig(loss="kd", teacher="1:logits", name="robust", weight=0.5)])
+    assert obj.built and obj.teacher_taps == ["0:logits", "1:logits"]
+    s = torch.randn(8, 5)
+    ens = EnsembleTeacher(ts)
+    out = obj({"logits": s}, ens({"x": x}, obj.teacher_taps), {"x": x})
+    kd = get("kd")
+    assert torch.allclose(out["total"], kd(s, ms[0](x)) + 0.5 * kd(s, ms[1](x)))

@@ -60,7 +60,8 @@ class Term:
 
     @property
     def is_feature(self) -> bool:
-        return self.student != "logits" or self.teacher not in ("logits", None)
+        teacher_logits = self.teacher is None or self.teacher == "logits" or self.teacher.endswith(":logits")
+        return self.student != "logits" or not teacher_logits  # "i:logits": ensemble member i's logits
     @classmethod
     def from_config(cls, cfg: TermConfig) -> Term:
         return cls(cfg.loss, cfg.weight, cfg.name or "", cfg.student, cfg.teacher, cfg.targets, dict(cfg.params),

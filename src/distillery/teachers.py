@@ -8,6 +8,7 @@ outputs keyed by sample id, or a remote service are interchangeable.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Protocol, runtime_checkable
 
@@ -100,3 +101,108 @@ class PrecomputedTeacher:
             raise DistilleryError(f"sample ids {missing} are not in the precomputed teacher outputs; "
                                   "precompute them for the data set being trained on.")
         return {k: self.outputs[k][pos] for k in ("logits", *taps) if k in self.outputs}
+
+
+# --------------------------------------------------------------------------- ensembles
+
+
+def _mean_entropy(logits: Tensor, temperature: float) -> float:
+    logp = torch.log_softmax(logits.double() / temperature, dim=-1)
+    return float(-(logp.exp() * logp).sum(-1).mean())
+
+
+def temperature_for_entropy(logits: Tensor, target: float, lo: float = 1e-2, hi: float = 1e2, iters: int = 60) -> float:
+    """The temperature T at which the mean entropy of softmax(logits / T) equals ``target`` (nats),
+    by bisection on log T (entropy rises with T). Clamped to [lo, hi] when the target is out of reach."""
+    c = logits.shape[-1]
+    if not 0 < target < math.log(c):
+        raise DistilleryError(f"target entropy must lie in (0, log C = {math.log(c):.3f}), got {target}.")
+    a, b = math.log(lo), math.log(hi)
+    for _ in range(iters):
+        m = (a + b) / 2
+        if _mean_entropy(logits, math.exp(m)) < target:
+            a = m
+        else:
+            b = m
+    return math.exp((a + b) / 2)
+
+
+class EnsembleTeacher:
+    """Several teachers (live, precomputed or cached; any architectures) answering as one.
+
+    ``logits`` is log sum_i w_i softmax(z_i / T_i): the mean of the members' probabilities (MEAL V2,
+    Shen & Savvides 2020; committee soft labels as CV-DD averages them), ``weights`` w_i (normalised)
+    for a weighted mean, and per-member temperatures T_i (1 unless set). ``balance(x)`` sets the T_i
+    so that every member's mean prediction entropy on ``x`` equals a common target (the mean of their
+    entropies at T = 1 unless given): MTARD's entropy balancing of teachers (Zhao et al., ECCV 2022),
+    done once on a calibration set so that a sample's target never depends on its batch.
+
+    Each member also answers on its own: the tap ``"i:logits"`` (or ``"i:<module path>"``) is member
+    i's output, so one objective can hold a term per teacher (MTARD's clean and robust teachers)."""
+
+    def __init__(self, teachers: Sequence[Teacher], *, weights: Sequence[float] | None = None,
+                 temperatures: Sequence[float] | None = None):
+        if len(teachers) < 1:
+            raise DistilleryError("an ensemble needs at least one teacher.")
+        self.teachers = list(teachers)
+        n = len(self.teachers)
+        w = [1.0] * n if weights is None else [float(v) for v in weights]
+        if len(w) != n or any(not math.isfinite(v) or v < 0 for v in w) or sum(w) <= 0:
+            raise DistilleryError(f"ensemble weights must be {n} non-negative numbers with a positive sum, got {weights}.")
+        self.weights = [v / sum(w) for v in w]
+        self.temperatures = [1.0] * n if temperatures is None else [float(t) for t in temperatures]
+        if len(self.temperatures) != n or any(t <= 0 for t in self.temperatures):
+            raise DistilleryError(f"ensemble temperatures must be {n} numbers > 0, got {temperatures}.")
+
+    @property
+    def needs_ids(self) -> bool:
+        return any(getattr(t, "needs_ids", False) for t in self.teachers)
+
+    def _route(self, taps: Sequence[str]) -> list[list[str]]:
+        own: list[list[str]] = [[] for _ in self.teachers]
+        for tap in taps:
+            if tap == "logits":
+                continue
+            i, sep, path = tap.partition(":")
+            if not sep or not i.isdigit() or int(i) >= len(self.teachers):
+                raise DistilleryError(f"ensemble tap {tap!r}: name a member as 'i:logits' or 'i:<module path>' with "
+                                      f"i in 0..{len(self.teachers) - 1}.")
+            if path != "logits":
+                own[int(i)].append(path)
+        return own
+
+    def check_taps(self, taps: Sequence[str]) -> None:
+        for t, paths in zip(self.teachers, self._route(taps)):
+            if paths and hasattr(t, "check_taps"):
+                t.check_taps(paths)
+
+    @torch.no_grad()
+    def balance(self, x: Tensor | dict[str, Tensor], target: float | None = None) -> list[float]:
+        """Set each member's temperature so its mean entropy on ``x`` (inputs, or a batch dict with
+        ids for cached members) equals ``target``; returns the temperatures."""
+        batch = x if isinstance(x, dict) else {"x": x}
+        logits = [t(batch)["logits"].float() for t in self.teachers]
+        if target is None:
+            target = sum(_mean_entropy(z, 1.0) for z in logits) / len(logits)
+        self.temperatures = [temperature_for_entropy(z, target) for z in logits]
+        return self.temperatures
+
+    def entropies(self, x: Tensor | dict[str, Tensor]) -> list[float]:
+        batch = x if isinstance(x, dict) else {"x": x}
+        return [_mean_entropy(t(batch)["logits"].float(), tt) for t, tt in zip(self.teachers, self.temperatures)]
+
+    @torch.no_grad()
+    def __call__(self, batch: dict[str, Tensor], taps: Sequence[str] = ()) -> dict[str, Tensor]:
+        own = self._route(taps)
+        answers = [t(batch, paths) for t, paths in zip(self.teachers, own)]
+        for a in answers:
+            if not isinstance(a["logits"], Tensor):
+                raise DistilleryError("ensemble members must give dense logits; cache them densely (no --top-k).")
+        logp = torch.stack([torch.log_softmax(a["logits"].float() / tt, -1) + math.log(max(w, 1e-300))
+                            for a, tt, w in zip(answers, self.temperatures, self.weights)])
+        out: dict[str, Tensor] = {"logits": torch.logsumexp(logp, 0)}
+        for i, (a, paths) in enumerate(zip(answers, own)):
+            out[f"{i}:logits"] = a["logits"]
+            for p in paths:
+                out[f"{i}:{p}"] = a[p]
+        return {k: v for k, v in out.items() if k == "logits" or k in taps}
