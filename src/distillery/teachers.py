@@ -134,8 +134,10 @@ class EnsembleTeacher:
     Shen & Savvides 2020; committee soft labels as CV-DD averages them), ``weights`` w_i (normalised)
     for a weighted mean, and per-member temperatures T_i (1 unless set). ``balance(x)`` sets the T_i
     so that every member's mean prediction entropy on ``x`` equals a common target (the mean of their
-    entropies at T = 1 unless given): MTARD's entropy balancing of teachers (Zhao et al., ECCV 2022),
-    done once on a calibration set so that a sample's target never depends on its batch.
+    entropies at T = 1 unless given). This is the aim of the entropy-based balance of B-MTARD (the
+    extension of MTARD, arXiv 2306.16170), whose code nudges the two temperatures by +-eta (0.001)
+    per step toward equal entropies within [1, 10]; we solve for the temperatures once, by bisection
+    on a calibration set, so that a sample's target never depends on its batch or step.
 
     Each member also answers on its own: the tap ``"i:logits"`` (or ``"i:<module path>"``) is member
     i's output, so one objective can hold a term per teacher (MTARD's clean and robust teachers)."""
