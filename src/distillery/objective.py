@@ -205,6 +205,8 @@ class Objective:
                 value = self.scales(self.scales.names.index(t.name), value)
                 terms[f"{t.name}/scaled"] = value
             total = t.weight * value if total is None else total + t.weight * value
+            if t.state_module is not None and hasattr(t.state_module, "metrics"):  # logged, not in the total
+                terms.update({f"{t.name}/{k}": v for k, v in t.state_module.metrics().items()})
         return {"total": total, "terms": terms}
 
     def _targets(self, t: Term, batch: dict[str, Tensor], teacher: dict[str, Tensor] | None) -> Tensor | None:

@@ -27,4 +27,4 @@ def names() -> list[str]:
     return LOSSES.names()
 
 
-from . import features, graph, logits, relations  # noqa: E402, F401  (importing registers the losses)
+from . import features, graph, logits, relations, selection  # noqa: E402, F401  (importing registers the losses)
