@@ -200,3 +200,16 @@ def test_cache_then_run_from_the_store(tiny, tmp_path, capsys):
     assert "data_fingerprint" in capsys.readouterr().err
     assert main(["run", str(tiny), "--out", str(tmp_path / "y"), "--quiet", "baseline.enabled=false",
                  f"distill.teacher_store={topk}"]) == 0
+
+
+def test_labelled_share_mixes_both_sets_in_every_batch(tiny, tmp_path, capsys):
+    out = tmp_path / "mixed"
+    assert main(["run", str(tiny), "--out", str(out), "--quiet", "baseline.enabled=false",
+                 "distill.data=train+transfer", "distill.labelled_share=0.25"]) == 0
+    capsys.readouterr()
+    assert json.loads((out / "summary.json").read_text())["status"] == "done"
+    terms = [json.loads(line)["terms"] for line in (out / "metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "train" and json.loads(line)["phase"] == "distill"]
+    assert all(t["ce"] > 0 for t in terms)  # the labelled rows reach the ce term
+    assert main(["run", str(tiny), "--out", str(tmp_path / "bad"), "--quiet", "distill.labelled_share=0.5"]) == 2
+    assert "train+transfer" in capsys.readouterr().err

@@ -149,6 +149,9 @@ class DistillConfig:
     precompute_teacher: bool = True
     """Compute the teacher's logits (and the taps terms read) once per sample and look them up by id
     (the inputs do not change between epochs); false runs the teacher at every step."""
+    labelled_share: float | None = None
+    """With ``data: train+transfer``: the share of labelled samples in every batch (labels kept, -100 on
+    transfer rows, so a ``ce`` term reads them); None joins both sets unlabelled, in one shuffle."""
     teacher_store: str | None = None
     """A store written by ``distillery cache`` for this recipe's teacher and distillation data: the
     teacher's answers are read from it (dense or top-k), and a store of another teacher or data set

@@ -275,10 +275,12 @@ def fit(
     resume: bool = True,
     progress: bool | None = None,
     on_step: Callable[[int], None] | None = None,
+    on_epoch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     """Train ``student`` (and the trainable ``modules``, e.g. adapters) on ``data`` with ``objective``.
 
-    Checkpoints go to ``run_dir/checkpoints/<phase>`` every epoch (and every
+    ``on_step(global_step)`` runs after every optimiser step, ``on_epoch(epoch)`` after each epoch's
+    evaluation and before its checkpoint. Checkpoints go to ``run_dir/checkpoints/<phase>`` every epoch (and every
     ``cfg.checkpoint_every_steps``); with ``resume`` a run continues from the last one and ends
     with the same weights as an uninterrupted run. Returns the last evaluation and the history.
     """
@@ -357,7 +359,10 @@ def fit(
                 student.train()
                 for m in modules.values():
                     m.train()
-                groups = _groups(batches(epoch_order(len(data), seed, epoch), cfg.batch_size), cfg.grad_accum)
+                # A data set may order itself (mixtures, labelled shares); the order is a function of
+                # (seed, epoch) and of state checkpointed with the modules, so resume stays exact.
+                order = data.order(seed, epoch) if hasattr(data, "order") else epoch_order(len(data), seed, epoch)
+                groups = _groups(batches(order, cfg.batch_size), cfg.grad_accum)
                 window_t, window_n = time.perf_counter(), 0
                 for step_in_epoch in range(start_step if epoch == start_epoch else 0, len(groups)):
                     group = groups[step_in_epoch]
@@ -402,6 +407,8 @@ def fit(
                     log.write(record)
                     bar.epoch(epoch + 1, cfg.epochs, f"test acc {100 * ev.get('accuracy', float('nan')):.2f}%")
                 history.append({k: record.get(k) for k in ("epoch", "step", "accuracy", "loss", "agreement")})
+                if on_epoch is not None:  # before the checkpoint: what it changes is saved with this epoch
+                    on_epoch(epoch + 1)
                 stop = False
                 if cfg.select == "best" or cfg.patience is not None:
                     acc = record["accuracy"]

@@ -215,7 +215,10 @@ class Objective:
             if "y" not in batch:
                 raise DistilleryError(f"term {t.name!r} needs labels but the batch has none (an unlabelled set); "
                                       "use targets: teacher, or train this term on a labelled set.")
-            return batch["y"]
+            y = batch["y"]
+            if mode == "auto" and teacher is not None and "logits" in teacher and bool((y == -100).any()):
+                y = torch.where(y == -100, teacher["logits"].argmax(-1), y)  # unlabelled rows: the teacher's class
+            return y
         if teacher is not None and "logits" in teacher:
             return teacher["logits"].argmax(-1)
         if t.teacher is None:

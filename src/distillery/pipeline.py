@@ -237,7 +237,7 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
     # 3. Distillation, in one stage or several (each its own resumable phase), on one student.
     seed_everything(seed)
     student = build_model(recipe.student.model, data.train)
-    distill_data = data.for_distill(recipe.distill.data)
+    distill_data = distill_set(recipe, data)
     answers: Any = teacher
     if recipe.distill.teacher_store:  # what the teacher said, written once by `distillery cache`
         from .store import CachedTeacher, TeacherStore, data_fingerprint, model_fingerprint
@@ -266,6 +266,22 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
     from .report import write_report
 
     return RunResult(run_dir, rows, write_report(run_dir))
+
+
+def distill_set(recipe: Recipe, data: Data) -> TensorData:
+    """The samples distillation reads (``distill.data``), at ``distill.labelled_share`` when set."""
+    share = recipe.distill.labelled_share
+    if share is None:
+        return data.for_distill(recipe.distill.data)
+    if recipe.distill.data != "train+transfer" or data.transfer is None:
+        raise DistilleryError("distill.labelled_share mixes the labelled and the transfer set in every batch; "
+                              "set distill.data: train+transfer and give a transfer set.")
+    from .data.mixing import LabelledShare
+
+    batch_sizes = {(st.train or recipe.distill.train).batch_size for st in stages(recipe)}
+    if len(batch_sizes) != 1:
+        raise DistilleryError("distill.labelled_share needs one batch size across the stages.")
+    return LabelledShare(data.train, _offset_ids(data.transfer, data.train), share, batch_sizes.pop())
 
 
 def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, progress: bool | None) -> nn.Module:
@@ -310,6 +326,8 @@ def write_teacher_store(recipe: Recipe, which: str, out: str | Path, *, top_k: i
     if "transfer" in which and data.transfer is None:
         raise DistilleryError(f"recipe {recipe.name!r} has no transfer set; cache --data train or test.")
     subset = data.test if which == "test" else data.for_distill(which)
+    if which == "train+transfer" and recipe.distill.labelled_share is not None:
+        subset = distill_set(recipe, data)  # the same ids (and inputs) as the run will read
     model = get_teacher(recipe, data, None, False, progress)
     taps = [p for st in stages(recipe) for p in Objective(st.terms).teacher_taps]
     return write_store(ModuleTeacher(model), subset, out,
