@@ -181,3 +181,29 @@ def test_training_from_the_store_matches_the_precomputed_teacher(tmp_path):
         fit(student, Objective(terms), labelled, cfg, teacher=answers, eval_data=labelled, seed=1, progress=False)
         out.append(student[0].weight.detach())
     assert torch.allclose(out[0], out[1], atol=1e-5)
+
+
+def test_views_store_one_answer_per_augmented_view(tmp_path):
+    from distillery.data.views import ShiftNoise, ViewData, view_seeds
+
+    data, model, teacher = setup(n=60)
+    aug = ShiftNoise(max_shift=2, noise=0.1)
+    write_store(teacher, data, tmp_path, teacher_fingerprint="t", views=3, augment=aug, shard_size=25, top_k=2)
+    views = ViewData(data, aug, 3)
+    cached = CachedTeacher(tmp_path)
+    for epoch in range(4):
+        order = views.order(0, epoch)
+        batch = views.batch(order[:16])
+        assert int(batch["view"][0]) == epoch % 3
+        got = cached(batch)["logits"]
+        want = model(aug(data.x[(batch["id"] - 7) // 3], view_seeds(batch["id"], epoch % 3))).detach()
+        assert torch.equal(got.indices, want.log_softmax(-1).topk(2, 1).indices)  # the view the student sees
+    mixed = cached({"id": data.ids[:4], "view": torch.tensor([0, 2, 1, 0])})["logits"]
+    assert mixed.log_probs.shape == (4, 2)
+    with pytest.raises(DistilleryError, match="must say which"):
+        cached({"id": data.ids[:4]})
+    with pytest.raises(DistilleryError, match="augmented views"):
+        PrecomputedTeacher(teacher, views)
+    with pytest.raises(DistilleryError, match="need an augment"):
+        write_store(teacher, data, tmp_path / "v", teacher_fingerprint="t", views=2)
+    assert not torch.equal(aug(data.x[:2], view_seeds(data.ids[:2], 0)), aug(data.x[:2], view_seeds(data.ids[:2], 1)))

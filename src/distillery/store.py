@@ -126,6 +126,8 @@ def write_store(
     taps: Sequence[str] = (),
     shard_size: int = 4096,
     batch_size: int = 1024,
+    views: int = 1,
+    augment=None,
     progress: bool = False,
 ) -> Path:
     """Write (or continue writing) the store of ``teacher`` on ``data`` into ``out``.
@@ -133,7 +135,8 @@ def write_store(
     Dense (``top_k=None``): log-probabilities at ``temperature`` for every class, float32 unless
     ``dtype`` says otherwise. Top-k: the k largest log-probabilities (``dtype`` float16 by default, or
     bfloat16) and their indices; ``tail="bucket"`` keeps the rest of the mass as one log-probability,
-    ``"drop"`` discards it. ``taps``: features of tapped teacher modules, stored too."""
+    ``"drop"`` discards it. ``taps``: features of tapped teacher modules, stored too. ``views`` > 1 with
+    an ``augment`` (``data.views``): the answers for each augmented view, keyed ``v<view>.<array>``."""
     out = Path(out)
     if top_k is not None and (int(top_k) != top_k or top_k < 1):
         raise DistilleryError(f"top_k must be an integer >= 1 or None (dense), got {top_k!r}.")
@@ -146,12 +149,15 @@ def write_store(
         raise DistilleryError(f"temperature must be a finite number > 0, got {temperature!r}.")
     if shard_size < 1:
         raise DistilleryError(f"shard_size must be >= 1, got {shard_size}.")
+    if views < 1 or (views > 1 and augment is None):
+        raise DistilleryError(f"views={views}: several views need an augment (distillery.data.views); one view needs none.")
     settings = {"format": FORMAT, "version": VERSION, "teacher_fingerprint": teacher_fingerprint,
                 "data_fingerprint": data_fingerprint(data), "data_name": data.name, "num_samples": len(data),
                 "num_classes": data.num_classes, "temperature": float(temperature), "top_k": top_k,
                 "tail": tail if top_k is not None else None, "dtype": dtype,
                 "index_dtype": str(index_dtype(data.num_classes)) if top_k is not None else None,
-                "taps": list(dict.fromkeys(t for t in taps if t != "logits")), "shard_size": int(shard_size)}
+                "taps": list(dict.fromkeys(t for t in taps if t != "logits")), "shard_size": int(shard_size),
+                "views": int(views), "augment": None if augment is None else _describe(augment)}
     out.mkdir(parents=True, exist_ok=True)
     manifest_path = out / "manifest.json"
     shards: list[dict] = []
@@ -170,7 +176,18 @@ def write_store(
     n_shards = math.ceil(len(data) / shard_size)
     for i in range(len(shards), n_shards):
         lo, hi = i * shard_size, min(len(data), (i + 1) * shard_size)
-        arrays = _answer(teacher, data, lo, hi, settings, batch_size)
+        if augment is None:
+            arrays = _answer(teacher, data, lo, hi, settings, batch_size)
+        else:
+            from .data.views import view_seeds
+
+            arrays = {}
+            for v in range(views):
+                seen = TensorData(augment(data.x[lo:hi], view_seeds(data.ids[lo:hi], v)), None, data.ids[lo:hi],
+                                  data.num_classes, data.name)
+                part = _answer(teacher, seen, 0, hi - lo, settings, batch_size)
+                arrays["ids"] = part.pop("ids")
+                arrays.update({f"v{v}.{k}": a for k, a in part.items()})
         name = f"shard-{i:05d}"
         tmp = out / f".{name}.tmp-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -187,6 +204,10 @@ def write_store(
     if not shards or not read_json(manifest_path, "store manifest").get("complete"):
         atomic_write_json(manifest_path, {**settings, "shards": shards, "complete": True})
     return out
+
+
+def _describe(augment) -> Any:
+    return augment.describe() if hasattr(augment, "describe") else type(augment).__qualname__
 
 
 def _answer(teacher: Teacher, data: TensorData, lo: int, hi: int, settings: dict, batch_size: int) -> dict[str, np.ndarray]:
@@ -287,28 +308,60 @@ class TeacherStore:
             out[sel] = self.arrays[s][key][row[sel]]
         return out
 
-    def lookup(self, ids: Tensor, taps: Sequence[str] = ()) -> dict[str, Any]:
+    def lookup(self, ids: Tensor, taps: Sequence[str] = (), view: Tensor | None = None) -> dict[str, Any]:
         """The stored answers for ``ids``: ``logits`` (dense log-probabilities times the stored
         temperature, which softmax(./T) turns into the teacher's distribution at any T) or a ``TopK``,
-        and each tap's features."""
+        and each tap's features; of view ``view`` (per row) in a store of several views."""
+        views = int(self.manifest.get("views", 1))
+        if views == 1:
+            if view is not None and bool((view != 0).any()):
+                raise DistilleryError(f"the store {self.path} holds one view; the batch asks for view {int(view.max())}.")
+            return self._lookup(ids, taps, "")
+        if view is None:
+            raise DistilleryError(f"the store {self.path} holds {views} views; the batch must say which (batch['view'], "
+                                  "as distillery.data.views.ViewData gives).")
+        if int(view.min()) < 0 or int(view.max()) >= views:
+            raise DistilleryError(f"view {int(view.max())} is not in the store ({views} views).")
+        parts = {int(v): self._lookup(ids[view == v], taps, f"v{int(v)}.") for v in torch.unique(view)}
+        out: dict[str, Any] = {}
+        for key in next(iter(parts.values())):
+            first = parts[next(iter(parts))][key]
+            if isinstance(first, TopK):
+                lp = torch.empty(len(ids), first.log_probs.shape[1])
+                ix = torch.empty(len(ids), first.indices.shape[1], dtype=torch.long)
+                tl = None if first.tail is None else torch.empty(len(ids))
+                for v, p in parts.items():
+                    sel = view == v
+                    lp[sel], ix[sel] = p[key].log_probs, p[key].indices
+                    if tl is not None:
+                        tl[sel] = p[key].tail
+                out[key] = TopK(lp, ix, tl, first.num_classes, first.temperature)
+            else:
+                full = torch.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
+                for v, p in parts.items():
+                    full[view == v] = p[key]
+                out[key] = full
+        return out
+
+    def _lookup(self, ids: Tensor, taps: Sequence[str], prefix: str) -> dict[str, Any]:
         shard, row = self._locate(ids)
         m = self.manifest
         out: dict[str, Any] = {}
         if self.top_k is None:
-            lp = _from_numpy(self._gather("logits", shard, row), m["dtype"]).float()
+            lp = _from_numpy(self._gather(f"{prefix}logits", shard, row), m["dtype"]).float()
             out["logits"] = lp * self.temperature
         else:
-            values = _from_numpy(self._gather("values", shard, row), m["dtype"]).float()
-            idx = torch.from_numpy(self._gather("indices", shard, row).astype(np.int64))
-            tail = torch.from_numpy(self._gather("tail", shard, row)) if m["tail"] == "bucket" else None
+            values = _from_numpy(self._gather(f"{prefix}values", shard, row), m["dtype"]).float()
+            idx = torch.from_numpy(self._gather(f"{prefix}indices", shard, row).astype(np.int64))
+            tail = torch.from_numpy(self._gather(f"{prefix}tail", shard, row)) if m["tail"] == "bucket" else None
             out["logits"] = TopK(values, idx, tail, self.num_classes, self.temperature)
         for t in taps:
             if t == "logits":
                 continue
-            if f"tap.{t}" not in self.arrays[0]:
+            if f"{prefix}tap.{t}" not in self.arrays[0]:
                 raise DistilleryError(f"the store holds the taps {m['taps']}, not {t!r}; write it with that tap.")
             dt = "float32" if m["dtype"] == "float32" else m["dtype"]
-            out[t] = _from_numpy(self._gather(f"tap.{t}", shard, row), dt).float()
+            out[t] = _from_numpy(self._gather(f"{prefix}tap.{t}", shard, row), dt).float()
         return out
 
 
@@ -333,4 +386,4 @@ class CachedTeacher:
         if "id" not in batch:
             raise DistilleryError("a cached teacher answers by sample id, but the batch has no 'id'.")
         self.check_taps(taps)
-        return self.store.lookup(batch["id"], taps)
+        return self.store.lookup(batch["id"], taps, batch.get("view"))

@@ -78,6 +78,9 @@ class PrecomputedTeacher:
     go to the live teacher; an id outside the set, or a tap that was not stored, is an error."""
 
     def __init__(self, teacher: Teacher, data, taps: Sequence[str] = (), batch_size: int = 1024):
+        if getattr(data, "views", 1) > 1:
+            raise DistilleryError("the data set has augmented views; precomputed answers would be those of the clean "
+                                  "inputs. Write a store with the same views (store.write_store(..., views, augment)).")
         self.live = teacher
         self.taps = [t for t in dict.fromkeys(taps) if t != "logits"]
         answers = answer_all(teacher, data.x, self.taps, batch_size)
