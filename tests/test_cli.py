@@ -213,3 +213,8 @@ def test_labelled_share_mixes_both_sets_in_every_batch(tiny, tmp_path, capsys):
     assert all(t["ce"] > 0 for t in terms)  # the labelled rows reach the ce term
     assert main(["run", str(tiny), "--out", str(tmp_path / "bad"), "--quiet", "distill.labelled_share=0.5"]) == 2
     assert "train+transfer" in capsys.readouterr().err
+
+
+def test_selection_on_the_test_split_is_refused(tiny, capsys):
+    assert main(["run", str(tiny), "--quiet", "distill.train.select=best"]) == 2
+    assert "tune on test" in capsys.readouterr().err

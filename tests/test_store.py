@@ -207,3 +207,28 @@ def test_views_store_one_answer_per_augmented_view(tmp_path):
     with pytest.raises(DistilleryError, match="need an augment"):
         write_store(teacher, data, tmp_path / "v", teacher_fingerprint="t", views=2)
     assert not torch.equal(aug(data.x[:2], view_seeds(data.ids[:2], 0)), aug(data.x[:2], view_seeds(data.ids[:2], 1)))
+
+
+def test_batchnorm_teacher_fingerprint_and_sparse_store_refused_by_other_losses(tmp_path):
+    from distillery import models as zoo
+
+    bn = zoo.build("cnn2d", (1, 8, 8), 10)
+    assert model_fingerprint(bn) == model_fingerprint(bn)  # 0-d num_batches_tracked buffers hash too
+    data, _model, teacher = setup(n=20)
+    write_store(teacher, data, tmp_path, teacher_fingerprint="t", top_k=2)
+    obj = Objective([TermConfig(loss="reverse_kl")])
+    ans = CachedTeacher(tmp_path)({"id": data.ids[:4]})
+    with pytest.raises(DistilleryError, match="cannot read; use kd"):
+        obj({"logits": torch.randn(4, 10)}, ans, {"x": data.x[:4], "id": data.ids[:4]})
+    with pytest.raises(DistilleryError, match="empty"):
+        write_store(teacher, data.subset(torch.arange(0)), tmp_path / "e", teacher_fingerprint="t")
+
+
+def test_sparse_kd_ignores_garbage_in_masked_rows():
+    tk = TopK(torch.tensor([[math.nan, 0.0], [math.log(0.5), math.log(0.3)]]), torch.tensor([[0, 1], [0, 1]]),
+              torch.tensor([0.0, math.log(0.2)]), 3)
+    s = torch.randn(2, 3, requires_grad=True)
+    out = kd(s, tk, temperature=1.0, mask=torch.tensor([False, True]))
+    assert torch.isfinite(out)
+    out.backward()
+    assert torch.isfinite(s.grad).all()

@@ -46,14 +46,14 @@ def _cmd_cache(args) -> int:
     from . import pipeline, recipes
 
     recipe = recipes.load(args.recipe, args.overrides)
-    out = pipeline.write_teacher_store(recipe, args.data, args.out, top_k=args.top_k, temperature=args.temperature,
+    out = pipeline.write_teacher_store(recipe, args.data or recipe.distill.data, args.out, top_k=args.top_k, temperature=args.temperature,
                                        tail=args.tail, dtype=args.dtype, shard_size=args.shard_size,
                                        progress=False if args.quiet else None)
     from .store import TeacherStore
 
-    st = TeacherStore(out)
+    st = TeacherStore(out, verify=False)
     print(f"store: {out} ({len(st)} samples, {st.bytes_per_sample():.0f} bytes per sample)")
-    print(f"use it with: distillery run {args.recipe} distill.teacher_store={out}")
+    print(f"use it with: distillery run {' '.join([args.recipe, *args.overrides])} distill.teacher_store={out}")
     return 0
 
 
@@ -136,7 +136,8 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("cache", help="write what the recipe's teacher says about a data set to a store")
     s.add_argument("recipe", help="recipe name or YAML file (its teacher is trained or reused as `run` does)")
     s.add_argument("overrides", nargs="*", help="key.path=value overrides")
-    s.add_argument("--data", default="transfer", help="train, transfer, train+transfer or test (default: transfer)")
+    s.add_argument("--data", default=None,
+                   help="train, transfer, train+transfer or test (default: the recipe's distill.data)")
     s.add_argument("--out", required=True, help="store folder (an interrupted write continues there)")
     s.add_argument("--top-k", type=int, default=None, help="keep the k most likely classes (default: dense)")
     s.add_argument("--temperature", type=float, default=1.0, help="temperature of the stored log-probabilities")

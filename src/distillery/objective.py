@@ -173,6 +173,10 @@ class Objective:
                 if teacher is None:
                     raise DistilleryError(f"term {t.name!r} reads the teacher, but no teacher was given.")
                 tv = teacher[t.teacher]
+                if not isinstance(tv, Tensor) and not getattr(t.fn, "accepts_sparse", False):
+                    raise DistilleryError(
+                        f"term {t.name!r}: the teacher's {t.teacher!r} is sparse ({type(tv).__name__}, a top-k store), "
+                        f"which loss {getattr(t.fn, '__name__', t.fn)!r} cannot read; use kd, or a dense store.")
                 if t.student == "logits" and t.teacher == "logits" and s.shape[-1] != tv.shape[-1]:
                     raise DistilleryError(
                         f"teacher and student disagree on the class count: teacher logits have {tv.shape[-1]} classes, "

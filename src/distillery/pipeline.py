@@ -38,8 +38,20 @@ CE = [TermConfig(loss="ce", teacher=None)]
 # --------------------------------------------------------------------------- validation
 
 
+def _check_selection(recipe: Recipe) -> None:
+    trains = {"teacher.train": recipe.teacher.train, "baseline.train": recipe.baseline.train,
+              "distill.train": recipe.distill.train,
+              **{f"stage {st.name!r} train": st.train for st in recipe.distill.stages}}
+    for where, cfg in trains.items():
+        if cfg is not None and (cfg.select == "best" or cfg.patience is not None):
+            raise DistilleryError(f"{where}: select=best and patience choose epochs on the evaluation set, and a run "
+                                  "evaluates on the test split, so they would tune on test. Leave them unset here; "
+                                  "in Python pass a validation set: fit(..., eval_data=val).")
+
+
 def validate(recipe: Recipe) -> None:
     """Check names and parameters of every component without building data or training."""
+    _check_selection(recipe)
     check_kwargs(datasets.get(recipe.data.name), recipe.data.args, f"data {recipe.data.name!r}")
     if recipe.transfer is not None:
         check_kwargs(datasets.get(recipe.transfer.name), recipe.transfer.args, f"transfer {recipe.transfer.name!r}")

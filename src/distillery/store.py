@@ -5,7 +5,7 @@ Layout of a store folder::
 
     manifest.json               fingerprints, temperature, k, dtypes, shard list with checksums
     shard-00000/ids.npy         int64 sample ids of the shard's rows
-    shard-00000/logits.npy      dense: (n, C) log-probabilities at the stored temperature
+    shard-00000/logits.npy      dense: (n, C) the teacher's raw logits (float32 unless chosen)
     shard-00000/values.npy      top-k: (n, k) log-probabilities (float16, or bfloat16 bits as uint16)
     shard-00000/indices.npy     top-k: (n, k) class indices, the smallest integer type that holds C
     shard-00000/tail.npy        top-k with tail="bucket": (n,) float32 log of the mass outside the top k
@@ -55,7 +55,7 @@ def _hash_tensors(h, tensors: dict[str, Tensor]) -> None:
         h.update(k.encode())
         h.update(str(v.dtype).encode())
         h.update(str(tuple(v.shape)).encode())
-        h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        h.update(v.reshape(-1).view(torch.uint8).numpy().tobytes() if v.numel() else b"")
 
 
 def model_fingerprint(model: nn.Module, config: Any = None) -> str:
@@ -132,8 +132,8 @@ def write_store(
 ) -> Path:
     """Write (or continue writing) the store of ``teacher`` on ``data`` into ``out``.
 
-    Dense (``top_k=None``): log-probabilities at ``temperature`` for every class, float32 unless
-    ``dtype`` says otherwise. Top-k: the k largest log-probabilities (``dtype`` float16 by default, or
+    Dense (``top_k=None``): the teacher's logits for every class, float32 unless ``dtype`` says
+    otherwise (``temperature`` applies to top-k stores). Top-k: the k largest log-probabilities (``dtype`` float16 by default, or
     bfloat16) and their indices; ``tail="bucket"`` keeps the rest of the mass as one log-probability,
     ``"drop"`` discards it. ``taps``: features of tapped teacher modules, stored too. ``views`` > 1 with
     an ``augment`` (``data.views``): the answers for each augmented view, keyed ``v<view>.<array>``."""
@@ -149,6 +149,8 @@ def write_store(
         raise DistilleryError(f"temperature must be a finite number > 0, got {temperature!r}.")
     if shard_size < 1:
         raise DistilleryError(f"shard_size must be >= 1, got {shard_size}.")
+    if len(data) == 0:
+        raise DistilleryError(f"{data.name or 'the data set'} is empty; there is nothing to store.")
     if views < 1 or (views > 1 and augment is None):
         raise DistilleryError(f"views={views}: several views need an augment (distillery.data.views); one view needs none.")
     settings = {"format": FORMAT, "version": VERSION, "teacher_fingerprint": teacher_fingerprint,
@@ -159,6 +161,8 @@ def write_store(
                 "taps": list(dict.fromkeys(t for t in taps if t != "logits")), "shard_size": int(shard_size),
                 "views": int(views), "augment": None if augment is None else _describe(augment)}
     out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".shard-*.tmp-*"):  # left by a crashed writer
+        shutil.rmtree(stale, ignore_errors=True)
     manifest_path = out / "manifest.json"
     shards: list[dict] = []
     if manifest_path.is_file():
@@ -224,15 +228,15 @@ def _answer(teacher: Teacher, data: TensorData, lo: int, hi: int, settings: dict
         rows: dict[str, np.ndarray] = {"ids": data.ids[index].numpy().astype(np.int64)}
         k = settings["top_k"]
         if k is None:
-            rows["logits"] = _to_numpy(logp, settings["dtype"])
+            rows["logits"] = _to_numpy(logits, settings["dtype"])  # raw: exact for every loss, any temperature
         else:
             k = min(k, logp.shape[1])
             values, idx = logp.topk(k, dim=1)
             rows["values"] = _to_numpy(values, settings["dtype"])
-            rows["indices"] = idx.numpy().astype(settings["index_dtype"])
+            rows["indices"] = idx.cpu().numpy().astype(settings["index_dtype"])
             if settings["tail"] == "bucket":
                 rest = logp.scatter(1, idx, float("-inf")).logsumexp(1)
-                rows["tail"] = rest.numpy().astype(np.float32)
+                rows["tail"] = rest.cpu().numpy().astype(np.float32)
         for t in taps:
             rows[f"tap.{t}"] = _to_numpy(ans[t].float(), "float32" if settings["dtype"] == "float32" else settings["dtype"])
         for key, a in rows.items():
@@ -309,8 +313,7 @@ class TeacherStore:
         return out
 
     def lookup(self, ids: Tensor, taps: Sequence[str] = (), view: Tensor | None = None) -> dict[str, Any]:
-        """The stored answers for ``ids``: ``logits`` (dense log-probabilities times the stored
-        temperature, which softmax(./T) turns into the teacher's distribution at any T) or a ``TopK``,
+        """The stored answers for ``ids``: ``logits`` (dense: the teacher's logits) or a ``TopK``,
         and each tap's features; of view ``view`` (per row) in a store of several views."""
         views = int(self.manifest.get("views", 1))
         if views == 1:
@@ -348,8 +351,7 @@ class TeacherStore:
         m = self.manifest
         out: dict[str, Any] = {}
         if self.top_k is None:
-            lp = _from_numpy(self._gather(f"{prefix}logits", shard, row), m["dtype"]).float()
-            out["logits"] = lp * self.temperature
+            out["logits"] = _from_numpy(self._gather(f"{prefix}logits", shard, row), m["dtype"]).float()
         else:
             values = _from_numpy(self._gather(f"{prefix}values", shard, row), m["dtype"]).float()
             idx = torch.from_numpy(self._gather(f"{prefix}indices", shard, row).astype(np.int64))
@@ -367,8 +369,8 @@ class TeacherStore:
 
 class CachedTeacher:
     """The teacher protocol answered from a ``TeacherStore`` by ``batch["id"]``: every loss and regime
-    works unchanged. Dense stores give logits (exact up to the stored dtype); top-k stores give a
-    ``TopK``, which ``kd`` reads without building (N, C) teacher tensors. Batches without ids are
+    works unchanged. Dense stores give the teacher's logits (exact in float32); top-k stores give a
+    ``TopK``, which ``kd`` reads without building (N, C) teacher tensors (other losses refuse it). Batches without ids are
     refused (``needs_ids``): a store knows samples, not inputs."""
 
     needs_ids = True

@@ -133,7 +133,8 @@ def temperature_for_entropy(logits: Tensor, target: float, lo: float = 1e-2, hi:
 class EnsembleTeacher:
     """Several teachers (live, precomputed or cached; any architectures) answering as one.
 
-    ``logits`` is log sum_i w_i softmax(z_i / T_i): the mean of the members' probabilities (MEAL V2,
+    ``logits`` is log sum_i w_i softmax(z_i / T_i), the log of the mixture (a loss's own temperature
+    then softens the mixture, not each member): the mean of the members' probabilities (MEAL V2,
     Shen & Savvides 2020; committee soft labels as CV-DD averages them), ``weights`` w_i (normalised)
     for a weighted mean, and per-member temperatures T_i (1 unless set). ``balance(x)`` sets the T_i
     so that every member's mean prediction entropy on ``x`` equals a common target (the mean of their
@@ -156,7 +157,7 @@ class EnsembleTeacher:
             raise DistilleryError(f"ensemble weights must be {n} non-negative numbers with a positive sum, got {weights}.")
         self.weights = [v / sum(w) for v in w]
         self.temperatures = [1.0] * n if temperatures is None else [float(t) for t in temperatures]
-        if len(self.temperatures) != n or any(t <= 0 for t in self.temperatures):
+        if len(self.temperatures) != n or any(not math.isfinite(t) or t <= 0 for t in self.temperatures):
             raise DistilleryError(f"ensemble temperatures must be {n} numbers > 0, got {temperatures}.")
 
     @property
@@ -169,7 +170,7 @@ class EnsembleTeacher:
             if tap == "logits":
                 continue
             i, sep, path = tap.partition(":")
-            if not sep or not i.isdigit() or int(i) >= len(self.teachers):
+            if not sep or not i.isdigit() or str(int(i)) != i or int(i) >= len(self.teachers):
                 raise DistilleryError(f"ensemble tap {tap!r}: name a member as 'i:logits' or 'i:<module path>' with "
                                       f"i in 0..{len(self.teachers) - 1}.")
             if path != "logits":

@@ -178,18 +178,20 @@ def inference_ms(gnn: models.GraphModel, mlp: models.MLP, nodes: Tensor, hops: i
     gnn.eval()
     mlp.eval()
     n = gnn.num_nodes
-    hops = hops or len(getattr(gnn, "lins", getattr(gnn, "neigh", [])))
-    if isinstance(gnn, models.APPNP):
-        hops = gnn.k
+    if hops is None:
+        hops = gnn.k if isinstance(gnn, models.APPNP) else len(getattr(gnn, "lins", getattr(gnn, "neigh", [])))
     ptr, nbr = _csr(gnn.edge_index, n)
     x = gnn.features
     pos = torch.full((n,), -1, dtype=torch.long)
 
     def gnn_one(v: int) -> Tensor:
-        sub = khop(ptr, nbr, v, hops)
+        sub = khop(ptr, nbr, v, hops)  # fetch the neighbourhood, then its edges from the CSR rows
         pos[sub] = torch.arange(len(sub))
-        e = pos[gnn.edge_index]
-        e = e[:, (e >= 0).all(0)]
+        src = torch.cat([nbr[ptr[u]:ptr[u + 1]] for u in sub.tolist()])
+        dst = torch.repeat_interleave(torch.arange(len(sub)), ptr[sub + 1] - ptr[sub])
+        s = pos[src]
+        keep = s >= 0
+        e = torch.stack([s[keep], dst[keep]])
         pos[sub] = -1
         return gnn.embed(x[sub], e)[0]
 

@@ -40,7 +40,8 @@ def with_self_loops(edge_index: Tensor, n: int) -> Tensor:
 def gcn_weights(edge_index: Tensor, n: int) -> Tensor:
     """Symmetric normalisation D^-1/2 (A + I) D^-1/2 as one weight per edge of ``edge_index`` (which
     must already hold the self-loops)."""
-    deg = torch.zeros(n, device=edge_index.device).index_add_(0, edge_index[1], torch.ones(edge_index.shape[1]))
+    deg = torch.zeros(n, device=edge_index.device).index_add_(
+        0, edge_index[1], torch.ones(edge_index.shape[1], device=edge_index.device))
     inv = deg.clamp(min=1).rsqrt()
     return inv[edge_index[0]] * inv[edge_index[1]]
 
@@ -78,12 +79,14 @@ class GraphModel(nn.Module):
 
 
 class GCN(GraphModel):
-    """Kipf & Welling, ICLR 2017: H' = act(D^-1/2 (A + I) D^-1/2 H W)."""
+    """Kipf & Welling, ICLR 2017: H' = act(D^-1/2 (A + I) D^-1/2 H W + b), the bias after propagation
+    (as the paper and DGL's GraphConv)."""
 
     def __init__(self, graph: Graph, hidden: int = 64, layers: int = 2, dropout: float = 0.5, norm: str = "none"):
         super().__init__(graph)
         dims = [graph.x.shape[1], *[hidden] * (layers - 1), graph.num_classes]
-        self.lins = nn.ModuleList(nn.Linear(a, b) for a, b in pairwise(dims))
+        self.lins = nn.ModuleList(nn.Linear(a, b, bias=False) for a, b in pairwise(dims))
+        self.biases = nn.ParameterList(nn.Parameter(torch.zeros(b)) for b in dims[1:])
         self.norms = nn.ModuleList(_norm(norm, hidden) for _ in range(layers - 1))
         self.dropout = dropout
 
@@ -92,7 +95,7 @@ class GCN(GraphModel):
         w = gcn_weights(e, len(x))
         h = x
         for i, lin in enumerate(self.lins):
-            h = propagate(lin(F.dropout(h, self.dropout, self.training)), e, w)
+            h = propagate(lin(F.dropout(h, self.dropout, self.training)), e, w) + self.biases[i]
             if i < len(self.lins) - 1:
                 h = F.relu(self.norms[i](h))
         return h
@@ -121,7 +124,8 @@ class SAGE(GraphModel):
 
     def embed(self, x: Tensor, edge_index: Tensor) -> Tensor:
         n = len(x)
-        deg = torch.zeros(n, device=x.device).index_add_(0, edge_index[1], torch.ones(edge_index.shape[1])).unsqueeze(-1)
+        deg = torch.zeros(n, device=x.device).index_add_(
+            0, edge_index[1], torch.ones(edge_index.shape[1], device=x.device)).unsqueeze(-1)
         h = x
         for i, lin in enumerate(self.neigh):
             h = F.dropout(h, self.dropout, self.training)

@@ -181,14 +181,14 @@ class KRDState(nn.Module):
     def update(self, rho: Tensor, agree: Tensor, bins: int, momentum: float) -> None:
         """alpha <- m * alpha + (1 - m) * a, with a fitted to the share of nodes per rho-bin on which
         student and teacher agree (min-max normalised), as KRD's ``updata``."""
-        edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+        edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64, device=rho.device)
         idx = torch.bucketize(rho.double(), edges[1:-1], right=True)
         n_agree = torch.bincount(idx[agree], minlength=bins).double()
         n_all = torch.bincount(idx, minlength=bins).double()
         share = n_agree / (n_all + 1e-6)
         share = (share - share.min()) / (share.max() - share.min()).clamp(min=1e-12)
-        x = edges[:-1] + 0.05  # KRD evaluates the curve at left bin edge + 0.05 (its bin centres at 10 bins)
-        a = fit_power(x.clamp(max=1.0), share)
+        x = edges[:-1] + 0.05  # as KRD's code: left bin edge + 0.05 (the bin centres only at 10 bins)
+        a = fit_power(x, share)
         self.power.mul_(momentum).add_((1 - momentum) * a)
 
 

@@ -234,6 +234,9 @@ def kd(
     return _reduce(rows, mask, reduction)
 
 
+kd.accepts_sparse = True  # a TopK teacher (store.py) is read without densifying
+
+
 def _kd_sparse(student_logits: Tensor, teacher: TopK, mask: Tensor | None, reduction: str, tau: float) -> Tensor:
     """kd against a sparse teacher (``TopK``): tau^2 * sum over buckets b of p_t,b (log p_t,b - log p_s,b),
     the teacher re-tempered from its stored temperature to tau, the student's buckets from its full softmax."""
@@ -246,6 +249,8 @@ def _kd_sparse(student_logits: Tensor, teacher: TopK, mask: Tensor | None, reduc
     mask = _check_mask("kd", mask, len(teacher))
     s = student_logits if mask is None else torch.where(mask.unsqueeze(-1), student_logits, 0.0)
     log_t = teacher.retemper(tau).buckets()
+    if mask is not None:  # masked rows may hold anything; keep them out of value and gradient
+        log_t = torch.where(mask.unsqueeze(-1), log_t, -math.log(log_t.shape[1]))
     log_s = student_buckets(s, teacher, tau)
     rows = tau**2 * _kl(log_t, log_s)
     return _reduce(rows, mask, reduction)

@@ -67,9 +67,9 @@ class TopK:
 
     def retemper(self, temperature: float) -> TopK:
         """The same rows at another temperature: p^(T_store / T) renormalised over the buckets."""
-        if temperature == self.temperature:
+        if temperature == self.temperature and self.tail is None:
             return self
-        r = self.temperature / float(temperature)
+        r = self.temperature / float(temperature)  # r = 1: only renormalised (float16 values + tail)
         k = self.log_probs.shape[1]
         b = self.buckets() * r
         if self.tail is not None and self.num_classes > k:  # the tail as C - k equal classes, each tempered
