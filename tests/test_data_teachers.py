@@ -158,3 +158,23 @@ def test_one_term_per_ensemble_member_in_an_objective():
     out = obj({"logits": s}, ens({"x": x}, obj.teacher_taps), {"x": x})
     kd = get("kd")
     assert torch.allclose(out["total"], kd(s, ms[0](x)) + 0.5 * kd(s, ms[1](x)))
+
+
+def test_mtard_balance_moves_weight_to_the_term_that_fell_least():
+    from distillery.config import TermConfig
+    from distillery.objective import Objective, TermBalance
+
+    bal = TermBalance(["a", "b"], lr=0.5)
+    bal.update([torch.tensor(2.0), torch.tensor(4.0)])  # first values: r = (1, 1)
+    assert bal.w.tolist() == pytest.approx([0.5, 0.5])
+    bal.update([torch.tensor(1.0), torch.tensor(4.0)])  # a halved, b did not: r = (0.5, 1)
+    assert bal.w.tolist() == pytest.approx([0.5 - 0.5 * (0.5 - 1 / 3), 0.5 - 0.5 * (0.5 - 2 / 3)])
+    obj = Objective([TermConfig(loss="kd", name="a"), TermConfig(loss="kd", name="b", params={"temperature": 1.0}),
+                     TermConfig(loss="ce", teacher=None)], balance=["a", "b"])
+    assert "term_balance" in obj.modules()
+    s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    out = obj({"logits": s}, {"logits": t}, {"x": s, "y": y})
+    assert out["terms"]["a/balance"].item() == pytest.approx(0.5)
+    assert obj.balance.initial.tolist() == pytest.approx([out["terms"]["a"].item(), out["terms"]["b"].item()])
+    with pytest.raises(DistilleryError, match="Did you mean 'a'"):
+        Objective([TermConfig(loss="kd", name="a"), TermConfig(loss="kd", name="b")], balance=["aa", "b"])

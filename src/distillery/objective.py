@@ -87,6 +87,35 @@ class TermScales(nn.Module):
         return value / self.scale[i].clamp(min=1e-12)
 
 
+class TermBalance(nn.Module):
+    """MTARD's normalisation loss balance (Zhao et al., ECCV 2022; code ``mtard_resnet18_cifar10.py``)
+    over a group of K terms: with L_k^0 the term's first training value and r_k = (L_k / L_k^0)^beta
+    (how little the term has fallen), each step w <- w - lr * (w - r / sum(r)), weights starting at
+    1/K, so the term that has decreased least gets more weight. A term's contribution is
+    weight * K * w_k (unchanged at the start). lr 0.025 and beta 1 are MTARD's. Buffers only."""
+
+    def __init__(self, names: Sequence[str], lr: float = 0.025, beta: float = 1.0):
+        super().__init__()
+        if len(names) < 2:
+            raise DistilleryError(f"a balanced group needs at least two terms, got {list(names)}.")
+        if not 0 < lr <= 1 or beta <= 0:
+            raise DistilleryError(f"balance needs 0 < lr <= 1 and beta > 0, got lr={lr}, beta={beta}.")
+        self.names, self.lr, self.beta = list(names), float(lr), float(beta)
+        self.register_buffer("initial", torch.zeros(len(self.names), dtype=torch.float64))
+        self.register_buffer("w", torch.full((len(self.names),), 1.0 / len(self.names), dtype=torch.float64))
+
+    @torch.no_grad()
+    def update(self, values: list[Tensor]) -> None:
+        v = torch.stack([x.detach().double() for x in values])
+        first = self.initial == 0
+        self.initial[first] = v[first].clamp(min=1e-12)
+        r = (v / self.initial).clamp(min=0).pow(self.beta)
+        self.w.sub_(self.lr * (self.w - r / r.sum().clamp(min=1e-12)))
+
+    def factor(self, i: int) -> Tensor:
+        return self.w[i].float() * len(self.names)
+
+
 class Objective:
     """Terms -> ``{"total": Tensor, "terms": {name: Tensor}}`` for one batch.
 
@@ -95,7 +124,8 @@ class Objective:
     Adapters and the learned state of losses (``fn.state``) are built by ``build`` from one probed
     batch and returned by ``modules()`` for the engine to train and checkpoint with the student."""
 
-    def __init__(self, terms: Sequence[Term | TermConfig], *, normalize: bool = False):
+    def __init__(self, terms: Sequence[Term | TermConfig], *, normalize: bool = False,
+                 balance: Sequence[str] = (), balance_lr: float = 0.025, balance_beta: float = 1.0):
         self.terms = [t if isinstance(t, Term) else Term.from_config(t) for t in terms]
         self.normalize = normalize
         self.scales: TermScales | None = None
@@ -109,6 +139,15 @@ class Objective:
                 t.name = f"{t.name}_{seen[t.name]}"
         if normalize:
             self.scales = TermScales([t.name for t in self.terms if t.is_feature])
+        self.balance: TermBalance | None = None
+        if balance:
+            names = [t.name for t in self.terms]
+            missing = [b for b in balance if b not in names]
+            if missing:
+                from .errors import unknown
+
+                raise unknown("term to balance", missing[0], names)
+            self.balance = TermBalance(list(balance), balance_lr, balance_beta)
         self.built = not any(t.is_feature or t.state_cls is not None for t in self.terms)
 
     def build(self, student: dict[str, Tensor], teacher: dict[str, Tensor] | None, *, seed: int = 0) -> None:
@@ -142,6 +181,8 @@ class Objective:
                 out[f"state.{t.name}"] = t.state_module
         if self.scales is not None and self.scales.names:
             out["term_scales"] = self.scales
+        if self.balance is not None:
+            out["term_balance"] = self.balance
         return out
 
     @property
@@ -165,6 +206,8 @@ class Objective:
                  batch: dict[str, Tensor]) -> dict[str, Any]:
         terms: dict[str, Tensor] = {}
         total: Tensor | None = None
+        bal = self.balance
+        balanced: dict[str, Tensor] = {}
         for t in self.terms:
             s = student[t.student]
             if t.teacher is None:
@@ -208,9 +251,16 @@ class Objective:
             if self.scales is not None and t.name in self.scales.names:
                 value = self.scales(self.scales.names.index(t.name), value)
                 terms[f"{t.name}/scaled"] = value
+            if bal is not None and t.name in bal.names:
+                balanced[t.name] = value
+                factor = bal.factor(bal.names.index(t.name))
+                terms[f"{t.name}/balance"] = factor.detach() / len(bal.names)
+                value = value * factor
             total = t.weight * value if total is None else total + t.weight * value
             if t.state_module is not None and hasattr(t.state_module, "metrics"):  # logged, not in the total
                 terms.update({f"{t.name}/{k}": v for k, v in t.state_module.metrics().items()})
+        if bal is not None and bal.training and torch.is_grad_enabled():
+            bal.update([balanced[n] for n in bal.names])  # the weights for the next step
         return {"total": total, "terms": terms}
 
     def _targets(self, t: Term, batch: dict[str, Tensor], teacher: dict[str, Tensor] | None) -> Tensor | None:

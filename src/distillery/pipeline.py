@@ -262,7 +262,8 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
         taps = [p for st in stages(recipe) for p in Objective(st.terms).teacher_taps]
         answers = PrecomputedTeacher(teacher, distill_data, taps)
     for stage in stages(recipe):
-        objective = Objective(stage.terms, normalize=recipe.distill.normalize_terms)
+        objective = Objective(stage.terms, normalize=recipe.distill.normalize_terms,
+                              balance=recipe.distill.balance_terms)
         phase = "distill" if not recipe.distill.stages else f"distill-{stage.name}"
         _say(progress, f"{phase}: {', '.join(t.name for t in objective.terms)}")
         with train_only(student, stage.trainable):
