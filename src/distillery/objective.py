@@ -59,8 +59,17 @@ class Term:
         self.state_module: nn.Module | None = None
 
     @property
+    def peer(self) -> str | None:
+        """For ``teacher: "student:PATH"``: PATH, a tap of the student itself (detached) that plays the
+        teacher (mutual learning between the members of one model, deep-to-shallow self-distillation)."""
+        if self.teacher is not None and self.teacher.startswith("student:"):
+            return self.teacher[len("student:"):]
+        return None
+
+    @property
     def is_feature(self) -> bool:
-        teacher_logits = self.teacher is None or self.teacher == "logits" or self.teacher.endswith(":logits")
+        teacher_logits = self.teacher is None or self.teacher == "logits" or self.teacher.endswith(":logits") \
+            or (self.peer is not None and self.student != "logits")
         return self.student != "logits" or not teacher_logits  # "i:logits": ensemble member i's logits
     @classmethod
     def from_config(cls, cfg: TermConfig) -> Term:
@@ -157,7 +166,8 @@ class Objective:
             torch.manual_seed(seed + 7919)
             for t in self.terms:
                 s = student[t.student]
-                tv = None if t.teacher is None or teacher is None else teacher[t.teacher]
+                tv = student[t.peer] if t.peer is not None else (
+                    None if t.teacher is None or teacher is None else teacher[t.teacher])
                 where = f"term {t.name!r}"
                 if t.is_feature and tv is not None:
                     t.adapter_module = adapters.build(t.adapter, tuple(s.shape[1:]), tuple(tv.shape[1:]), where=where,
@@ -187,15 +197,16 @@ class Objective:
 
     @property
     def needs_teacher(self) -> bool:
-        return any(t.teacher is not None for t in self.terms)
+        return any(t.teacher is not None and t.peer is None for t in self.terms)
 
     @property
     def student_taps(self) -> list[str]:
-        return list(dict.fromkeys(t.student for t in self.terms if t.student != "logits"))
+        paths = [p for t in self.terms for p in (t.student, t.peer) if p is not None and p != "logits"]
+        return list(dict.fromkeys(paths))
 
     @property
     def teacher_taps(self) -> list[str]:
-        return list(dict.fromkeys(t.teacher for t in self.terms if t.teacher not in (None, "logits")))
+        return list(dict.fromkeys(t.teacher for t in self.terms if t.teacher not in (None, "logits") and t.peer is None))
 
     @property
     def needs_labels(self) -> bool:
@@ -212,6 +223,8 @@ class Objective:
             s = student[t.student]
             if t.teacher is None:
                 tv = None
+            elif t.peer is not None:
+                tv = student[t.peer].detach()  # a peer teaches through its output, never its gradient
             else:
                 if teacher is None:
                     raise DistilleryError(f"term {t.name!r} reads the teacher, but no teacher was given.")
