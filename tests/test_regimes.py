@@ -100,3 +100,52 @@ def test_chain_distils_link_by_link(toy_data):
     assert all(0 <= evaluate(r["model"], toy_data)["accuracy"] <= 1 for r in links)
     with pytest.raises(DistilleryError, match="at least one link"):
         chain(teacher, [], toy_data, CFG)
+
+
+def test_data_free_refuses_a_teacher_without_batch_norm():
+    from distillery.regimes import data_free
+
+    with pytest.raises(DistilleryError, match="no batch-norm layers"):
+        data_free(mlp(0), mlp(1), (12,), rounds=1)
+
+
+def test_bn_prior_and_generator_terms_match_their_formulas():
+    from distillery.regimes.datafree import Generator, _BNStats, generator_loss
+
+    net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).eval()
+    with torch.no_grad():
+        net[1].running_mean.copy_(torch.tensor([0.1, 0.2, 0.3, 0.4]))
+        net[1].running_var.copy_(torch.tensor([1.0, 2.0, 0.5, 1.5]))
+    stats = _BNStats(net)
+    x = torch.randn(32, 3)
+    net(x)
+    h = net[0](x)
+    want = torch.norm(h.mean(0) - net[1].running_mean) + torch.norm(h.var(0, unbiased=False) - net[1].running_var)
+    assert torch.allclose(stats.pop(), want)
+    stats.remove()
+    t = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    terms = generator_loss(t, t.clone(), torch.tensor(0.5), {"bn": 2.0, "oh": 1.0, "adv": 1.0, "balance": 5.0})
+    pbar = t.softmax(-1).mean(0)
+    assert terms["adv"].item() == pytest.approx(0.0, abs=1e-7)  # student = teacher: no disagreement
+    assert terms["balance"].item() == pytest.approx(float((pbar * pbar.log()).sum()), rel=1e-6)
+    assert terms["total"].item() == pytest.approx(1.0 + terms["oh"].item() + 5 * terms["balance"].item(), rel=1e-6)
+    assert Generator((40,))(torch.randn(5, 64)).shape == (5, 40)
+    assert Generator((1, 8, 8))(torch.randn(5, 64)).shape == (5, 1, 8, 8)
+
+
+def test_data_free_runs_rounds_through_the_engine():
+    from distillery import models as zoo
+    from distillery.data import TensorData
+    from distillery.regimes import data_free
+
+    torch.manual_seed(0)
+    x = torch.randn(128, 40)
+    d = TensorData(x, (x[:, :10].mean(1) > 0).long(), torch.arange(128), 2, "toy")
+    teacher = zoo.build("cnn1d", (40,), 2, {"channels": 4, "hidden": 8, "batch_norm": True})
+    fit(teacher, Objective([TermConfig(loss="ce", teacher=None)]), d, CFG, seed=0, progress=False)
+    student = zoo.build("mlp", (40,), 2, {"hidden": [8]})
+    out = data_free(teacher, student, (40,), rounds=2, generator_steps=2, batch_size=32, samples_per_round=64,
+                    memory=96, eval_data=d)
+    assert [h["round"] for h in out["history"]] == [1, 2] and "bn" in out["history"][0]
+    with pytest.raises(DistilleryError, match="unknown generator weights"):
+        data_free(teacher, student, (40,), weights={"bnn": 1})

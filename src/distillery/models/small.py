@@ -38,13 +38,15 @@ def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list[int] | None
 class CNN1d(nn.Module):
     """Conv1d stack over a (N, L) or (N, 1, L) signal, then ``head``. Layers: conv{i}, fc, head."""
 
-    def __init__(self, length: int, num_classes: int, channels: int, layers: int, hidden: int, dropout: float):
+    def __init__(self, length: int, num_classes: int, channels: int, layers: int, hidden: int, dropout: float,
+                 batch_norm: bool = False):
         super().__init__()
         convs: list[nn.Module] = []
         c_in, size = 1, length
         for i in range(layers):
             stride = 1 if i == 0 else 2
-            convs += [nn.Conv1d(c_in, channels, 5 if i == 0 else 3, stride=stride, padding=2 if i == 0 else 1), nn.ReLU()]
+            convs.append(nn.Conv1d(c_in, channels, 5 if i == 0 else 3, stride=stride, padding=2 if i == 0 else 1))
+            convs += [nn.BatchNorm1d(channels), nn.ReLU()] if batch_norm else [nn.ReLU()]
             c_in = channels
             size = size if i == 0 else (size + 2 - 3) // 2 + 1
         self.features = nn.Sequential(*convs)
@@ -59,9 +61,10 @@ class CNN1d(nn.Module):
 
 @MODELS.register("cnn1d")
 def cnn1d(input_shape: tuple[int, ...], num_classes: int, channels: int = 32, layers: int = 3,
-          hidden: int = 64, dropout: float = 0.0) -> nn.Module:
-    """1-D CNN for MNIST-1D (in the spirit of Greydanus 2020's ConvBase), sized by arguments."""
-    return CNN1d(input_shape[-1], num_classes, channels, layers, hidden, dropout)
+          hidden: int = 64, dropout: float = 0.0, batch_norm: bool = False) -> nn.Module:
+    """1-D CNN for MNIST-1D (in the spirit of Greydanus 2020's ConvBase), sized by arguments;
+    ``batch_norm`` puts a BatchNorm1d after every conv (what data-free KD's BN prior matches)."""
+    return CNN1d(input_shape[-1], num_classes, channels, layers, hidden, dropout, batch_norm)
 
 
 class CNN2d(nn.Module):
