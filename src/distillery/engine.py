@@ -21,6 +21,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor, nn
 
+from . import distributed
 from .config import TrainConfig, to_dict
 from .data.core import TensorData, batches, epoch_order
 from .errors import DistilleryError
@@ -307,7 +308,8 @@ def fit(
     steps_per_epoch = math.ceil(n_batches / cfg.grad_accum)
     sched = make_schedule(opt, cfg, steps_per_epoch)
     ckpt = run_dir / "checkpoints" / phase / "last" if run_dir is not None else None
-    log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None else None)
+    rank, size = distributed.world()
+    log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None and rank == 0 else None)
 
     start_epoch, start_step, global_step = 0, 0, 0
     history: list[dict] = []
@@ -336,7 +338,7 @@ def fit(
     if eval_data is not None and teacher is not None and not getattr(teacher, "needs_ids", False):
         teacher_pred = answer_all(teacher, eval_data.x)["logits"].argmax(-1)
 
-    bar = _Progress(progress, phase, cfg.epochs * steps_per_epoch, global_step, cfg.epochs)
+    bar = _Progress(progress if rank == 0 else False, phase, cfg.epochs * steps_per_epoch, global_step, cfg.epochs)
     amp = torch.autocast("cpu", dtype=torch.bfloat16) if cfg.autocast == "bf16" else contextlib.nullcontext()
     t_taps = objective.teacher_taps
     ask_teacher = teacher if objective.needs_teacher else None
@@ -345,6 +347,9 @@ def fit(
     def save(epoch: int, step_in_epoch: int, done: bool = False) -> None:
         if ckpt is None:
             return
+        if rank != 0:  # rank 0 writes; the others wait until the checkpoint is complete
+            distributed.barrier()
+            return
         log.flush()
         extra = {} if best["tensors"] is None else {f"best/{k}": v for k, v in best["tensors"].items()}
         save_checkpoint(ckpt, trainable, opt, sched, {
@@ -352,6 +357,7 @@ def fit(
             "done": done, "config": to_dict(cfg), "history": history,
             **({"best": {"accuracy": best["accuracy"], "epoch": best["epoch"]}} if best["accuracy"] is not None else {})},
             extra)
+        distributed.barrier()
 
     try:
         with s_taps:
@@ -368,7 +374,11 @@ def fit(
                     group = groups[step_in_epoch]
                     n_group = sum(len(i) for i in group)
                     opt.zero_grad(set_to_none=True)
+                    n_local, loss_sum = 0, 0.0
                     for index in group:
+                        index = distributed.shard(index, rank, size)
+                        if len(index) == 0:  # more ranks than items left: this rank only joins the average
+                            continue
                         batch = data.batch(index)
                         t_out = ask_teacher(batch, t_taps) if ask_teacher is not None else None
                         with amp:
@@ -376,10 +386,15 @@ def fit(
                             s_out = {"logits": student(batch["x"]), **s_taps.outputs}
                             result = objective(s_out, t_out, batch)
                         check_finite(result, f"{phase} epoch {epoch + 1} step {global_step + 1}")
-                        # Weight by this micro-batch's share of the optimiser step's items.
-                        loss = result["total"] if len(group) == 1 else result["total"] * (len(index) / n_group)
+                        # Weight by this micro-batch's share of the step's items (over all ranks and
+                        # micro-batches); times the world size, which the gradient average divides out.
+                        share = len(index) * size / n_group
+                        loss = result["total"] if share == 1 else result["total"] * share
                         loss.backward()
+                        n_local += len(index)
+                        loss_sum += float(result["total"].detach()) * len(index)
                         del t_out, s_out
+                    distributed.average_gradients(params, size)
                     if cfg.clip_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
                     opt.step()
@@ -389,11 +404,12 @@ def fit(
                     bar.step()
                     if global_step % cfg.log_every == 0 or step_in_epoch == len(groups) - 1:
                         now = time.perf_counter()
-                        terms = {k: float(v.detach()) for k, v in result["terms"].items()}
+                        terms = {k: float(v.detach()) for k, v in result["terms"].items()} if n_local else {}
                         rate = window_n / max(now - window_t, 1e-9)
+                        step_loss = distributed.weighted_mean(loss_sum / max(n_local, 1), n_local)
                         log.write({"event": "train", "phase": phase, "epoch": epoch + 1, "step": global_step,
-                                   "lr": sched.get_last_lr()[0], "loss": float(result["total"].detach()),
-                                   "terms": terms, "samples_per_s": rate})
+                                   "lr": sched.get_last_lr()[0], "loss": step_loss, "terms": terms,
+                                   "samples_per_s": rate, **({"world_size": size} if size > 1 else {})})
                         bar.info(f"{_fmt_terms(terms)}  {rate:,.0f}/s")
                         window_t, window_n = now, 0
                     if on_step is not None:

@@ -1,0 +1,76 @@
+"""torch.distributed for the engine: which rank this is, the share of a batch it trains on, and
+the gradient average. Used by ``engine.fit`` only when a process group is initialised (``torchrun``);
+one process changes nothing.
+
+Every rank draws the same global batch (the order is a function of (seed, epoch)) and takes the
+items at positions rank, rank + world, ... of it; samples are known by id, so a teacher cache or
+store answers each rank for its own items. A rank's loss is scaled by its share of the step's
+global item count times the world size, and gradients are summed and divided by the world size,
+so the update equals the single-process one on the same global batch (items, across ranks and
+accumulation steps, count equally). Only rank 0 writes logs and checkpoints.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+
+def world() -> tuple[int, int]:
+    """(rank, world size); (0, 1) without an initialised process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard(index: Tensor, rank: int, size: int) -> Tensor:
+    return index[rank::size] if size > 1 else index
+
+
+def average_gradients(params: list[torch.nn.Parameter], size: int) -> None:
+    """Sum every gradient across ranks (one flat all-reduce) and divide by the world size."""
+    if size <= 1 or not params:
+        return
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat.div_(size)
+    offset = 0
+    for p, g in zip(params, grads):
+        n = g.numel()
+        p.grad = flat[offset:offset + n].view_as(p).clone()
+        offset += n
+
+
+def weighted_mean(value: float, weight: float) -> float:
+    """The mean of ``value`` over ranks, weighted (the loss of a step over all its items)."""
+    if world()[1] <= 1:
+        return value
+    t = torch.tensor([value * weight, weight], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t[0] / t[1].clamp(min=1e-12))
+
+
+def barrier() -> None:
+    if world()[1] > 1:
+        dist.barrier()
+
+
+def init_from_env(backend: str | None = None) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment (RANK, WORLD_SIZE,
+    MASTER_ADDR, ...): gloo on CPU, NCCL when CUDA is there. False when not launched that way."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or dist.is_initialized():
+        return dist.is_initialized()
+    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    dist.init_process_group(backend)
+    return True
+
+
+def shutdown() -> None:
+    """Barrier, then leave the group (a barrier first avoids aborts at exit with gloo)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,80 @@
+"""Two gloo processes on CPU reach the weights of one process with the same global batch."""
+
+import json
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from distillery import distributed
+from distillery.config import TermConfig, TrainConfig
+from distillery.data import TensorData
+from distillery.engine import fit
+from distillery.objective import Objective
+from distillery.teachers import ModuleTeacher
+
+TERMS = [TermConfig(loss="kd", params={"temperature": 2.0}, weight=0.7),
+         TermConfig(loss="ce", teacher=None, weight=0.3)]
+
+
+def toy():
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(90, 12, generator=g)
+    return TensorData(x, x[:, :4].argmax(1).long(), torch.arange(90) * 2 + 1, 4, "toy")
+
+
+def models():
+    torch.manual_seed(1)
+    student = nn.Sequential(nn.Linear(12, 16), nn.ReLU(), nn.Linear(16, 4))
+    torch.manual_seed(2)
+    teacher = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
+    return student, ModuleTeacher(teacher)
+
+
+CFG = TrainConfig(epochs=2, batch_size=16, lr=0.05, optimizer="sgd", log_every=1, grad_accum=2)
+
+
+def _worker(rank, world, init_file, run_dir, out, fail_rank):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        student, teacher = models()
+
+        def boom(step):
+            if rank == fail_rank and step == 2:
+                raise RuntimeError(f"rank {rank} failed on purpose")
+
+        fit(student, Objective(TERMS), toy(), CFG, teacher=teacher, run_dir=run_dir, seed=3, progress=False,
+            on_step=boom)
+        if rank == 0:
+            torch.save(student.state_dict(), out)
+    finally:
+        if fail_rank < 0:
+            distributed.shutdown()
+
+
+def test_two_processes_match_one(tmp_path):
+    student, teacher = models()
+    fit(student, Objective(TERMS), toy(), CFG, teacher=teacher, seed=3, progress=False)
+    out = tmp_path / "w.pt"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "run"), str(out), -1), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    for k, v in student.state_dict().items():
+        assert torch.allclose(v, got[k], atol=1e-6), k
+    records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["event"] == "train"] == list(range(1, 7))  # rank 0 alone wrote
+    assert all(r.get("world_size") == 2 for r in records if r["event"] == "train")
+
+
+def test_a_failing_rank_stops_the_job_with_its_message(tmp_path):
+    with pytest.raises(Exception, match="rank 1 failed on purpose"):
+        mp.spawn(_worker, args=(2, str(tmp_path / "init"), None, str(tmp_path / "w.pt"), 1), nprocs=2, join=True)
+
+
+def test_one_process_is_unchanged():
+    assert distributed.world() == (0, 1)
+    idx = torch.arange(5)
+    assert torch.equal(distributed.shard(idx, 0, 1), idx)
+    assert distributed.weighted_mean(2.0, 3.0) == 2.0
