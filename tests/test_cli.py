@@ -218,3 +218,16 @@ def test_labelled_share_mixes_both_sets_in_every_batch(tiny, tmp_path, capsys):
 def test_selection_on_the_test_split_is_refused(tiny, capsys):
     assert main(["run", str(tiny), "--quiet", "distill.train.select=best"]) == 2
     assert "tune on test" in capsys.readouterr().err
+
+
+def test_run_with_two_processes(tiny, tmp_path, capsys):
+    out = tmp_path / "ddp"
+    rc = main(["run", str(tiny), "--out", str(out), "--quiet", "--nproc", "2", "baseline.enabled=false",
+               "distill.train.epochs=1"])
+    assert rc == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "done"
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("world_size") == 2 for r in records if r["event"] == "train")
+    assert main(["run", str(tiny), "--quiet", "--nproc", "2"]) == 2  # one run directory for all ranks
+    assert "--out" in capsys.readouterr().err

@@ -30,15 +30,37 @@ def _cmd_ls(args) -> int:
 
 
 def _cmd_run(args) -> int:
-    from . import pipeline, recipes
+    from . import distributed, pipeline, recipes
 
+    if args.nproc > 1:  # relaunch this command under torchrun, one process per rank
+        import subprocess
+
+        if not (args.out or args.resume):
+            raise DistilleryError("--nproc needs --out DIR (every process writes to one run directory).")
+        argv, skip = [], False
+        for a in args.argv:
+            if skip:
+                skip = False
+            elif a == "--nproc":
+                skip = True
+            elif not a.startswith("--nproc="):
+                argv.append(a)
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
+               "-m", "distillery", *argv]
+        return subprocess.call(cmd)
     recipe = recipes.load(args.recipe, args.overrides)
     run_dir = args.resume or args.out
-    result = pipeline.run(recipe, run_dir=run_dir, resume=args.resume is not None,
-                          progress=False if args.quiet else None)
-    print(pipeline.format_rows(result.rows))
-    print(f"run directory: {result.run_dir}")
-    print(f"report: {result.report}")
+    joined = distributed.init_from_env()
+    try:
+        result = pipeline.run(recipe, run_dir=run_dir, resume=args.resume is not None,
+                              progress=False if args.quiet else None)
+    finally:
+        if joined:
+            distributed.shutdown()
+    if distributed.world()[0] == 0:
+        print(pipeline.format_rows(result.rows))
+        print(f"run directory: {result.run_dir}")
+        print(f"report: {result.report}")
     return 0
 
 
@@ -131,6 +153,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="run directory (default: <runs_dir>/<recipe>/<time>)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR")
     s.add_argument("--quiet", action="store_true", help="no progress output")
+    s.add_argument("--nproc", type=int, default=1, help="processes (torchrun, gloo on CPU, NCCL on GPU)")
     s.set_defaults(fn=_cmd_run)
 
     s = sub.add_parser("cache", help="write what the recipe's teacher says about a data set to a store")
@@ -176,6 +199,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(bad)}")
     if extra:
         args.overrides = [*args.overrides, *extra]
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
         return args.fn(args)
     except DistilleryError as e:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from . import data as datasets
-from . import models
+from . import distributed, models
 from .config import Recipe, StageConfig, TermConfig, check_kwargs, to_dict
 from .data.core import TensorData, concat
 from .engine import MetricsLog, evaluate, fit, seed_everything
@@ -64,8 +64,15 @@ def validate(recipe: Recipe) -> None:
 # --------------------------------------------------------------------------- weights on disk
 
 
+def _writer() -> bool:
+    """Rank 0 writes run files under torch.distributed; every process does otherwise."""
+    return distributed.world()[0] == 0
+
+
 def save_weights(model: nn.Module, path: Path, meta: dict) -> None:
     """``path`` (safetensors) then ``path``.json with its sha256, both atomic."""
+    if not _writer():
+        return
     atomic_save_safetensors(path, {k: v.clone() for k, v in model.state_dict().items()})
     atomic_write_json(path.with_suffix(".json"), {**meta, "sha256": sha256_file(path)})
 
@@ -202,26 +209,35 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: bool = Fal
     """Train or reuse the teacher, train the student alone (when asked), distil, evaluate, report."""
     validate(recipe)
     torch.set_num_threads(recipe.threads)
+    rank, size = distributed.world()
+    if size > 1 and run_dir is None:
+        raise DistilleryError("under torch.distributed every process must write to one run directory; pass --out DIR.")
+    if rank != 0:
+        progress = False
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(recipe)
     if not resume and (run_dir / "config.yaml").exists():
         raise DistilleryError(f"{str(run_dir)!r} already holds a run; continue it with --resume {run_dir}, "
                               "or choose another --out.")
-    run_dir.mkdir(parents=True, exist_ok=True)
-    _say(progress, f"run directory: {run_dir}")
     config_text = yaml.safe_dump(to_dict(recipe), sort_keys=False)
     if resume and (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text() != config_text:
         raise DistilleryError(f"{str(run_dir)!r} holds a run of another recipe (config.yaml differs); resume it with its own recipe.")
-    atomic_write_text(run_dir / "config.yaml", config_text)
+    distributed.barrier()  # every rank has checked before rank 0 writes
+    _say(progress, f"run directory: {run_dir}")
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     summary: dict[str, Any] = {"name": recipe.name, "recipe": recipe.name, "created": created, "status": "running", "rows": []}
-    atomic_write_json(run_dir / "summary.json", summary)
-    _index(recipe, run_dir, summary)
+    if rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", config_text)
+        atomic_write_json(run_dir / "summary.json", summary)
+        _index(recipe, run_dir, summary)
+    distributed.barrier()
     try:
         result = _run(recipe, run_dir, resume, progress, summary)
     except BaseException:
-        summary["status"] = "failed"
-        atomic_write_json(run_dir / "summary.json", summary)
-        _index(recipe, run_dir, summary)
+        if rank == 0:
+            summary["status"] = "failed"
+            atomic_write_json(run_dir / "summary.json", summary)
+            _index(recipe, run_dir, summary)
         raise
     return result
 
@@ -272,8 +288,10 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
     save_weights(student, models_dir / "distilled.safetensors", {"model": to_dict(recipe.student.model)})
     trained["distilled"] = student
 
-    rows = measure(trained, data.test, run_dir)
+    rows = measure(trained, data.test, run_dir if _writer() else None)
     summary.update(status="done", rows=rows)
+    if not _writer():
+        return RunResult(run_dir, rows, None)
     atomic_write_json(run_dir / "summary.json", summary)
     _index(recipe, run_dir, summary)
     from .report import write_report
@@ -312,7 +330,7 @@ def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, 
         if weights.is_file():
             meta = load_weights(teacher_model, weights)
             _say(progress, f"teacher: reused from the cache {cache}")
-            if run_dir is not None:
+            if run_dir is not None and _writer():
                 _log_reused_history(run_dir, meta.get("history", []), str(cache))
         else:
             _say(progress, "teacher: training")
