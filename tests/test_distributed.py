@@ -19,10 +19,13 @@ TERMS = [TermConfig(loss="kd", params={"temperature": 2.0}, weight=0.7),
          TermConfig(loss="ce", teacher=None, weight=0.3)]
 
 
-def toy():
+def toy(uneven: bool = False):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(90, 12, generator=g)
-    return TensorData(x, x[:, :4].argmax(1).long(), torch.arange(90) * 2 + 1, 4, "toy")
+    y = x[:, :4].argmax(1).long()
+    if uneven:  # labels on a third of the rows, unevenly spread over ranks and micro-batches
+        y = torch.where(torch.rand(90, generator=g) < 0.33, y, torch.full_like(y, -100))
+    return TensorData(x, y, torch.arange(90) * 2 + 1, 4, "toy")
 
 
 def models():
@@ -33,10 +36,13 @@ def models():
     return student, ModuleTeacher(teacher)
 
 
+UNEVEN_TERMS = [TermConfig(loss="kd", params={"temperature": 2.0}, weight=0.7),
+                TermConfig(loss="ce", teacher=None, weight=0.3, targets="labels")]
+
 CFG = TrainConfig(epochs=2, batch_size=16, lr=0.05, optimizer="sgd", log_every=1, grad_accum=2)
 
 
-def _worker(rank, world, init_file, run_dir, out, fail_rank):
+def _worker(rank, world, init_file, run_dir, out, fail_rank, uneven=False):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -46,7 +52,8 @@ def _worker(rank, world, init_file, run_dir, out, fail_rank):
             if rank == fail_rank and step == 2:
                 raise RuntimeError(f"rank {rank} failed on purpose")
 
-        fit(student, Objective(TERMS), toy(), CFG, teacher=teacher, run_dir=run_dir, seed=3, progress=False,
+        terms = UNEVEN_TERMS if uneven else TERMS
+        fit(student, Objective(terms), toy(uneven), CFG, teacher=teacher, run_dir=run_dir, seed=3, progress=False,
             on_step=boom)
         if rank == 0:
             torch.save(student.state_dict(), out)
@@ -78,3 +85,13 @@ def test_one_process_is_unchanged():
     idx = torch.arange(5)
     assert torch.equal(distributed.shard(idx, 0, 1), idx)
     assert distributed.weighted_mean(2.0, 3.0) == 2.0
+
+
+def test_uneven_valid_rows_per_rank_normalise_globally(tmp_path):
+    student, teacher = models()
+    fit(student, Objective(UNEVEN_TERMS), toy(True), CFG, teacher=teacher, seed=3, progress=False)
+    out = tmp_path / "w.pt"
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), None, str(out), -1, True), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    for k, v in student.state_dict().items():
+        assert torch.allclose(v, got[k], atol=1e-6), k

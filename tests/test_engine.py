@@ -241,3 +241,17 @@ def test_select_best_needs_a_labelled_eval_set(toy_data):
         fit(student(), Objective(KD_CE), toy_data, cfg(select="best"), teacher=teacher(), progress=False)
     with pytest.raises(DistilleryError, match="patience"):
         TrainConfig(patience=0)
+
+
+def test_accumulation_normalises_each_term_by_its_valid_rows(toy_data):
+    from distillery.data import TensorData
+
+    g = torch.Generator().manual_seed(4)
+    y = torch.where(torch.rand(96, generator=g) < 0.3, toy_data.y, torch.full_like(toy_data.y, -100))
+    data = TensorData(toy_data.x, y, toy_data.ids, 4, "sparse-labels")
+    terms = [TermConfig(loss="ce", teacher=None, targets="labels")]
+    one, many = student(), student()
+    fit(one, Objective(terms), data, cfg(grad_accum=1, batch_size=32, warmup_epochs=0), seed=3, progress=False)
+    fit(many, Objective(terms), data, cfg(grad_accum=4, batch_size=8, warmup_epochs=0), seed=3, progress=False)
+    for a, b in zip(one.parameters(), many.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)

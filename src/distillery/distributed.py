@@ -4,10 +4,10 @@ one process changes nothing.
 
 Every rank draws the same global batch (the order is a function of (seed, epoch)) and takes the
 items at positions rank, rank + world, ... of it; samples are known by id, so a teacher cache or
-store answers each rank for its own items. A rank's loss is scaled by its share of the step's
-global item count times the world size, and gradients are summed and divided by the world size,
-so the update equals the single-process one on the same global batch (items, across ranks and
-accumulation steps, count equally). Only rank 0 writes logs and checkpoints.
+store answers each rank for its own items. Each term of a rank's loss is scaled by its share of
+the step's valid rows (summed over ranks and accumulation steps) times the world size, and
+gradients are summed and divided by the world size, so the update equals the single-process one
+on the same global batch, however the valid rows fall. Only rank 0 writes logs and checkpoints.
 """
 
 from __future__ import annotations
@@ -43,6 +43,15 @@ def average_gradients(params: list[torch.nn.Parameter], size: int) -> None:
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+def sum_counts(counts: list[int]) -> list[int]:
+    """Element-wise sum of integer counts over ranks."""
+    if world()[1] <= 1:
+        return list(counts)
+    t = torch.tensor(counts, dtype=torch.int64)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 def weighted_mean(value: float, weight: float) -> float:

@@ -375,24 +375,28 @@ def fit(
                     n_group = sum(len(i) for i in group)
                     opt.zero_grad(set_to_none=True)
                     n_local, loss_sum = 0, 0.0
-                    for index in group:
-                        index = distributed.shard(index, rank, size)
-                        if len(index) == 0:  # more ranks than items left: this rank only joins the average
-                            continue
-                        batch = data.batch(index)
+                    # Each term is normalised by its count of valid rows over the whole step (every
+                    # micro-batch of every rank): one all-reduce of the per-term counts first.
+                    local = [distributed.shard(index, rank, size) for index in group]
+                    local = [i for i in local if len(i)]  # more ranks than items left: join the average only
+                    micro = [data.batch(i) for i in local]
+                    counts = [objective.valid_counts(b, ask_teacher is not None) for b in micro]
+                    totals = distributed.sum_counts([sum(c) for c in zip(*counts)] if counts else
+                                                    [0] * len(objective.terms))
+                    for index, batch, count in zip(local, micro, counts):
+                        factors = [c * size / t if t else 0.0 for c, t in zip(count, totals)]
                         t_out = ask_teacher(batch, t_taps) if ask_teacher is not None else None
                         with amp:
                             s_taps.clear()
                             s_out = {"logits": student(batch["x"]), **s_taps.outputs}
-                            result = objective(s_out, t_out, batch)
+                            result = objective(s_out, t_out, batch, factors)
                         check_finite(result, f"{phase} epoch {epoch + 1} step {global_step + 1}")
-                        # Weight by this micro-batch's share of the step's items (over all ranks and
-                        # micro-batches); times the world size, which the gradient average divides out.
-                        share = len(index) * size / n_group
-                        loss = result["total"] if share == 1 else result["total"] * share
-                        loss.backward()
+                        # The factors weight each term by this micro-batch's share of the step's valid
+                        # rows (over all ranks and micro-batches), times the world size, which the
+                        # gradient average divides out.
+                        result["total"].backward()
                         n_local += len(index)
-                        loss_sum += float(result["total"].detach()) * len(index)
+                        loss_sum += float(result["batch_total"]) * len(index)
                         del t_out, s_out
                     distributed.average_gradients(params, size)
                     if cfg.clip_grad_norm is not None:

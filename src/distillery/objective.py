@@ -213,13 +213,28 @@ class Objective:
         return any(t.needs_targets and (t.targets == "labels" or (t.teacher is None and t.targets == "auto"))
                    for t in self.terms)
 
+    def valid_counts(self, batch: dict[str, Tensor], has_teacher: bool = False) -> list[int]:
+        """How many rows of ``batch`` each term averages over: the labelled rows for terms that read
+        labels (a label of -100 masks a row), every row otherwise. The engine sums these over ranks and
+        accumulation steps to normalise each term by its global count."""
+        n = len(batch["id"]) if "id" in batch else len(batch["x"])
+        out = []
+        for t in self.terms:
+            reads_labels = t.needs_targets and "y" in batch and (
+                t.targets == "labels" or (t.targets == "auto" and (t.teacher is None or not has_teacher)))
+            out.append(int((batch["y"] != -100).sum()) if reads_labels else n)
+        return out
+
     def __call__(self, student: dict[str, Tensor], teacher: dict[str, Tensor] | None,
-                 batch: dict[str, Tensor]) -> dict[str, Any]:
+                 batch: dict[str, Tensor], factors: list[float] | None = None) -> dict[str, Any]:
+        """``factors`` (one per term) scale each term inside the total only: the engine's share of this
+        batch's valid rows in the whole step's. ``batch_total`` is the unscaled weighted sum (logged)."""
         terms: dict[str, Tensor] = {}
         total: Tensor | None = None
+        plain = torch.zeros(())
         bal = self.balance
         balanced: dict[str, Tensor] = {}
-        for t in self.terms:
+        for i, t in enumerate(self.terms):
             s = student[t.student]
             if t.teacher is None:
                 tv = None
@@ -269,12 +284,14 @@ class Objective:
                 factor = bal.factor(bal.names.index(t.name))
                 terms[f"{t.name}/balance"] = factor.detach() / len(bal.names)
                 value = value * factor
-            total = t.weight * value if total is None else total + t.weight * value
+            w = t.weight if factors is None else t.weight * factors[i]
+            total = w * value if total is None else total + w * value
+            plain = plain + t.weight * value.detach()
             if t.state_module is not None and hasattr(t.state_module, "metrics"):  # logged, not in the total
                 terms.update({f"{t.name}/{k}": v for k, v in t.state_module.metrics().items()})
         if bal is not None and bal.training and torch.is_grad_enabled():
             bal.update([balanced[n] for n in bal.names])  # the weights for the next step
-        return {"total": total, "terms": terms}
+        return {"total": total, "terms": terms, "batch_total": plain}
 
     def _targets(self, t: Term, batch: dict[str, Tensor], teacher: dict[str, Tensor] | None) -> Tensor | None:
         mode = t.targets
