@@ -1,4 +1,4 @@
-"""One process against two (gloo on CPU, NCCL on a GPU machine) at the same global batch: step time,
+"""One process against two (gloo; the engine computes on the CPU) at the same global batch: step time,
 final accuracy, and the largest weight difference between the two runs' students.
 
 KD of the MLP 40-256-10 from a CNN teacher on MNIST-1D (transfer set of 16k samples), the teacher's

@@ -175,6 +175,8 @@ def test_mtard_balance_moves_weight_to_the_term_that_fell_least():
     s, t, y = torch.randn(4, 3), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
     out = obj({"logits": s}, {"logits": t}, {"x": s, "y": y})
     assert out["terms"]["a/balance"].item() == pytest.approx(0.5)
+    assert obj.balance.initial.tolist() == [0.0, 0.0]  # applied once per optimiser step, by the engine
+    obj.end_step()
     assert obj.balance.initial.tolist() == pytest.approx([out["terms"]["a"].item(), out["terms"]["b"].item()])
     with pytest.raises(DistilleryError, match="Did you mean 'a'"):
         Objective([TermConfig(loss="kd", name="a"), TermConfig(loss="kd", name="b")], balance=["aa", "b"])

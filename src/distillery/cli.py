@@ -30,8 +30,12 @@ def _cmd_ls(args) -> int:
 
 
 def _cmd_run(args) -> int:
+    import os
+
     from . import distributed, pipeline, recipes
 
+    if args.nproc > 1 and "RANK" in os.environ:
+        raise DistilleryError("--nproc relaunches under torchrun; already under torchrun, leave --nproc out.")
     if args.nproc > 1:  # relaunch this command under torchrun, one process per rank
         import subprocess
 
@@ -51,13 +55,17 @@ def _cmd_run(args) -> int:
     recipe = recipes.load(args.recipe, args.overrides)
     run_dir = args.resume or args.out
     joined = distributed.init_from_env()
+    rank = distributed.world()[0]
     try:
         result = pipeline.run(recipe, run_dir=run_dir, resume=args.resume is not None,
                               progress=False if args.quiet else None)
-    finally:
+    except BaseException:
         if joined:
-            distributed.shutdown()
-    if distributed.world()[0] == 0:
+            distributed.shutdown(ok=False)
+        raise
+    if joined:
+        distributed.shutdown()
+    if rank == 0:
         print(pipeline.format_rows(result.rows))
         print(f"run directory: {result.run_dir}")
         print(f"report: {result.report}")
@@ -153,7 +161,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--out", help="run directory (default: <runs_dir>/<recipe>/<time>)")
     s.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in RUN_DIR")
     s.add_argument("--quiet", action="store_true", help="no progress output")
-    s.add_argument("--nproc", type=int, default=1, help="processes (torchrun, gloo on CPU, NCCL on GPU)")
+    s.add_argument("--nproc", type=int, default=1, help="processes (torchrun, gloo)")
     s.set_defaults(fn=_cmd_run)
 
     s = sub.add_parser("cache", help="write what the recipe's teacher says about a data set to a store")

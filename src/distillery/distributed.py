@@ -31,18 +31,40 @@ def shard(index: Tensor, rank: int, size: int) -> Tensor:
 
 
 def average_gradients(params: list[torch.nn.Parameter], size: int) -> None:
-    """Sum every gradient across ranks (one flat all-reduce) and divide by the world size."""
+    """Sum every gradient across ranks (one flat all-reduce) and divide by the world size. A parameter
+    no rank gave a gradient keeps ``grad=None`` (so weight decay and momentum skip it, as in one process)."""
     if size <= 1 or not params:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+    flat = torch.cat([g.reshape(-1).float() for g in grads] + [present])
     dist.all_reduce(flat)
-    flat.div_(size)
+    flat[:-len(params)].div_(size)
+    seen = flat[-len(params):]
     offset = 0
-    for p, g in zip(params, grads):
+    for i, (p, g) in enumerate(zip(params, grads)):
         n = g.numel()
-        p.grad = flat[offset:offset + n].view_as(p).clone()
+        p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone() if seen[i] > 0 else None
         offset += n
+
+
+def broadcast_buffers(modules) -> None:
+    """Rank 0's buffers (batch-norm statistics, running term scales, loss state) to every rank, after
+    each optimiser step, as DDP's ``broadcast_buffers`` does: all ranks evaluate and decide alike."""
+    if world()[1] <= 1:
+        return
+    for m in modules:
+        for b in m.buffers():
+            dist.broadcast(b, 0)
+
+
+def all_true(flag: bool) -> bool:
+    """True on every rank only when ``flag`` is True on every rank."""
+    if world()[1] <= 1:
+        return flag
+    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def sum_counts(counts: list[int]) -> list[int]:
@@ -68,18 +90,20 @@ def barrier() -> None:
         dist.barrier()
 
 
-def init_from_env(backend: str | None = None) -> bool:
+def init_from_env(backend: str = "gloo") -> bool:
     """Join the process group that ``torchrun`` describes in the environment (RANK, WORLD_SIZE,
-    MASTER_ADDR, ...): gloo on CPU, NCCL when CUDA is there. False when not launched that way."""
+    MASTER_ADDR, ...). gloo: the engine keeps its tensors on the CPU. False when not launched that
+    way, or when a group already exists (it is not ours to close)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ or dist.is_initialized():
-        return dist.is_initialized()
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+        return False
     dist.init_process_group(backend)
     return True
 
 
-def shutdown() -> None:
-    """Barrier, then leave the group (a barrier first avoids aborts at exit with gloo)."""
+def shutdown(ok: bool = True) -> None:
+    """Leave the group: after a barrier when every rank finished (avoids aborts at exit with gloo),
+    at once after an error (the other ranks may be waiting in a collective; torchrun stops them)."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        if ok:
+            dist.barrier()
         dist.destroy_process_group()

@@ -390,7 +390,11 @@ def fit(
                             s_taps.clear()
                             s_out = {"logits": student(batch["x"]), **s_taps.outputs}
                             result = objective(s_out, t_out, batch, factors)
-                        check_finite(result, f"{phase} epoch {epoch + 1} step {global_step + 1}")
+                        where = f"{phase} epoch {epoch + 1} step {global_step + 1}"
+                        if size > 1 and not distributed.all_true(bool(torch.isfinite(result["total"].detach()).all())):
+                            check_finite(result, where)  # this rank's own message, if it is the one
+                            raise DistilleryError(f"non-finite loss at {where} on another rank; the run stopped.")
+                        check_finite(result, where)
                         # The factors weight each term by this micro-batch's share of the step's valid
                         # rows (over all ranks and micro-batches), times the world size, which the
                         # gradient average divides out.
@@ -403,6 +407,8 @@ def fit(
                         torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
                     opt.step()
                     sched.step()
+                    objective.end_step()
+                    distributed.broadcast_buffers(trainable.values())
                     global_step += 1
                     window_n += n_group
                     bar.step()

@@ -68,8 +68,9 @@ class Term:
 
     @property
     def is_feature(self) -> bool:
-        teacher_logits = self.teacher is None or self.teacher == "logits" or self.teacher.endswith(":logits") \
-            or (self.peer is not None and self.student != "logits")
+        if getattr(self.fn, "__module__", "").rsplit(".", 1)[-1] in ("logits", "selection", "graph", "sparse"):
+            return False  # a logit loss reads logits, also from a tapped member (peers, ensembles)
+        teacher_logits = self.teacher is None or self.teacher == "logits" or self.teacher.endswith(":logits")
         return self.student != "logits" or not teacher_logits  # "i:logits": ensemble member i's logits
     @classmethod
     def from_config(cls, cfg: TermConfig) -> Term:
@@ -112,10 +113,32 @@ class TermBalance(nn.Module):
         self.names, self.lr, self.beta = list(names), float(lr), float(beta)
         self.register_buffer("initial", torch.zeros(len(self.names), dtype=torch.float64))
         self.register_buffer("w", torch.full((len(self.names),), 1.0 / len(self.names), dtype=torch.float64))
+        self.pending: Tensor | None = None
+        self.count = 0
+
+    def add(self, values: list[Tensor]) -> None:
+        """One micro-batch's term values; ``step`` applies their mean once per optimiser step."""
+        v = torch.stack([x.detach().double() for x in values])
+        self.pending = v if self.pending is None else self.pending + v
+        self.count += 1
+
+    def step(self) -> None:
+        if self.pending is None:
+            return
+        v = self.pending / self.count
+        self.pending, self.count = None, 0
+        from . import distributed
+
+        if distributed.world()[1] > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(v)
+            v /= distributed.world()[1]
+        self.update(list(v))
 
     @torch.no_grad()
     def update(self, values: list[Tensor]) -> None:
-        v = torch.stack([x.detach().double() for x in values])
+        v = torch.stack([torch.as_tensor(x).detach().double() for x in values])
         first = self.initial == 0
         self.initial[first] = v[first].clamp(min=1e-12)
         r = (v / self.initial).clamp(min=0).pow(self.beta)
@@ -213,6 +236,11 @@ class Objective:
         return any(t.needs_targets and (t.targets == "labels" or (t.teacher is None and t.targets == "auto"))
                    for t in self.terms)
 
+    def end_step(self) -> None:
+        """Called by the engine after every optimiser step (MTARD's balance updates once per step)."""
+        if self.balance is not None:
+            self.balance.step()
+
     def valid_counts(self, batch: dict[str, Tensor], has_teacher: bool = False) -> list[int]:
         """How many rows of ``batch`` each term averages over: the labelled rows for terms that read
         labels (a label of -100 masks a row), every row otherwise. The engine sums these over ranks and
@@ -220,8 +248,9 @@ class Objective:
         n = len(batch["id"]) if "id" in batch else len(batch["x"])
         out = []
         for t in self.terms:
-            reads_labels = t.needs_targets and "y" in batch and (
-                t.targets == "labels" or (t.targets == "auto" and (t.teacher is None or not has_teacher)))
+            # as _targets: "auto" fills unlabelled rows with the teacher's class when a teacher answers
+            reads_labels = t.needs_targets and "y" in batch and getattr(t.fn, "masks_unlabelled", True) and (
+                t.targets == "labels" or (t.targets == "auto" and not has_teacher))
             out.append(int((batch["y"] != -100).sum()) if reads_labels else n)
         return out
 
@@ -290,7 +319,7 @@ class Objective:
             if t.state_module is not None and hasattr(t.state_module, "metrics"):  # logged, not in the total
                 terms.update({f"{t.name}/{k}": v for k, v in t.state_module.metrics().items()})
         if bal is not None and bal.training and torch.is_grad_enabled():
-            bal.update([balanced[n] for n in bal.names])  # the weights for the next step
+            bal.add([balanced[n] for n in bal.names])  # applied once per optimiser step: end_step()
         return {"total": total, "terms": terms, "batch_total": plain}
 
     def _targets(self, t: Term, batch: dict[str, Tensor], teacher: dict[str, Tensor] | None) -> Tensor | None:

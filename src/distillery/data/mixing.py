@@ -48,8 +48,8 @@ class LabelledShare(TensorData):
     def __init__(self, labelled: TensorData, unlabelled: TensorData, share: float, batch_size: int):
         if not 0 <= share <= 1:
             raise DistilleryError(f"labelled share must lie in [0, 1], got {share}.")
-        if labelled.y is None:
-            raise DistilleryError(f"{labelled.name}: the labelled part has no labels.")
+        if labelled.y is None or len(labelled) == 0:
+            raise DistilleryError(f"{labelled.name}: the labelled part has no labels or no samples.")
         joined = _join([labelled, unlabelled.unlabelled()], f"{labelled.name}+{unlabelled.name}")
         super().__init__(joined.x, joined.y, joined.ids, joined.num_classes, joined.name)
         self.n_lab, self.n_unl = len(labelled), len(unlabelled)

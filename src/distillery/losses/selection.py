@@ -135,7 +135,8 @@ def ferkd(
         y_s <  low or y_s > high  -> the row is discarded (uninformative: extreme hard or easy),
         low <= y_s < mid          -> a smoothed hard label: 1 - eps on y, eps / (C - 1) elsewhere,
         otherwise                 -> the teacher's soft label p_t.
-    Rows without a label (target -100) keep the teacher's soft label. What we follow: the three-way
+    Rows without a label (target -100) keep the teacher's soft label; give the term ``targets: labels``
+    (with ``auto`` and a teacher, the objective fills those rows with the teacher's class first). What we follow: the three-way
     rule and the soft cross-entropy of FKD's code, which FerKD trains with. What we could not read
     and chose: the thresholds (low 0, mid 0.2, high 1: nothing discarded by default) and how eps is
     spread (over the other C - 1 classes). Shapes: (N, C), (N, C), targets (N,) -> scalar.
@@ -164,3 +165,4 @@ def ferkd(
 
 
 ferkd.needs_targets = True
+ferkd.masks_unlabelled = False  # it keeps unlabelled rows (teacher soft labels): every row counts

@@ -5,7 +5,8 @@ from the teacher by KD on those inputs, through the shared engine.
 
 Each round: ``generator_steps`` generator updates, then ``samples_per_round`` fresh samples join a
 memory of the last ``memory`` generated samples (as Fast-DFKD's memory bank), and the student
-trains one epoch of ``kd`` on the memory with ``engine.fit``.
+trains one epoch of ``kd`` on the memory with ``engine.fit`` (a fresh optimiser each round: its
+state does not carry over between rounds). Not resumable mid-run.
 
 Generator loss (the sum of the terms of DAFL, DFAD and DeepInversion as Fast-Datafree's
 ``GenerativeSynthesizer`` combines them; weights in ``weights``):
@@ -108,6 +109,10 @@ def data_free(teacher: nn.Module, student: nn.Module, input_shape: tuple[int, ..
               eval_data: TensorData | None = None) -> dict[str, Any]:
     """Distil ``teacher`` into ``student`` without data (module docstring). Returns the generator, the
     per-round history (generator terms, student accuracy on ``eval_data`` when given)."""
+    if rounds < 1 or generator_steps < 1 or samples_per_round < 1 or memory < samples_per_round:
+        raise DistilleryError("data_free needs rounds, generator_steps and samples_per_round >= 1 and "
+                              f"memory >= samples_per_round; got {rounds}, {generator_steps}, {samples_per_round}, "
+                              f"{memory}.")
     w = {**DEFAULT_WEIGHTS, **(weights or {})}
     unknown = set(w) - set(DEFAULT_WEIGHTS)
     if unknown:

@@ -69,7 +69,7 @@ def born_again(make_student: Callable[[], nn.Module], teacher: nn.Module, data: 
     """Born-again networks (Furlanello et al., ICML 2018): generation g + 1, a fresh student of the
     same architecture, is distilled from generation g; generation 0 is ``teacher``. Every generation
     is its own resumable phase (``gen1``, ``gen2``, ...) and is kept: returns one record per generation
-    with its model and ``fit``'s result. ``terms`` default to kd (tau 4) + ce on labelled data."""
+    with its model and ``fit``'s result. ``terms`` default to kd (tau 4) alone."""
     if generations < 1:
         raise DistilleryError(f"born_again needs generations >= 1, got {generations}.")
     terms = terms or [TermConfig(loss="kd", params={"temperature": 4.0})]
