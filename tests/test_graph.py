@@ -377,3 +377,18 @@ def test_inference_timing_reports_both_models(homophilous):
     sub = D.khop(*D._csr(g.edge_index, g.num_nodes), int(s.test[0]), 1)
     nb = set(g.edge_index[0][g.edge_index[1] == int(s.test[0])].tolist())
     assert sub[0] == s.test[0] and set(sub[1:].tolist()) == nb
+
+
+def test_inductive_setting_end_to_end():
+    g = graph.csbm(num_nodes=400, num_classes=4, num_features=16, avg_degree=8, homophily=0.9, signal=0.5, seed=4)
+    s = graph.split(g.y, 0, 5, 10)
+    obs_split, hidden = graph.inductive(s, 0, share=0.2)
+    observed = g.without_nodes(hidden)
+    teacher = D.train_teacher(observed, obs_split, "gcn", seed=0)  # trained without the hidden nodes' edges
+    nodes = torch.tensor(sorted(set(range(g.num_nodes)) - set(hidden.tolist())))
+    student, _ = D.distill(teacher, observed, obs_split, "glnn", seed=0, observed=nodes)
+    mlp, _ = D.distill(None, observed, obs_split, "mlp", seed=0)
+    acc_s, acc_m = D.accuracy(student, g, hidden), D.accuracy(mlp, g, hidden)  # features only: no edges needed
+    assert acc_s > acc_m + 5
+    teacher.use_graph(g)  # the GNN sees the hidden nodes' edges at inference, as GLNN evaluates it
+    assert D.accuracy(teacher, g, hidden) > acc_m
