@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import replace
 
 import torch
 
@@ -94,9 +93,7 @@ def main() -> None:
         fit(bn_teacher, Objective(CE), train, labelled, seed=seed, progress=False)
         out["teacher_bn"] = acc(bn_teacher)
         s = mlp(seed)
-        data_free(bn_teacher, s, (40,), rounds=args.rounds, seed=seed,
-                  student_train=replace(TrainConfig(epochs=1, batch_size=256, lr=1e-3, schedule="constant"),
-                                        log_every=1 << 30))
+        data_free(bn_teacher, s, (40,), rounds=args.rounds, seed=seed)
         out["data_free"] = acc(s)
         for k, v in out.items():
             runs.setdefault(k, []).append(v)
