@@ -95,3 +95,40 @@ def test_uneven_valid_rows_per_rank_normalise_globally(tmp_path):
     got = torch.load(out, weights_only=True)
     for k, v in student.state_dict().items():
         assert torch.allclose(v, got[k], atol=1e-6), k
+
+
+class _NaNAfter(nn.Module):
+    """Gives NaN outputs from its ``after``-th training forward on (only) the rank it is built for."""
+
+    def __init__(self, inner, after):
+        super().__init__()
+        self.inner, self.after, self.calls = inner, after, 0
+
+    def forward(self, x):
+        out = self.inner(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.after:
+                out = out * float("nan")
+        return out
+
+
+def _nan_worker(rank, world, init_file, errors):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    student, teacher = models()
+    net = _NaNAfter(student, 3) if rank == 1 else student
+    try:
+        fit(net, Objective(TERMS), toy(), CFG, teacher=teacher, seed=3, progress=False)
+    except Exception as e:  # every rank must stop, each with a message
+        with open(f"{errors}.{rank}", "w") as f:
+            f.write(str(e))
+    finally:
+        distributed.shutdown(ok=False)
+
+
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    mp.spawn(_nan_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "err")), nprocs=2, join=True)
+    own, other = (tmp_path / "err.1").read_text(), (tmp_path / "err.0").read_text()
+    assert "non-finite loss" in own and "another rank" not in own
+    assert "non-finite loss" in other and "on another rank" in other

@@ -30,22 +30,27 @@ def shard(index: Tensor, rank: int, size: int) -> Tensor:
     return index[rank::size] if size > 1 else index
 
 
-def average_gradients(params: list[torch.nn.Parameter], size: int) -> None:
+def average_gradients(params: list[torch.nn.Parameter], size: int, failed: bool = False) -> bool:
     """Sum every gradient across ranks (one flat all-reduce) and divide by the world size. A parameter
-    no rank gave a gradient keeps ``grad=None`` (so weight decay and momentum skip it, as in one process)."""
-    if size <= 1 or not params:
-        return
+    no rank gave a gradient keeps ``grad=None`` (so weight decay and momentum skip it, as in one process).
+    ``failed`` (a non-finite loss on this rank) travels in the same all-reduce: returns True on every
+    rank when any rank failed, so all of them stop together."""
+    if size <= 1:
+        return failed
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    present = torch.tensor([p.grad is not None for p in params], dtype=torch.float32)
+    present = torch.tensor([p.grad is not None for p in params] + [failed], dtype=torch.float32)
     flat = torch.cat([g.reshape(-1).float() for g in grads] + [present])
     dist.all_reduce(flat)
-    flat[:-len(params)].div_(size)
-    seen = flat[-len(params):]
+    if flat[-1] > 0:
+        return True
+    flat[:-len(params) - 1].div_(size)
+    seen = flat[-len(params) - 1:-1]
     offset = 0
     for i, (p, g) in enumerate(zip(params, grads)):
         n = g.numel()
         p.grad = flat[offset:offset + n].view_as(p).to(p.dtype).clone() if seen[i] > 0 else None
         offset += n
+    return False
 
 
 def broadcast_buffers(modules) -> None:
@@ -53,18 +58,17 @@ def broadcast_buffers(modules) -> None:
     each optimiser step, as DDP's ``broadcast_buffers`` does: all ranks evaluate and decide alike."""
     if world()[1] <= 1:
         return
+    by_dtype: dict[torch.dtype, list[Tensor]] = {}
     for m in modules:
         for b in m.buffers():
-            dist.broadcast(b, 0)
-
-
-def all_true(flag: bool) -> bool:
-    """True on every rank only when ``flag`` is True on every rank."""
-    if world()[1] <= 1:
-        return flag
-    t = torch.tensor([1 if flag else 0], dtype=torch.int64)
-    dist.all_reduce(t, op=dist.ReduceOp.MIN)
-    return bool(t.item())
+            by_dtype.setdefault(b.dtype, []).append(b)
+    for bufs in by_dtype.values():  # one broadcast per dtype
+        flat = torch.cat([b.reshape(-1) for b in bufs])
+        dist.broadcast(flat, 0)
+        offset = 0
+        for b in bufs:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
 
 
 def sum_counts(counts: list[int]) -> list[int]:

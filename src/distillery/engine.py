@@ -309,6 +309,7 @@ def fit(
     sched = make_schedule(opt, cfg, steps_per_epoch)
     ckpt = run_dir / "checkpoints" / phase / "last" if run_dir is not None else None
     rank, size = distributed.world()
+    label_masked = objective.label_masked(data.labelled, objective.needs_teacher and teacher is not None)
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None and rank == 0 else None)
 
     start_epoch, start_step, global_step = 0, 0, 0
@@ -381,8 +382,14 @@ def fit(
                     local = [i for i in local if len(i)]  # more ranks than items left: join the average only
                     micro = [data.batch(i) for i in local]
                     counts = [objective.valid_counts(b, ask_teacher is not None) for b in micro]
-                    totals = distributed.sum_counts([sum(c) for c in zip(*counts)] if counts else
-                                                    [0] * len(objective.terms))
+                    # Terms over every row need no communication: their total is the step's item count.
+                    totals = [n_group] * len(objective.terms)
+                    masked = [i for i, m in enumerate(label_masked) if m]
+                    if masked:
+                        summed = distributed.sum_counts([sum(c[i] for c in counts) for i in masked])
+                        for i, v in zip(masked, summed):
+                            totals[i] = v
+                    bad = None
                     for index, batch, count in zip(local, micro, counts):
                         factors = [c * size / t if t else 0.0 for c, t in zip(count, totals)]
                         t_out = ask_teacher(batch, t_taps) if ask_teacher is not None else None
@@ -391,10 +398,11 @@ def fit(
                             s_out = {"logits": student(batch["x"]), **s_taps.outputs}
                             result = objective(s_out, t_out, batch, factors)
                         where = f"{phase} epoch {epoch + 1} step {global_step + 1}"
-                        if size > 1 and not distributed.all_true(bool(torch.isfinite(result["total"].detach()).all())):
-                            check_finite(result, where)  # this rank's own message, if it is the one
-                            raise DistilleryError(f"non-finite loss at {where} on another rank; the run stopped.")
-                        check_finite(result, where)
+                        if size == 1:
+                            check_finite(result, where)
+                        elif not bool(torch.isfinite(result["total"].detach()).all()):
+                            bad = result  # told to every rank with the gradients, then raised everywhere
+                            break
                         # The factors weight each term by this micro-batch's share of the step's valid
                         # rows (over all ranks and micro-batches), times the world size, which the
                         # gradient average divides out.
@@ -402,7 +410,11 @@ def fit(
                         n_local += len(index)
                         loss_sum += float(result["batch_total"]) * len(index)
                         del t_out, s_out
-                    distributed.average_gradients(params, size)
+                    if distributed.average_gradients(params, size, failed=bad is not None):
+                        if bad is not None:
+                            check_finite(bad, where)
+                        raise DistilleryError(f"non-finite loss at {phase} epoch {epoch + 1} step {global_step + 1} "
+                                              "on another rank; the run stopped.")
                     if cfg.clip_grad_norm is not None:
                         torch.nn.utils.clip_grad_norm_(params, cfg.clip_grad_norm)
                     opt.step()

@@ -241,18 +241,20 @@ class Objective:
         if self.balance is not None:
             self.balance.step()
 
+    def label_masked(self, labelled: bool, has_teacher: bool = False) -> list[bool]:
+        """Per term: does it average over the labelled rows only (labels of -100 masked)? As _targets:
+        "auto" fills unlabelled rows with the teacher's class when a teacher answers."""
+        return [t.needs_targets and labelled and getattr(t.fn, "masks_unlabelled", True) and (
+                t.targets == "labels" or (t.targets == "auto" and not has_teacher)) for t in self.terms]
+
     def valid_counts(self, batch: dict[str, Tensor], has_teacher: bool = False) -> list[int]:
         """How many rows of ``batch`` each term averages over: the labelled rows for terms that read
         labels (a label of -100 masks a row), every row otherwise. The engine sums these over ranks and
         accumulation steps to normalise each term by its global count."""
         n = len(batch["id"]) if "id" in batch else len(batch["x"])
-        out = []
-        for t in self.terms:
-            # as _targets: "auto" fills unlabelled rows with the teacher's class when a teacher answers
-            reads_labels = t.needs_targets and "y" in batch and getattr(t.fn, "masks_unlabelled", True) and (
-                t.targets == "labels" or (t.targets == "auto" and not has_teacher))
-            out.append(int((batch["y"] != -100).sum()) if reads_labels else n)
-        return out
+        masked = self.label_masked("y" in batch, has_teacher)
+        labelled = int((batch["y"] != -100).sum()) if any(masked) else n
+        return [labelled if m else n for m in masked]
 
     def __call__(self, student: dict[str, Tensor], teacher: dict[str, Tensor] | None,
                  batch: dict[str, Tensor], factors: list[float] | None = None) -> dict[str, Any]:
