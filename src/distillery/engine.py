@@ -381,7 +381,7 @@ def fit(
                     local = [distributed.shard(index, rank, size) for index in group]
                     local = [i for i in local if len(i)]  # more ranks than items left: join the average only
                     micro = [data.batch(i) for i in local]
-                    counts = [objective.valid_counts(b, ask_teacher is not None) for b in micro]
+                    counts = [objective.valid_counts(b, label_masked) for b in micro]
                     # Terms over every row need no communication: their total is the step's item count.
                     totals = [n_group] * len(objective.terms)
                     masked = [i for i, m in enumerate(label_masked) if m]

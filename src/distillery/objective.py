@@ -247,12 +247,11 @@ class Objective:
         return [t.needs_targets and labelled and getattr(t.fn, "masks_unlabelled", True) and (
                 t.targets == "labels" or (t.targets == "auto" and not has_teacher)) for t in self.terms]
 
-    def valid_counts(self, batch: dict[str, Tensor], has_teacher: bool = False) -> list[int]:
-        """How many rows of ``batch`` each term averages over: the labelled rows for terms that read
-        labels (a label of -100 masks a row), every row otherwise. The engine sums these over ranks and
+    def valid_counts(self, batch: dict[str, Tensor], masked: list[bool]) -> list[int]:
+        """How many rows of ``batch`` each term averages over: the labelled rows for the terms ``masked``
+        marks (``label_masked``), every row otherwise. The engine sums these over ranks and
         accumulation steps to normalise each term by its global count."""
         n = len(batch["id"]) if "id" in batch else len(batch["x"])
-        masked = self.label_masked("y" in batch, has_teacher)
         labelled = int((batch["y"] != -100).sum()) if any(masked) else n
         return [labelled if m else n for m in masked]
 

@@ -275,8 +275,7 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
             "data_fingerprint": data_fingerprint(distill_data)}))
         _say(progress, f"teacher: answers from the store {recipe.distill.teacher_store}")
     elif recipe.distill.precompute_teacher:  # logits and every tap any stage reads, once per sample
-        taps = [p for st in stages(recipe) for p in Objective(st.terms).teacher_taps]
-        answers = PrecomputedTeacher(teacher, distill_data, taps)
+        answers = PrecomputedTeacher(teacher, distill_data, teacher_taps(recipe))
     for stage in stages(recipe):
         objective = Objective(stage.terms, normalize=recipe.distill.normalize_terms,
                               balance=recipe.distill.balance_terms)
@@ -360,10 +359,9 @@ def write_teacher_store(recipe: Recipe, which: str, out: str | Path, *, top_k: i
     if which == "train+transfer" and recipe.distill.labelled_share is not None:
         subset = distill_set(recipe, data)  # the same ids (and inputs) as the run will read
     model = get_teacher(recipe, data, None, False, progress)
-    taps = [p for st in stages(recipe) for p in Objective(st.terms).teacher_taps]
     return write_store(ModuleTeacher(model), subset, out,
                        teacher_fingerprint=model_fingerprint(model, to_dict(recipe.teacher.model)), top_k=top_k,
-                       temperature=temperature, tail=tail, dtype=dtype, taps=taps, shard_size=shard_size,
+                       temperature=temperature, tail=tail, dtype=dtype, taps=teacher_taps(recipe), shard_size=shard_size,
                        progress=progress is not False)
 
 
@@ -384,6 +382,11 @@ def check_module_paths(recipe: Recipe, student: nn.Module, teacher: nn.Module) -
         objective = Objective(stage.terms)
         check_paths(student, [*objective.student_taps, *(stage.trainable or [])])
         check_paths(teacher, objective.teacher_taps)
+
+
+def teacher_taps(recipe: Recipe) -> list[str]:
+    """Every teacher tap any stage's terms read (what a precomputed teacher or a store must hold)."""
+    return list(dict.fromkeys(p for st in stages(recipe) for p in Objective(st.terms).teacher_taps))
 
 
 def stages(recipe: Recipe) -> list[StageConfig]:

@@ -27,7 +27,7 @@ from ..losses.graph import entropy_shift
 from ..objective import Objective
 from ..teachers import ModuleTeacher, PrecomputedTeacher
 from . import models
-from .data import Graph, Split, node_sets
+from .data import Graph, NodeData, Split, node_sets
 
 METHODS = ("mlp", "glnn", "ffg2m", "krd")
 
@@ -137,8 +137,7 @@ def distill(teacher: nn.Module | None, graph: Graph, split: Split, method: str =
 
 def accuracy(model: nn.Module, graph: Graph, nodes: Tensor) -> float:
     """Accuracy (%) of ``model`` at ``nodes``."""
-    sets = node_sets(graph, Split(nodes, nodes, nodes))
-    return 100 * evaluate(model, sets["test"])["accuracy"]
+    return 100 * evaluate(model, NodeData(graph, nodes, graph.y[nodes]))["accuracy"]
 
 
 # --------------------------------------------------------------------------- inference cost

@@ -67,6 +67,12 @@ def _add_self_loops(e: Tensor, n: int, mask: Tensor | None) -> Tensor:
     return torch.cat([e, torch.stack([nodes, nodes])], dim=1)
 
 
+def _neighbour_kl(s: Tensor, t: Tensor, e: Tensor, tau: float, reduction: str) -> Tensor:
+    """KL(softmax(z_j / tau) || softmax(s_i / tau)) for every edge (i, j) of ``e``, reduced."""
+    log_s, log_t = _log_probs(s, tau), _log_probs(t, tau)
+    return _reduce_edges(_kl(log_t[e[1]], log_s[e[0]]), reduction)
+
+
 @register("ffg2m_low")
 def ffg2m_low(
     student_logits: Tensor,
@@ -90,10 +96,7 @@ def ffg2m_low(
     """
     tau = _positive("ffg2m_low", "temperature", temperature)
     s, t, e = _prepare("ffg2m_low", student_logits, teacher_logits, edges, mask, reduction)
-    if self_loops:
-        e = _add_self_loops(e, len(s), mask)
-    log_s, log_t = _log_probs(s, tau), _log_probs(t, tau)
-    return _reduce_edges(_kl(log_t[e[1]], log_s[e[0]]), reduction)
+    return _neighbour_kl(s, t, _add_self_loops(e, len(s), mask) if self_loops else e, tau, reduction)
 
 
 @register("ffg2m_high")
@@ -242,9 +245,7 @@ def krd(
             p = 1 - reliability.double().clamp(0, 1).pow(float(state.power))
             e = e[:, torch.rand(e.shape[1], dtype=torch.float64, device=e.device) < p[e[1]]]
         state.step.add_(1)
-    e = _add_self_loops(e, len(s), mask)
-    log_s, log_t = _log_probs(s, tau), _log_probs(t, tau)
-    return _reduce_edges(_kl(log_t[e[1]], log_s[e[0]]), reduction)
+    return _neighbour_kl(s, t, _add_self_loops(e, len(s), mask), tau, reduction)
 
 
 krd.batch_keys = ("edges", "reliability")

@@ -26,15 +26,25 @@ def chain(teacher: nn.Module, links: Sequence[Callable[[], nn.Module]], data: Te
     for an accuracy-against-parameters plot along the chain."""
     if not links:
         raise DistilleryError("a chain needs at least one link after the teacher.")
+    steps = distil_in_turn(teacher, links, data, train, terms=terms, eval_data=eval_data, run_dir=run_dir,
+                           seed=seed, progress=progress, phase="link")
+    return [{"link": i, "model": m, "params": num_params(m), "result": r} for i, (m, r) in enumerate(steps, 1)]
+
+
+def distil_in_turn(teacher: nn.Module, makers: Sequence[Callable[[], nn.Module]], data: TensorData,
+                   train: TrainConfig, *, terms: list[TermConfig] | None, eval_data: TensorData | None,
+                   run_dir: str | Path | None, seed: int, progress: bool | None, phase: str) -> list[tuple]:
+    """Model k (from ``makers[k - 1]``, seeded ``seed + k``) distilled from model k - 1, model 0 being
+    ``teacher``; phase ``<phase>k`` each, resumable. ``terms`` default to kd (tau 4). (model, result) each."""
     terms = terms or [TermConfig(loss="kd", params={"temperature": 4.0})]
-    out: list[dict[str, Any]] = []
+    out: list[tuple] = []
     prev = teacher
-    for i, make in enumerate(links, 1):
-        seed_everything(seed + i)
+    for k, make in enumerate(makers, 1):
+        seed_everything(seed + k)
         model = make()
         answers = PrecomputedTeacher(ModuleTeacher(prev), data, Objective(terms).teacher_taps)
         result = fit(model, Objective(terms), data, train, teacher=answers, eval_data=eval_data, run_dir=run_dir,
-                     phase=f"link{i}", seed=seed + i, progress=progress)
-        out.append({"link": i, "model": model, "params": num_params(model), "result": result})
+                     phase=f"{phase}{k}", seed=seed + k, progress=progress)
+        out.append((model, result))
         prev = model
     return out

@@ -12,11 +12,10 @@ from torch import Tensor, nn
 
 from ..config import TermConfig, TrainConfig
 from ..data.core import TensorData
-from ..engine import fit, seed_everything
 from ..errors import DistilleryError
-from ..objective import Objective
 from ..taps import Taps
-from ..teachers import ModuleTeacher, PrecomputedTeacher
+from ..teachers import ModuleTeacher
+from .progressive import distil_in_turn
 
 
 class EMATeacher:
@@ -72,15 +71,6 @@ def born_again(make_student: Callable[[], nn.Module], teacher: nn.Module, data: 
     with its model and ``fit``'s result. ``terms`` default to kd (tau 4) alone."""
     if generations < 1:
         raise DistilleryError(f"born_again needs generations >= 1, got {generations}.")
-    terms = terms or [TermConfig(loss="kd", params={"temperature": 4.0})]
-    out: list[dict[str, Any]] = []
-    prev = teacher
-    for g in range(1, generations + 1):
-        seed_everything(seed + g)
-        student = make_student()
-        answers = PrecomputedTeacher(ModuleTeacher(prev), data, Objective(terms).teacher_taps)
-        result = fit(student, Objective(terms), data, train, teacher=answers, eval_data=eval_data,
-                     run_dir=run_dir, phase=f"gen{g}", seed=seed + g, progress=progress)
-        out.append({"generation": g, "model": student, "result": result})
-        prev = student
-    return out
+    steps = distil_in_turn(teacher, [make_student] * generations, data, train, terms=terms, eval_data=eval_data,
+                           run_dir=run_dir, seed=seed, progress=progress, phase="gen")
+    return [{"generation": g, "model": m, "result": r} for g, (m, r) in enumerate(steps, 1)]
