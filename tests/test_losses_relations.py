@@ -1,4 +1,4 @@
-"""Tests for distillery.losses.relations (rkd, pkt, crd, vid, trg).
+"""Tests for distillery.losses.relations (rkd, pkt, crd, vid, trg, cosine_gram).
 
 Each loss is checked against a naive float64 reference written with python floats and explicit
 loops, against values worked out by hand, and on the edge cases: zero at identity, scale
@@ -20,7 +20,7 @@ from distillery import losses  # noqa: E402
 from distillery.losses import relations as R  # noqa: E402  (importing it registers its losses)
 from distillery.losses.logits import LossInputError  # noqa: E402
 
-EXPECTED = {"rkd", "pkt", "crd", "vid", "trg"}
+EXPECTED = {"rkd", "pkt", "crd", "vid", "trg", "cosine_gram"}
 NAMES = sorted(n for n in losses.names() if getattr(losses.get(n), "__module__", None) == R.__name__)
 WITH_STATE = {"crd", "vid"}
 CRD = {"num_samples": 40, "feat_dim": 8, "num_negatives": 16}
@@ -36,6 +36,7 @@ def feature_shapes(name):
         "crd": ((5,), (3, 2)),
         "vid": ((3, 2, 2), (3, 2, 2)),
         "trg": ((4, 5), (4, 5)),  # (T, D); gamma > 0 needs equal dims
+        "cosine_gram": ((3,), (5,)),
     }[name]
 
 
@@ -219,7 +220,17 @@ def naive_trg(s, t, state=None, alpha=1.0, beta=1.0, gamma=1.0, tau_g=0.1, sigma
     return alpha * inner + beta * local + gamma * glob
 
 
-NAIVE = {"rkd": naive_rkd, "pkt": naive_pkt, "crd": lambda s, t, st, **p: naive_crd(s, t, st, **p)[0],
+def naive_cosine_gram(s, t, state=None, eps=1e-12):
+    def cosines(X):
+        U = [[v / max(norm(x), eps) for v in x] for x in X]
+        return [[dot(a, b) for b in U] for a in U]
+
+    cs, ct = cosines(rows(s)), cosines(rows(t))
+    n = len(cs)
+    return sum((cs[i][j] - ct[i][j]) ** 2 for i in range(n) for j in range(n) if i != j) / (n * (n - 1))
+
+
+NAIVE = {"cosine_gram": naive_cosine_gram, "rkd": naive_rkd, "pkt": naive_pkt, "crd": lambda s, t, st, **p: naive_crd(s, t, st, **p)[0],
          "vid": naive_vid, "trg": naive_trg}  # fmt: skip
 PARAMS = {
     "rkd": [{}, {"distance_weight": 1.0, "angle_weight": 0.0}, {"distance_weight": 0.0, "angle_weight": 2.0}],
@@ -227,6 +238,7 @@ PARAMS = {
     "crd": [{}, {"temperature": 0.5, "momentum": 0.9}],
     "vid": [{}, {"eps": 1e-2}],
     "trg": [{}, {"alpha": 0.5, "beta": 2.0, "gamma": 0.3, "tau_g": 0.5, "sigma": 4.0, "k": 2}],
+    "cosine_gram": [{}, {"eps": 1e-3}],
 }
 CASES = [pytest.param(n, p, id=f"{n}-{i}") for n in NAMES for i, p in enumerate(PARAMS[n])]
 
@@ -414,6 +426,16 @@ HAND = [
         {"alpha": 0.0, "gamma": 0.0, "k": 1},
         0.0,
         id="trg-local-k1",
+    ),
+    # cosine_gram: student rows (1,0), (0,1), (1,1): cosines 0, 1/sqrt2, 1/sqrt2; teacher all
+    # parallel: cosines 1. Off-diagonal pairs (6): 2 * [(0-1)^2 + 2 (1/sqrt2 - 1)^2] / 6.
+    pytest.param(
+        "cosine_gram",
+        [[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]],
+        [[1.0], [2.0], [3.0]],
+        {},
+        (1.0 + 2 * (1 / math.sqrt(2) - 1) ** 2) / 3,
+        id="cosine_gram",
     ),
     # crd: the NCE part by hand (below); the whole step is checked against the naive reference above.
     pytest.param("crd", None, None, {}, 2 * math.log(2.0), id="crd-nce"),
@@ -635,3 +657,18 @@ def test_differing_dims_are_allowed_where_the_method_allows_them():
     assert torch.isfinite(R.trg(s, t, gamma=0.0))  # graphs are built per model
     assert torch.isfinite(R.rkd(torch.randn(5, 2), torch.randn(5, 30)))
     assert torch.isfinite(R.pkt(torch.randn(5, 2), torch.randn(5, 30)))
+
+
+def test_cosine_gram_is_zero_for_one_sample_and_for_a_rotated_copy_and_scale_free():
+    s = torch.randn(1, 4, requires_grad=True)
+    zero = R.cosine_gram(s, torch.randn(1, 6))
+    zero.backward()
+    assert zero.item() == 0.0 and s.grad is not None
+    x = torch.randn(8, 5, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(5, 5, dtype=torch.float64))
+    assert R.cosine_gram(x @ q, x).item() == pytest.approx(0.0, abs=1e-12)  # a rotation keeps every cosine
+    scale = torch.logspace(-3, 3, 8, dtype=torch.float64).unsqueeze(1)
+    t = torch.randn(8, 3, dtype=torch.float64)
+    assert R.cosine_gram(x * scale, t).item() == pytest.approx(R.cosine_gram(x, t).item(), rel=1e-9)
+    with pytest.raises(LossInputError, match="Pool tokens"):
+        R.cosine_gram(torch.randn(2, 3, 4), torch.randn(2, 3, 4))

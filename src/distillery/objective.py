@@ -278,7 +278,8 @@ class Objective:
                     raise DistilleryError(
                         f"term {t.name!r}: the teacher's {t.teacher!r} is sparse ({type(tv).__name__}, a top-k store), "
                         f"which loss {getattr(t.fn, '__name__', t.fn)!r} cannot read; use kd, or a dense store.")
-                if t.student == "logits" and t.teacher == "logits" and s.shape[-1] != tv.shape[-1]:
+                if (t.student == "logits" and t.teacher == "logits" and s.shape[-1] != tv.shape[-1]
+                        and not getattr(t.fn, "different_widths", False)):  # relation losses compare any widths
                     raise DistilleryError(
                         f"teacher and student disagree on the class count: teacher logits have {tv.shape[-1]} classes, "
                         f"student logits {s.shape[-1]}; build both for the same data set (num_classes)."

@@ -49,7 +49,12 @@ def find(name_or_path: str) -> Path:
     raise unknown("recipe", name_or_path, known)
 
 
-def load(name_or_path: str, overrides: list[str] | None = None) -> Recipe:
-    """Load a recipe (YAML, safe), apply ``a.b=c`` overrides and check every key and value."""
+def load(name_or_path: str, overrides: list[str] | None = None):
+    """Load a recipe (YAML, safe), apply ``a.b=c`` overrides and check every key and value.
+    ``kind: condense`` recipes give a ``condense.config.CondenseRecipe``."""
     raw = apply_overrides(load_yaml(find(name_or_path)), overrides or [])
+    if raw.get("kind") == "condense":
+        from .condense.config import CondenseRecipe
+
+        return from_dict(CondenseRecipe, raw)
     return from_dict(Recipe, raw)

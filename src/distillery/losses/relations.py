@@ -1,4 +1,4 @@
-"""Feature and relation distillation losses: RKD, PKT, CRD, VID, TRG.
+"""Feature and relation distillation losses: RKD, PKT, CRD, VID, TRG, cosine Gram.
 
 Every loss here is a registered pure function::
 
@@ -635,7 +635,39 @@ def trg(
                 terms.append(g * F.cross_entropy(cos / tau, target))
         return sum(terms) if terms else s.sum() * 0.0  # all weights 0: an exact 0 with a grad path
 
+# ---------------------------------------------------------------------------------------------
+# cosine Gram (embedding models)
+
+
+@register("cosine_gram")
+def cosine_gram(student_features: Tensor, teacher_features: Tensor, *, eps: float = 1e-12) -> Tensor:
+    """Pairwise-cosine distillation for embedding models: with u_i = s_i / ||s_i|| and
+    v_i = t_i / ||t_i|| (norms clamped at ``eps``, as ``F.normalize``),
+
+        loss = 1 / (N (N - 1)) * sum_{i != j} (u_i . u_j - v_i . v_j)^2
+
+    the mean squared difference of the batch's cosine-similarity matrices off the diagonal: the
+    quantity that retrieval and semantic similarity read from an embedding model. It is SP
+    (Tung & Mori, ICCV 2019; ``similarity``) on unit-normalised features without SP's row
+    normalisation of the Gram, and with the constant diagonal (1 on both sides) left out; our
+    relation term for sentence-embedding students, not a published loss of its own.
+    A relation loss: student and teacher dims may differ. A batch of one sample has no pair and
+    gives an exact 0 (with a gradient path). Shapes: (N, D_s) and (N, D_t) -> scalar.
+    """
+    s, t = _check_pair("cosine_gram", student_features, teacher_features, shapes="vectors (N, D)", ranks=(2,),
+                       fix="Pool tokens to one vector per sample first.")
+    e = _non_negative("cosine_gram", "eps", eps)
+    n = s.shape[0]
+    with _full_precision(s):
+        if n < 2:
+            return s.sum() * 0.0
+        cs = F.normalize(s, dim=1, eps=e) @ F.normalize(s, dim=1, eps=e).T
+        ct = F.normalize(t, dim=1, eps=e) @ F.normalize(t, dim=1, eps=e).T
+        off = ~torch.eye(n, dtype=torch.bool, device=s.device)
+        return (cs - ct)[off].pow(2).mean()
+
+
 # These compare batch relations (or embed both sides themselves), so student and teacher widths
 # may differ: the objective's `auto` adapter leaves the student as it is.
-for _fn in (rkd, pkt, crd):
+for _fn in (rkd, pkt, crd, cosine_gram):
     _fn.different_widths = True

@@ -1,0 +1,61 @@
+"""The condense recipe: ``kind: condense`` at the top of a YAML file, checked key by key."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..errors import DistilleryError, close_matches, unknown
+from .data import NAMES
+from .methods import METHODS, Settings
+from .nets import ARCHS
+
+
+@dataclass
+class CondenseEval:
+    nets: int = 5
+    """Fresh networks trained on each synthetic set."""
+    epochs: int = 500
+    archs: list[str] = field(default_factory=lambda: ["convnet"])
+    """The first is the distillation architecture; others give the cross-architecture rows."""
+
+
+@dataclass
+class CondenseRecipe:
+    kind: Literal["condense"] = "condense"
+    data: str = "digits"
+    method: str = "dm"
+    ipc: int = 10
+    flip: bool = False
+    soft_labels: Literal["none", "learned", "committee"] = "none"
+    seed: int = 0
+    sets: int = 1
+    """Synthetic sets condensed with seeds seed, seed + 1, ... (the N of N sets x M nets)."""
+    settings: dict[str, Any] = field(default_factory=dict)
+    """Method settings (``distillery.condense.Settings``): iterations, lr_img, syn_steps, sam, ..."""
+    eval: CondenseEval = field(default_factory=CondenseEval)
+
+    def __post_init__(self) -> None:
+        if self.data not in NAMES:
+            raise unknown("image data set", self.data, NAMES)
+        if self.method not in METHODS:
+            raise unknown("condensation method", self.method, METHODS)
+        for a in self.eval.archs:
+            if a not in ARCHS:
+                raise unknown("network", a, ARCHS)
+        if self.ipc < 1 or self.sets < 1 or self.eval.nets < 1 or self.eval.epochs < 1:
+            raise DistilleryError("ipc, sets, eval.nets and eval.epochs must be at least 1.")
+        self.method_settings()
+
+    def method_settings(self) -> Settings:
+        names = {f.name for f in dataclasses.fields(Settings)} - {"flip", "learn_labels", "extra"}
+        for k in self.settings:
+            if k not in names:
+                near = close_matches(k, names)
+                hint = f" Did you mean {near[0]!r}?" if near else ""
+                raise DistilleryError(f"unknown key 'settings.{k}'.{hint} Allowed: {', '.join(sorted(names))}.")
+        values = dict(self.settings)
+        if "strategy" in values:
+            values["strategy"] = tuple(values["strategy"])
+        return Settings(**values)
