@@ -11,6 +11,9 @@ to an .npz that ``embed_distill.py --peers`` scores with our functions.
     python benchmarks/embed_distill.py --dump-split /tmp/split.json
     /tmp/peers/bin/python benchmarks/embed_peers.py --split /tmp/split.json --out /tmp/peers.npz
     python benchmarks/embed_distill.py --peers /tmp/peers.npz
+
+``--save-model2vec DIR`` keeps model2vec's model for ``benchmarks/embed_speed.py``, which times it
+beside ours in one process (model2vec's inference needs no transformers).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--speed-sentences", type=int, default=1024)
+    ap.add_argument("--save-model2vec", type=Path, default=None, help="keep model2vec's model (for embed_speed.py)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -56,6 +60,8 @@ def main() -> None:
     t0 = time.perf_counter()
     m2v = distill(teacher_dir, pca_dims=256, device="cpu")
     out["model2vec/seconds"] = np.array(time.perf_counter() - t0)
+    if args.save_model2vec is not None:
+        m2v.save_pretrained(str(args.save_model2vec))
 
     t0 = time.perf_counter()
     from datasets import Dataset

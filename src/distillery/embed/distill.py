@@ -97,7 +97,11 @@ def train_student(
     from ..engine import fit
 
     sentences = _corpus(sentences)
-    cfg = train or TrainConfig(epochs=3, batch_size=64, lr=1e-4, warmup_epochs=0.1)
+    if train is None:  # layer students: sentence-transformers' lr 1e-4 and warm-up; static tables move faster
+        static = isinstance(student.model, StaticEncoder)
+        train = (TrainConfig(epochs=10, batch_size=256, lr=1e-2) if static
+                 else TrainConfig(epochs=3, batch_size=64, lr=1e-4, warmup_epochs=0.1))
+    cfg = train
     data = LengthBatches(student.ids(sentences), None, torch.arange(len(sentences)), 0, "corpus", cfg.batch_size,
                          student.model.pad_id)
     if answers is None:

@@ -1,0 +1,107 @@
+"""Dataset distillation on digits (8x8) and MNIST-5k (28x28): every method at IPC 1 and 10, with
+and without flip, a width-32 ConvNet, 5 evaluation networks (DC's protocol, ``condense.evaluate``),
+plus the whole-set row. Rows ``DATA/ipcK/METHOD`` (``+flip``, ``+learned``, ``+committee``) with
+mean, std, runs (test accuracy %) and ``seconds`` (distillation wall time) go to
+benchmarks/results/condense.json; rows already there from other ``--data`` / ``--ipc`` runs are kept.
+
+    python benchmarks/condense.py                         # everything
+    python benchmarks/condense.py --data digits --ipc 1   # a part (merged into the file)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from distillery import condense as C
+from distillery.condense import methods as M
+
+from _common import RESULTS, command, machine, update_markdown, write
+
+LEARNED = ["dc", "dsa", "dm", "mtt"]
+
+
+def whole_row(images: C.Images, nets: int, epochs: int) -> dict:
+    """The whole training set, the same networks and optimiser, ``epochs`` epochs (batch 256)."""
+    res = C.evaluate([(images.x, images.y)], images, nets_per_set=nets, epochs=epochs)
+    return {"runs": res["accuracies"], "seconds": 0.0}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--data", nargs="*", default=["digits", "mnist5k"])
+    ap.add_argument("--ipc", nargs="*", type=int, default=[1, 10])
+    ap.add_argument("--methods", nargs="*", default=[*M.CORESETS, *LEARNED, "mtt+learned", "dm+committee"])
+    ap.add_argument("--no-flip", action="store_true", help="leave out the +flip rows")
+    ap.add_argument("--nets", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=500, help="evaluation epochs on a synthetic set")
+    ap.add_argument("--whole-epochs", type=int, default=200)
+    ap.add_argument("--dc-iterations", type=int, default=None, help="override dc/dsa iterations (default 200; IPC 10: 50)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS / "condense.json")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    rows = {r["method"]: r for r in old.get("rows", [])}
+    t_start = time.perf_counter()
+    for data in args.data:
+        images = C.load(data)
+        work = Path("runs/bench-condense") / data
+        name = f"{data}/whole"
+        rows[name] = {"method": name, **_stats(whole_row(images, args.nets, args.whole_epochs)["runs"]), "seconds": 0.0}
+        print(name, round(rows[name]["mean"], 2), flush=True)
+        for ipc in args.ipc:
+            for spec in args.methods:
+                method, _, soft = spec.partition("+")
+                flips = [False] if method in M.CORESETS or args.no_flip else [False, True]
+                for flip in flips:
+                    name = f"{data}/ipc{ipc}/{spec}{'+flip' if flip else ''}"
+                    s = C.Settings(checkpoint_every=10**9)
+                    if method in ("dc", "dsa"):
+                        s.iterations = args.dc_iterations or (200 if ipc == 1 else 50)
+                    t0 = time.perf_counter()
+                    run_dir = work / "experts-shared" if method == "mtt" else None  # experts reused across mtt rows
+                    syn = C.condense(images, method, ipc, flip=flip, soft_labels=soft or None, settings=s,
+                                     run_dir=run_dir, seed=0)
+                    if run_dir is not None:
+                        (run_dir / "checkpoint.json").unlink(missing_ok=True)  # experts stay, the images do not
+                        (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)
+                    seconds = time.perf_counter() - t0
+                    res = C.evaluate([(syn.x, syn.y)], images, nets_per_set=args.nets, epochs=args.epochs)
+                    rows[name] = {"method": name, **_stats(res["accuracies"]), "seconds": seconds,
+                                  "settings": syn.meta.get("settings", {})}
+                    print(f"{name}: {rows[name]['mean']:.2f} +- {rows[name]['std']:.2f} ({seconds:.0f} s)", flush=True)
+                    _save(args, rows, t_start)
+    _save(args, rows, t_start)
+
+
+def _stats(runs: list[float]) -> dict:
+    return {"mean": statistics.fmean(runs), "std": statistics.pstdev(runs), "n": len(runs), "runs": runs}
+
+
+def _save(args, rows: dict, t_start: float) -> None:
+    ordered = sorted(rows.values(), key=lambda r: r["method"])
+    write(args.out, {"benchmark": "condense", "command": command(), "machine": machine(), "metric": "test accuracy %",
+                     "protocol": {"nets": args.nets, "epochs": args.epochs, "whole_epochs": args.whole_epochs,
+                                  "arch": "convnet width 32", "augment": "DSA on every batch"},
+                     "seeds": {"condense": 0, "eval_nets": list(range(args.nets))},
+                     "wall_s": time.perf_counter() - t_start, "rows": ordered})
+    if args.out != RESULTS / "condense.json":
+        return
+    lines = ["## Dataset distillation (`condense`)", "",
+             "`python benchmarks/condense.py` (parts: `--data D --ipc K`). Test accuracy %, mean ± std of 5 fresh "
+             "width-32 ConvNets trained only on the synthetic set (SGD 0.01, momentum 0.9, 500 epochs, DSA "
+             "augmentation); `seconds` is the distillation wall time on 2 cores.", "",
+             "| row | accuracy % | seconds |", "|---|---|---|"]
+    for r in ordered:
+        lines.append(f"| {r['method']} | {r['mean']:.1f} ± {r['std']:.1f} | {r['seconds']:.0f} |")
+    update_markdown("condense", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
