@@ -42,19 +42,29 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=500, help="evaluation epochs on a synthetic set")
     ap.add_argument("--whole-epochs", type=int, default=200)
     ap.add_argument("--dc-iterations", type=int, default=None, help="override dc/dsa iterations (default 200; IPC 10: 50)")
+    ap.add_argument("--no-whole", action="store_true", help="leave out (keep) the whole-set rows")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS / "condense.json")
+    ap.add_argument("--merge", type=Path, nargs="*", default=[],
+                    help="result files of parts run apart (--out elsewhere): their rows join this file's, nothing runs")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}
     rows = {r["method"]: r for r in old.get("rows", [])}
     t_start = time.perf_counter()
+    if args.merge:
+        for f in args.merge:
+            rows.update({r["method"]: r for r in json.loads(f.read_text())["rows"]})
+        _save(args, rows, t_start)
+        return
     for data in args.data:
         images = C.load(data)
         work = Path("runs/bench-condense") / data
-        name = f"{data}/whole"
-        rows[name] = {"method": name, **_stats(whole_row(images, args.nets, args.whole_epochs)["runs"]), "seconds": 0.0}
-        print(name, round(rows[name]["mean"], 2), flush=True)
+        if not args.no_whole:
+            name = f"{data}/whole"
+            rows[name] = {"method": name, **_stats(whole_row(images, args.nets, args.whole_epochs)["runs"]),
+                          "seconds": 0.0, "epochs": args.whole_epochs}
+            print(name, round(rows[name]["mean"], 2), flush=True)
         for ipc in args.ipc:
             for spec in args.methods:
                 method, _, soft = spec.partition("+")

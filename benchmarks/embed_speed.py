@@ -14,10 +14,11 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import torch  # noqa: E402
-from _common import RESULTS, command, machine, update_markdown, write  # noqa: E402
+import torch
 
-from distillery.embed import distil_static, load_teacher, split, stdlib_sentences, throughput  # noqa: E402
+from distillery.embed import distil_static, load_teacher, split, stdlib_sentences, throughput
+
+from _common import RESULTS, command, machine, update_markdown, write
 
 
 class Model2Vec:
