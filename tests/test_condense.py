@@ -101,6 +101,7 @@ def test_herding_and_kcenter_by_hand():
     # distances to 2.5 are 2, 3, 2.5, so 0 comes next
     assert methods.herding(f, 2) == [2, 0]
     assert methods.kcenter(f, 3) == [2, 1, 3]  # start near the mean, then farthest, then farthest from both
+    assert sorted(methods.kcenter(torch.zeros(3, 2), 3)) == [0, 1, 2]  # duplicates: each image once
 
 
 def test_coresets_pick_real_images_of_each_class():
@@ -142,9 +143,14 @@ def test_interrupted_condensation_resumes_to_the_same_images(tmp_path):
     import dataclasses
 
     C.condense(images, "dc", 2, settings=dataclasses.replace(FAST, iterations=2), run_dir=tmp_path / "b")
-    assert json.loads((tmp_path / "b" / "checkpoint.json").read_text())["iteration"] == 2
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "b" / "checkpoint.safetensors"), "pt") as f:
+        assert f.metadata()["iteration"] == "2"
     resumed = C.condense(images, "dc", 2, settings=FAST, run_dir=tmp_path / "b")
     assert torch.allclose(full.x, resumed.x, atol=1e-6)
+    with pytest.raises(DistilleryError, match="another condensation"):  # other settings: refused, not continued
+        C.condense(images, "dc", 2, settings=dataclasses.replace(FAST, lr_img=0.5), run_dir=tmp_path / "b")
 
 
 def test_mtt_experts_are_stored_and_reused_and_learned_labels_are_soft(tmp_path):
@@ -159,6 +165,10 @@ def test_mtt_experts_are_stored_and_reused_and_learned_labels_are_soft(tmp_path)
     stamp = experts[0].stat().st_mtime_ns
     methods.train_experts(images, FAST, tmp_path / "experts")
     assert experts[0].stat().st_mtime_ns == stamp  # finished experts are not trained again
+    import dataclasses
+
+    with pytest.raises(DistilleryError, match="other settings"):  # FTD's SAM experts are not the plain ones
+        methods.train_experts(images, dataclasses.replace(FAST, sam=True), tmp_path / "experts")
     assert syn.soft and syn.y.shape == (3, 3) and torch.allclose(syn.y.sum(1), torch.ones(3), atol=1e-5)
     assert syn.meta["syn_lr"] > 0
 

@@ -10,6 +10,8 @@ et al. 2024) lets every synthetic image enter the matching together with its hor
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -135,10 +137,12 @@ def kcenter(features: Tensor, k: int) -> list[int]:
     first = int((features - features.mean(0)).norm(dim=1).argmin())
     chosen = [first]
     dist = (features - features[first]).norm(dim=1)
+    dist[first] = -1.0
     while len(chosen) < k:
         j = int(dist.argmax())
         chosen.append(j)
         dist = torch.minimum(dist, (features - features[j]).norm(dim=1))
+        dist[chosen] = -1.0  # never twice, even among duplicate images
     return chosen
 
 
@@ -170,7 +174,13 @@ class State:
     def _opts(self) -> dict[str, torch.optim.Optimizer]:
         return {k: v for k, v in (("x", self.opt), ("lr", self.opt_lr), ("y", self.opt_y)) if v is not None}
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path, run: dict) -> None:
+        """One atomic safetensors file: the tensors, the iteration and ``run`` (what was condensed
+        with which settings) in its metadata."""
+        from safetensors.torch import save
+
+        from ..io import atomic_write_bytes
+
         tensors = {"x": self.x.detach(), "syn_lr": self.syn_lr.detach().reshape(1)}
         if self.labels is not None:
             tensors["labels"] = self.labels.detach()
@@ -178,17 +188,18 @@ class State:
             for i, st in opt.state_dict()["state"].items():
                 if "momentum_buffer" in st and st["momentum_buffer"] is not None:
                     tensors[f"momentum/{name}/{i}"] = st["momentum_buffer"].reshape(-1).clone()
-        atomic_save_safetensors(path.with_suffix(".safetensors"), tensors)
-        atomic_write_json(path.with_suffix(".json"), {"iteration": self.it})
+        meta = {"iteration": str(self.it), "run": json.dumps(run, sort_keys=True, default=str)}
+        atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
 
-    def load(self, path: Path) -> None:
-        from safetensors.torch import load_file
+    def load(self, path: Path, run: dict) -> None:
+        from safetensors import safe_open
 
-        meta = read_json(path.with_suffix(".json"), "condensation checkpoint")
-        t = load_file(str(path.with_suffix(".safetensors")))
-        if t["x"].shape != self.x.shape:
-            raise DistilleryError(f"checkpoint {path} holds images of shape {tuple(t['x'].shape)}, this run "
-                                  f"{tuple(self.x.shape)}; use a new directory for other settings.")
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata() or {}
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118
+        if meta.get("run") != json.dumps(run, sort_keys=True, default=str):
+            raise DistilleryError(f"checkpoint {path} was written by another condensation (data, method, ipc, seed or "
+                                  "settings differ); use a new output folder, or delete it to start again.")
         with torch.no_grad():
             self.x.copy_(t["x"])
             self.syn_lr.copy_(t["syn_lr"][0])
@@ -321,6 +332,13 @@ def train_experts(images: Images, s: Settings, folder: Path, seed: int = 0) -> l
     epochs as ``expert_K.safetensors``. Written one expert at a time, atomically: an interrupted
     run keeps the finished experts and trains only the missing ones."""
     folder.mkdir(parents=True, exist_ok=True)
+    spec = {"data": images.fingerprint(), "seed": seed, "width": s.width, "lr_teacher": s.lr_teacher,
+            "train_epochs": s.train_epochs, "sam": s.sam, "sam_rho": s.sam_rho, "strategy": list(s.strategy)}
+    meta = folder / "experts.json"
+    if meta.is_file() and read_json(meta, "experts description") != spec:
+        raise DistilleryError(f"the experts in {folder} were trained with other settings ({meta}); use a new "
+                              "output folder, or delete the experts to train them again.")
+    atomic_write_json(meta, spec)
     paths = []
     for k in range(s.experts):
         path = folder / f"expert_{k}.safetensors"
@@ -405,9 +423,13 @@ def learn(images: Images, method: str, ipc: int, s: Settings, seed: int, folder:
         if s.max_start_epoch + s.expert_epochs > s.train_epochs:
             raise DistilleryError(f"mtt: max_start_epoch {s.max_start_epoch} + expert_epochs {s.expert_epochs} exceeds "
                                   f"the experts' train_epochs {s.train_epochs}.")
-        where = (folder / "experts") if folder is not None else Path(_tmp_dir()) / "experts"
-        paths = train_experts(images, s, where, seed)
-        experts = [load_expert(p, s.train_epochs) for p in paths]
+        if folder is not None:
+            experts = [load_expert(p, s.train_epochs) for p in train_experts(images, s, folder / "experts", seed)]
+        else:
+            import tempfile
+
+            with tempfile.TemporaryDirectory(prefix="distillery-experts-") as tmp:
+                experts = [load_expert(p, s.train_epochs) for p in train_experts(images, s, Path(tmp), seed)]
         f = functional(nets.build("convnet", images.shape, images.num_classes, s.width, seed=0))
         if s.learn_labels:  # DATM: the logits of an expert (at max_start_epoch) on the initial images
             with torch.no_grad():
@@ -415,9 +437,12 @@ def learn(images: Images, method: str, ipc: int, s: Settings, seed: int, folder:
     elif s.learn_labels:
         raise DistilleryError("learned soft labels (DATM) come with mtt; for other methods use soft_labels=committee.")
     state = State(init, s, label_logits)
-    ckpt = None if folder is None else folder / "checkpoint"
-    if ckpt is not None and ckpt.with_suffix(".json").is_file():
-        state.load(ckpt)
+    fixed = {k: v for k, v in dataclasses.asdict(s).items() if k not in ("iterations", "checkpoint_every")}
+    run = {"data": images.fingerprint(), "method": method, "ipc": ipc, "seed": seed, "settings": fixed}  # more
+    # iterations may be asked for later: a resumed run continues; anything else is another condensation
+    ckpt = None if folder is None else folder / "checkpoint.safetensors"
+    if ckpt is not None and ckpt.is_file():
+        state.load(ckpt, run)
     while state.it < s.iterations:
         if method == "dm":
             loss = dm_step(state, images, ipc, s, seed, classes)
@@ -432,12 +457,7 @@ def learn(images: Images, method: str, ipc: int, s: Settings, seed: int, folder:
         if log is not None:
             log(state.it, loss)
         if ckpt is not None and (state.it % s.checkpoint_every == 0 or state.it == s.iterations):
-            state.save(ckpt)
+            state.save(ckpt, run)
     soft = None if state.labels is None else F.softmax(state.labels.detach(), dim=1)
     return state.x.detach().clone(), soft, float(state.syn_lr.detach())
 
-
-def _tmp_dir() -> str:
-    import tempfile
-
-    return tempfile.mkdtemp(prefix="distillery-experts-")

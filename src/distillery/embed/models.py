@@ -256,7 +256,7 @@ def _load_backbone(path: Path, out_dim: int | None = None, pad_id: int | None = 
     if not (path / "config.json").is_file():
         raise DistilleryError(f"{path} has no config.json; it is not a transformers model folder.")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never reach for the hub
-    backbone = transformers.AutoModel.from_pretrained(str(path), local_files_only=True)
+    backbone = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
     backbone.eval()
     pad = backbone.config.pad_token_id if pad_id is None else pad_id
     return Encoder(backbone, 0 if pad is None else pad, out_dim)
