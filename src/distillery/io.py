@@ -77,11 +77,12 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"cannot write {type(o).__name__} as JSON")
 
 
-def atomic_save_safetensors(path: str | os.PathLike, tensors: dict) -> Path:
-    """Save a dict of tensors as safetensors, atomically (contiguous copies are made as needed)."""
+def atomic_save_safetensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> Path:
+    """Save a dict of tensors as safetensors, atomically (contiguous copies are made as needed),
+    with optional string ``metadata`` in the header."""
     from safetensors.torch import save
 
-    return atomic_write_bytes(path, save({k: v.detach().contiguous() for k, v in tensors.items()}))
+    return atomic_write_bytes(path, save({k: v.detach().contiguous() for k, v in tensors.items()}, metadata=metadata))
 
 
 def cache_root() -> Path:

@@ -20,11 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DistilleryError, unknown
-from . import nets
 from .data import NAMES as DATA
 from .data import Images, load
 from .evaluate import evaluate, train_net
-from .methods import CORESETS, LEARNED, METHODS, Settings, check_ipc, coreset, defaults, learn
+from .methods import CORESETS, LEARNED, METHODS, Settings, check_ipc, coreset, defaults, fit_real, learn
 from .synthetic import SyntheticSet
 
 SOFT = (None, "learned", "committee")
@@ -41,16 +40,7 @@ def committee_labels(x: torch.Tensor, images: Images, seed: int = 0, archs=("con
     committee's mean once, after condensation."""
     probs = []
     for k, arch in enumerate(archs):
-        net = nets.build(arch, images.shape, images.num_classes, seed=seed + 31 * (k + 1))
-        opt = torch.optim.Adam(net.parameters(), 1e-3)
-        g = torch.Generator().manual_seed(seed + k)
-        net.train()
-        for _ in range(epochs):
-            for b in torch.randperm(len(images.y), generator=g).split(128):
-                opt.zero_grad()
-                F.cross_entropy(net(images.x[b]), images.y[b]).backward()
-                opt.step()
-        net.eval()
+        net = fit_real(arch, images, seed + 31 * (k + 1), seed + k, epochs)
         with torch.no_grad():
             probs.append(F.softmax(net(x) / temperature, dim=1))
     return torch.stack(probs).mean(0)

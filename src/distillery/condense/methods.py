@@ -101,18 +101,25 @@ def real_init(images: Images, ipc: int, seed: int) -> Tensor:
 # ------------------------------------------------------------------------------------ coresets
 
 
-def feature_net(images: Images, seed: int, epochs: int = 10, width: int = 32) -> nn.Module:
-    """The feature space of herding and k-center: a ConvNet trained on the whole training set
-    (``epochs`` of Adam, lr 1e-3, batch 128), its penultimate features (``embed``)."""
-    net = nets.build("convnet", images.shape, images.num_classes, width, seed=seed)
+def fit_real(arch: str, images: Images, net_seed: int, order_seed: int, epochs: int, width: int = 32) -> nn.Module:
+    """A network trained on the whole real training set: ``epochs`` of Adam, lr 1e-3, batch 128,
+    initialised from ``net_seed``, batches ordered from ``order_seed``; returned in eval mode."""
+    net = nets.build(arch, images.shape, images.num_classes, width, seed=net_seed)
     opt = torch.optim.Adam(net.parameters(), 1e-3)
-    g = torch.Generator().manual_seed(seed)
+    g = torch.Generator().manual_seed(order_seed)
+    net.train()
     for _ in range(epochs):
         for idx in torch.randperm(len(images.y), generator=g).split(128):
             opt.zero_grad()
             F.cross_entropy(net(images.x[idx]), images.y[idx]).backward()
             opt.step()
     return net.eval()
+
+
+def feature_net(images: Images, seed: int, epochs: int = 10, width: int = 32) -> nn.Module:
+    """The feature space of herding and k-center: a ConvNet trained on the whole training set
+    (``fit_real``), its penultimate features (``embed``)."""
+    return fit_real("convnet", images, seed, seed, epochs, width)
 
 
 def herding(features: Tensor, k: int) -> list[int]:
@@ -177,10 +184,6 @@ class State:
     def save(self, path: Path, run: dict) -> None:
         """One atomic safetensors file: the tensors, the iteration and ``run`` (what was condensed
         with which settings) in its metadata."""
-        from safetensors.torch import save
-
-        from ..io import atomic_write_bytes
-
         tensors = {"x": self.x.detach(), "syn_lr": self.syn_lr.detach().reshape(1)}
         if self.labels is not None:
             tensors["labels"] = self.labels.detach()
@@ -189,7 +192,7 @@ class State:
                 if "momentum_buffer" in st and st["momentum_buffer"] is not None:
                     tensors[f"momentum/{name}/{i}"] = st["momentum_buffer"].reshape(-1).clone()
         meta = {"iteration": str(self.it), "run": json.dumps(run, sort_keys=True, default=str)}
-        atomic_write_bytes(path, save({k: v.contiguous() for k, v in tensors.items()}, metadata=meta))
+        atomic_save_safetensors(path, tensors, meta)
 
     def load(self, path: Path, run: dict) -> None:
         from safetensors import safe_open

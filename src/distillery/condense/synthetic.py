@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from ..errors import DistilleryError
-from ..io import atomic_write_bytes
+from ..io import atomic_save_safetensors
 
 FORMAT = 1
 
@@ -54,12 +54,8 @@ class SyntheticSet:
         return self.y.argmax(1) if self.soft else self.y
 
     def save(self, path: str | Path) -> Path:
-        from safetensors.torch import save
-
         meta = {"format": FORMAT, "num_classes": self.num_classes, **self.meta}
-        data = save({"x": self.x.detach().contiguous(), "y": self.y.detach().contiguous()},
-                    metadata={"distillery": json.dumps(meta, default=str)})
-        return atomic_write_bytes(path, data)
+        return atomic_save_safetensors(path, {"x": self.x, "y": self.y}, {"distillery": json.dumps(meta, default=str)})
 
     @classmethod
     def load(cls, path: str | Path) -> SyntheticSet:
