@@ -150,14 +150,17 @@ class Embedder:
             out.append(ids)
         return out
 
-    def ids(self, sentences: Sequence[str]) -> Tensor:
-        """Padded token ids (N, L) int64, ``pad_id`` on the right (L at least 1)."""
-        rows = self.token_lists(sentences)
+    def pad(self, rows: list[list[int]]) -> Tensor:
+        """Token lists -> (N, L) int64, ``pad_id`` on the right (L at least 1)."""
         width = max([1, *map(len, rows)])
         out = torch.full((len(rows), width), self.model.pad_id, dtype=torch.long)
         for i, r in enumerate(rows):
             out[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         return out
+
+    def ids(self, sentences: Sequence[str]) -> Tensor:
+        """Padded token ids (N, L) int64, ``pad_id`` on the right (L at least 1)."""
+        return self.pad(self.token_lists(sentences))
 
     @torch.no_grad()
     def encode(self, sentences: Sequence[str], batch_size: int = 64) -> Tensor:
@@ -174,11 +177,7 @@ class Embedder:
                 if self.kind == "static":
                     out[pick] = self.model.embed_lists(part)
                 else:
-                    width = max([1, *map(len, part)])
-                    x = torch.full((len(part), width), self.model.pad_id, dtype=torch.long)
-                    for j, r in enumerate(part):
-                        x[j, : len(r)] = torch.tensor(r, dtype=torch.long)
-                    out[pick] = self.model(x).float()
+                    out[pick] = self.model(self.pad(part)).float()
             return out
         finally:
             self.model.train(was)
