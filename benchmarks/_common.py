@@ -52,3 +52,20 @@ def update_markdown(name: str, text: str) -> None:
     else:
         doc = doc.rstrip() + "\n\n" + block + "\n"
     atomic_write_text(BENCHMARKS_MD, doc)
+
+
+def peak_live_mb(fn) -> float:
+    """Peak MiB of live tensors allocated while ``fn()`` runs, from the torch profiler's memory
+    events (allocations and frees in time order, summed; tensors alive before the call are not
+    counted). Unlike resident memory this does not see the allocator's caching or fragmentation."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    events.sort(key=lambda e: e.start_ns())
+    live = peak = 0
+    for e in events:
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak / 2**20

@@ -116,3 +116,28 @@ def cached_arrays(path: str | os.PathLike, build) -> dict:
     except OSError:
         pass  # a read-only cache only costs time
     return arrays
+
+
+def atomic_folder(path: str | os.PathLike, write) -> Path:
+    """Write a folder so that readers see the old one or the whole new one: ``write(tmp)`` fills a
+    temporary sibling, which then replaces ``path`` by rename (an old folder is moved aside first
+    and removed after). A failing ``write`` leaves ``path`` as it was."""
+    import shutil
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        write(tmp)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import copy
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -27,7 +25,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DistilleryError
-from ..io import atomic_save_safetensors, atomic_write_json, read_json, sha256_file
+from ..io import atomic_folder, atomic_save_safetensors, atomic_write_json, read_json, sha256_file
 
 CONFIG = "distillery_embed.json"
 FORMAT = 1
@@ -190,10 +188,8 @@ class Embedder:
         transformers writes it (``config.json``, ``model.safetensors``; ``AutoModel`` loads it
         without distillery) plus ``head.safetensors`` when there is a projection; for a static
         model ``static.safetensors``."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
-        try:
+
+        def write(tmp: Path) -> None:
             self.tokenizer.save(str(tmp / "tokenizer.json"))
             cfg = {"format": FORMAT, "kind": self.kind, "dim": self.dim, "pad_id": self.model.pad_id,
                    "max_length": self.max_length, "pooling": "mean", "normalize": True, "files": {}}
@@ -208,18 +204,8 @@ class Embedder:
                     weights.append("head.safetensors")
             cfg["files"] = {w: sha256_file(tmp / w) for w in weights}
             atomic_write_json(tmp / CONFIG, cfg)
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old")
-                shutil.rmtree(old, ignore_errors=True)
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+
+        return atomic_folder(path, write)
 
     @classmethod
     def load(cls, path: str | Path) -> Embedder:
