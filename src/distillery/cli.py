@@ -1,4 +1,4 @@
-"""``distillery ls | run | cache | validate | eval | report | runs | condense | embed | embed-distill``.
+"""``distillery ls | run | cache | validate | eval | report | runs | condense | embed | embed-distill | lm | serve``.
 
 Every user error is printed as one line (``error: ...``) with exit code 2, never a traceback.
 """
@@ -53,8 +53,8 @@ def _cmd_run(args) -> int:
                "-m", "distillery", *argv]
         return subprocess.call(cmd)
     recipe = recipes.load(args.recipe, args.overrides)
-    if getattr(recipe, "kind", None) == "condense":
-        raise DistilleryError(f"{args.recipe} is a condense recipe; run it with: distillery condense {args.recipe}")
+    if getattr(recipe, "kind", None) in ("condense", "lm"):
+        raise DistilleryError(f"{args.recipe} is a {recipe.kind} recipe; run it with: distillery {recipe.kind} {args.recipe}")
     run_dir = args.resume or args.out
     joined = distributed.init_from_env()
     rank = distributed.world()[0]
@@ -159,6 +159,21 @@ def _cmd_condense(args) -> int:
         print(_condense_table(results))
     atomic_write_json(out / "report.json", report)
     print(f"output: {out} (grid.png, report.json)")
+    return 0
+
+
+def _cmd_lm(args) -> int:
+    from . import recipes
+    from .lm.run import run_recipe
+
+    recipe = recipes.load(args.recipe, args.overrides)
+    if getattr(recipe, "kind", None) != "lm":
+        raise DistilleryError(f"{args.recipe} is not a language-model recipe (kind: lm); see `distillery ls recipes`.")
+    out = Path(args.out or f"runs/lm/{Path(args.recipe).stem}")
+    report = run_recipe(recipe, out, progress=False if args.quiet else None)
+    teacher = report.get("teacher_validation_perplexity")
+    print(f"{report['method']}: validation perplexity {report['validation_perplexity']:.2f}"
+          + (f" (teacher {teacher:.2f})" if teacher is not None else "") + f"; model: {out / 'model'}")
     return 0
 
 
@@ -359,6 +374,15 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true")
     s.set_defaults(fn=_cmd_embed_distill)
+    s = sub.add_parser("lm", help="train or distil a causal language model from a recipe (kind: lm)")
+    s.add_argument("recipe")
+    s.add_argument("overrides", nargs="*", help="key=value")
+    s.add_argument("--out", default=None, help="output folder: model/, report.json, run/ (resumes)")
+    s.add_argument("--quiet", action="store_true")
+    s.set_defaults(fn=_cmd_lm)
+    from .lm import serve
+
+    serve.add_parser(sub)
     s = sub.add_parser("runs", help="list recorded runs")
     s.add_argument("--runs-dir", default="runs")
     s.set_defaults(fn=_cmd_runs)

@@ -309,7 +309,8 @@ def fit(
     sched = make_schedule(opt, cfg, steps_per_epoch)
     ckpt = run_dir / "checkpoints" / phase / "last" if run_dir is not None else None
     rank, size = distributed.world()
-    label_masked = objective.label_masked(data.labelled, objective.needs_teacher and teacher is not None)
+    label_masked = objective.label_masked(data.labelled, objective.needs_teacher and teacher is not None,
+                                          tokens=getattr(data, "tokens", False))
     log = MetricsLog(run_dir / "metrics.jsonl" if run_dir is not None and rank == 0 else None)
 
     start_epoch, start_step, global_step = 0, 0, 0

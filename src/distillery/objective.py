@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from . import adapters, losses
 from .config import TermConfig, check_kwargs
 from .errors import DistilleryError
+from .losses import tokens
 
 _RESERVED = ("targets", "mask", "reduction", "state", "ids")
 
@@ -157,9 +158,12 @@ class Objective:
     batch and returned by ``modules()`` for the engine to train and checkpoint with the student."""
 
     def __init__(self, terms: Sequence[Term | TermConfig], *, normalize: bool = False,
-                 balance: Sequence[str] = (), balance_lr: float = 0.025, balance_beta: float = 1.0):
+                 balance: Sequence[str] = (), balance_lr: float = 0.025, balance_beta: float = 1.0,
+                 chunk_size: int | None = None):
         self.terms = [t if isinstance(t, Term) else Term.from_config(t) for t in terms]
         self.normalize = normalize
+        self.chunk_size = chunk_size
+        """Token batches: logit terms run through ``losses.tokens.token_loss`` in chunks of this many tokens."""
         self.scales: TermScales | None = None
         self.built = False
         if not self.terms:
@@ -241,9 +245,12 @@ class Objective:
         if self.balance is not None:
             self.balance.step()
 
-    def label_masked(self, labelled: bool, has_teacher: bool = False) -> list[bool]:
+    def label_masked(self, labelled: bool, has_teacher: bool = False, tokens: bool = False) -> list[bool]:
         """Per term: does it average over the labelled rows only (labels of -100 masked)? As _targets:
-        "auto" fills unlabelled rows with the teacher's class when a teacher answers."""
+        "auto" fills unlabelled rows with the teacher's class when a teacher answers. On token data
+        (``tokens``) every logit term averages over the valid tokens (``batch["mask"]``)."""
+        if tokens:
+            return [not t.is_feature for t in self.terms]
         return [t.needs_targets and labelled and getattr(t.fn, "masks_unlabelled", True) and (
                 t.targets == "labels" or (t.targets == "auto" and not has_teacher)) for t in self.terms]
 
@@ -252,6 +259,8 @@ class Objective:
         marks (``label_masked``), every row otherwise. The engine sums these over ranks and
         accumulation steps to normalise each term by its global count."""
         n = len(batch["id"]) if "id" in batch else len(batch["x"])
+        if "mask" in batch:  # token batches: the valid tokens of the logit terms
+            return [int(batch["mask"].sum()) if m else n for m in masked]
         labelled = int((batch["y"] != -100).sum()) if any(masked) else n
         return [labelled if m else n for m in masked]
 
@@ -305,7 +314,11 @@ class Objective:
                                           f"the batch has only {sorted(batch)}; train it on a data set whose batches "
                                           f"carry {key!r} (graph losses: distillery.graph.NodeData).")
                 kw[key] = batch[key]
-            value = t.call(s, tv, **kw)
+            if s.dim() == 3 and "mask" in batch and not t.is_feature:  # (B, T, V) token logits
+                value = tokens.token_loss(t.call, s, tv, mask=batch["mask"], targets=kw.pop("targets", None),
+                                          chunk_size=self.chunk_size, **kw)
+            else:
+                value = t.call(s, tv, **kw)
             terms[t.name] = value
             if self.scales is not None and t.name in self.scales.names:
                 value = self.scales(self.scales.names.index(t.name), value)

@@ -51,8 +51,8 @@ def _check_selection(recipe: Recipe) -> None:
 
 def validate(recipe: Recipe) -> None:
     """Check names and parameters of every component without building data or training."""
-    if getattr(recipe, "kind", None) == "condense":
-        return  # a condense recipe is checked completely when it is loaded
+    if getattr(recipe, "kind", None) in ("condense", "lm"):
+        return  # condense and lm recipes are checked completely when they are loaded
     _check_selection(recipe)
     check_kwargs(datasets.get(recipe.data.name), recipe.data.args, f"data {recipe.data.name!r}")
     if recipe.transfer is not None:

@@ -51,10 +51,14 @@ def find(name_or_path: str) -> Path:
 
 def load(name_or_path: str, overrides: list[str] | None = None):
     """Load a recipe (YAML, safe), apply ``a.b=c`` overrides and check every key and value.
-    ``kind: condense`` recipes give a ``condense.config.CondenseRecipe``."""
+    ``kind: condense`` recipes give a ``condense.config.CondenseRecipe``, ``kind: lm`` an ``lm.config.LMRecipe``."""
     raw = apply_overrides(load_yaml(find(name_or_path)), overrides or [])
     if raw.get("kind") == "condense":
         from .condense.config import CondenseRecipe
 
         return from_dict(CondenseRecipe, raw)
+    if raw.get("kind") == "lm":
+        from .lm.config import LMRecipe
+
+        return from_dict(LMRecipe, raw)
     return from_dict(Recipe, raw)

@@ -230,12 +230,12 @@ def _answer(teacher: Teacher, data: TensorData, lo: int, hi: int, settings: dict
         if k is None:
             rows["logits"] = _to_numpy(logits, settings["dtype"])  # raw: exact for every loss, any temperature
         else:
-            k = min(k, logp.shape[1])
-            values, idx = logp.topk(k, dim=1)
+            k = min(k, logp.shape[-1])  # over the last dim: (n, C) rows, or (n, T, V) token sequences
+            values, idx = logp.topk(k, dim=-1)
             rows["values"] = _to_numpy(values, settings["dtype"])
             rows["indices"] = idx.cpu().numpy().astype(settings["index_dtype"])
             if settings["tail"] == "bucket":
-                rest = logp.scatter(1, idx, float("-inf")).logsumexp(1)
+                rest = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
                 rows["tail"] = rest.cpu().numpy().astype(np.float32)
         for t in taps:
             rows[f"tap.{t}"] = _to_numpy(ans[t].float(), "float32" if settings["dtype"] == "float32" else settings["dtype"])

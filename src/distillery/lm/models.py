@@ -83,7 +83,7 @@ class CausalLM(nn.Module):
     def step(self, ids: Tensor, cache: Any = None) -> tuple[Tensor, Any]:
         """Incremental decoding: (logits (B, n, V) of the ``n`` new tokens ``ids`` after the cached
         prefix, the updated key-value cache). ``cache=None`` starts from an empty prefix. The cache
-        is transformers' own (``DynamicCache``; ``.crop(n)`` rolls it back to n tokens)."""
+        is transformers' own (``DynamicCache``; ``.crop(-n)`` drops its last n tokens)."""
         kw = {} if cache is None else {self._cache_kw: cache}
         out = self.hf(input_ids=ids, use_cache=True, **kw)
         logits = out.logits
@@ -125,6 +125,8 @@ def llama(preset: str | dict[str, int] = "student", *, vocab_size: int, seed: in
 def save_lm(model: CausalLM, tokenizer, path: str | Path, extra: dict | None = None) -> Path:
     """Write ``path`` atomically: transformers' files, ``tokenizer.json`` and ``distillery_lm.json``
     with the real vocabulary and the sha256 of every weight file. ``extra`` is recorded too."""
+
+    require_transformers().utils.logging.disable_progress_bar()  # no bar on every checkpoint
 
     def write(tmp: Path) -> None:
         model.hf.save_pretrained(str(tmp), safe_serialization=True)

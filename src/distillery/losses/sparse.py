@@ -26,25 +26,35 @@ from ..errors import DistilleryError
 @dataclass
 class TopK:
     log_probs: Tensor
-    """(N, k) teacher log-probabilities of the kept classes, at ``temperature``."""
+    """(N, k) teacher log-probabilities of the kept classes, at ``temperature``; (B, T, k) for
+    token sequences (``flat()`` gives the (B*T, k) rows the losses read)."""
     indices: Tensor
-    """(N, k) class indices (any integer dtype)."""
+    """(N, k) class indices (any integer dtype); the shape of ``log_probs``."""
     tail: Tensor | None
     """(N,) log of the probability mass outside the kept classes, or None when it was dropped
-    (the kept entries are then renormalised to sum to 1)."""
+    (the kept entries are then renormalised to sum to 1); ``log_probs.shape[:-1]``."""
     num_classes: int
     temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.log_probs.dim() != 2 or self.indices.shape != self.log_probs.shape:
+        if self.log_probs.dim() < 2 or self.indices.shape != self.log_probs.shape:
             raise DistilleryError(f"TopK: log_probs {tuple(self.log_probs.shape)} and indices "
-                                  f"{tuple(self.indices.shape)} must both be (N, k).")
-        if self.tail is not None and self.tail.shape != self.log_probs.shape[:1]:
-            raise DistilleryError(f"TopK: tail must be (N,) = ({len(self.log_probs)},), got {tuple(self.tail.shape)}.")
+                                  f"{tuple(self.indices.shape)} must both be (N, k) (or (B, T, k) for tokens).")
+        if self.tail is not None and self.tail.shape != self.log_probs.shape[:-1]:
+            raise DistilleryError(f"TopK: tail must have shape {tuple(self.log_probs.shape[:-1])}, "
+                                  f"got {tuple(self.tail.shape)}.")
 
     @property
-    def shape(self) -> tuple[int, int]:
-        return (self.log_probs.shape[0], self.num_classes)
+    def shape(self) -> tuple[int, ...]:
+        return (*self.log_probs.shape[:-1], self.num_classes)
+
+    def flat(self) -> TopK:
+        """The same entries as (rows, k): (B, T, k) token sequences become (B*T, k)."""
+        if self.log_probs.dim() == 2:
+            return self
+        k = self.log_probs.shape[-1]
+        return TopK(self.log_probs.reshape(-1, k), self.indices.reshape(-1, k),
+                    None if self.tail is None else self.tail.reshape(-1), self.num_classes, self.temperature)
 
     def __len__(self) -> int:
         return self.log_probs.shape[0]
@@ -54,9 +64,9 @@ class TopK:
                     self.num_classes, self.temperature)
 
     def argmax(self, dim: int = -1) -> Tensor:
-        if dim not in (-1, 1):
+        if dim not in (-1, self.log_probs.dim() - 1):
             raise DistilleryError("TopK.argmax works over classes only (dim=-1).")
-        return self.indices.long().gather(1, self.log_probs.argmax(1, keepdim=True)).squeeze(1)
+        return self.indices.long().gather(-1, self.log_probs.argmax(-1, keepdim=True)).squeeze(-1)
 
     def buckets(self) -> Tensor:
         """(N, k) or (N, k + 1) float32 log-probabilities: the kept entries, then the tail bucket."""

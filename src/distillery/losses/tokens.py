@@ -40,11 +40,11 @@ def _flat_teacher(teacher: Tensor | TopK | None, n: int, v: int) -> Tensor | Top
     if teacher is None:
         return None
     if isinstance(teacher, TopK):
-        if teacher.log_probs.dim() == 2:
-            return teacher
-        k = teacher.log_probs.shape[-1]
-        return TopK(teacher.log_probs.reshape(-1, k), teacher.indices.reshape(-1, k),
-                    None if teacher.tail is None else teacher.tail.reshape(-1), teacher.num_classes, teacher.temperature)
+        flat = teacher.flat()
+        if len(flat) != n or flat.num_classes != v:
+            raise LossInputError(f"token loss: the sparse teacher covers {teacher.shape}, the student {n} tokens of {v} "
+                                 "classes; store the teacher for the same sequences and vocabulary.")
+        return flat
     if teacher.shape[-1] != v or teacher.numel() != n * v:
         raise LossInputError(f"token loss: teacher logits have shape {tuple(teacher.shape)}, the student's cover "
                              f"{n} tokens of {v} classes; both must be (B, T, V) over the same tokens and vocabulary "

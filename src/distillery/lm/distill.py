@@ -1,0 +1,168 @@
+"""Language-model distillation over the engine: every mode is a data set and a list of terms.
+
+- ``train(model, data, cfg)``: next-token cross-entropy alone (the teacher, the undistilled student).
+- ``distil(student, teacher, data, cfg, loss=..., params=...)``: white-box token-level KD on the
+  data (teacher-forced): one logit loss (``kd`` = forward KL at temperature tau with tau^2,
+  ``reverse_kl``, ``generalized_jsd``, ``skew_kl``, ``skew_reverse_kl``, ``tvd``) over every
+  valid token, plus ``ce_weight`` x cross-entropy, plus any feature terms (hidden states through
+  taps such as ``hf.model.layers.1``). The teacher is a ``CausalLM`` (frozen here), a store of
+  its top-k log-probs (``CachedTeacher``; ``kd`` reads it sparsely), or any ``Teacher``.
+- ``teacher_texts(teacher, prompts, ...)``: **sequence-level KD** (Kim & Rush, EMNLP 2016): the
+  teacher continues each prompt (several samples per prompt with ``samples``); the student is
+  then trained on that text (``train`` for word-level CE on teacher outputs, or ``distil`` to add
+  token KD on them). The sampling settings are recorded in ``TokenData.settings``.
+- ``OnPolicyData``: **on-policy KD** (GKD, Agarwal et al., ICLR 2024): with probability ``lam`` a
+  batch's continuation is sampled from the *current* student (prompt kept), otherwise it is the
+  data's; the teacher then scores whatever the batch holds and the loss (GKD: generalized JSD)
+  runs on the continuation tokens. The choice and the sampling are seeded by the batch's ids and
+  the step, so a resumed run sees the same batches.
+- ``perplexity(model, data)``: exp of the mean next-token cross-entropy over valid tokens.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import engine
+from ..config import TrainConfig
+from ..data.core import epoch_order
+from ..errors import DistilleryError
+from ..objective import Objective, Term
+from ..teachers import ModuleTeacher, Teacher
+from .corpus import TokenData
+from .generate import sample
+from .models import CausalLM
+
+TOKEN_LOSSES = ("kd", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+
+def _as_teacher(teacher: CausalLM | Teacher) -> Teacher:
+    return ModuleTeacher(teacher) if isinstance(teacher, torch.nn.Module) else teacher
+
+
+def train(model: CausalLM, data: TokenData, cfg: TrainConfig, *, run_dir: str | Path | None = None, seed: int = 0,
+          chunk_size: int | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Next-token cross-entropy on ``data`` (its valid targets), through the engine."""
+    objective = Objective([Term("ce", teacher=None, targets="labels")], chunk_size=chunk_size)
+    return engine.fit(model, objective, data, cfg, run_dir=run_dir, phase="lm", seed=seed, progress=progress)
+
+
+def distil(student: CausalLM, teacher: CausalLM | Teacher, data: TokenData, cfg: TrainConfig, *,
+           loss: str = "kd", params: dict[str, Any] | None = None, ce_weight: float = 0.0,
+           features: Sequence[Term] = (), chunk_size: int | None = 512, run_dir: str | Path | None = None,
+           seed: int = 0, progress: bool | None = None) -> dict[str, Any]:
+    """Token-level KD of ``student`` from ``teacher`` on ``data`` (see the module docstring)."""
+    if loss not in TOKEN_LOSSES:
+        raise DistilleryError(f"unknown token loss {loss!r}; use one of {', '.join(TOKEN_LOSSES)}.")
+    terms = [Term(loss, params=dict(params or {}))]
+    if ce_weight:
+        terms.append(Term("ce", weight=ce_weight, teacher=None, targets="labels"))
+    terms.extend(features)
+    objective = Objective(terms, chunk_size=chunk_size)
+    return engine.fit(student, objective, data, cfg, teacher=_as_teacher(teacher), run_dir=run_dir, phase="lm",
+                      seed=seed, progress=progress)
+
+
+@torch.no_grad()
+def perplexity(model: CausalLM, data: TokenData, batch_size: int = 32) -> float:
+    """exp(mean cross-entropy of the valid next-token targets of ``data``)."""
+    was = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for lo in range(0, len(data), batch_size):
+            b = data.batch(torch.arange(lo, min(lo + batch_size, len(data))))
+            logits = model(b["x"])
+            ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["y"].reshape(-1),
+                                 ignore_index=-100, reduction="sum")
+            total += float(ce)
+            count += int(b["mask"].sum())
+    finally:
+        model.train(was)
+    if count == 0:
+        raise DistilleryError(f"{data.name or 'the data'} has no valid target token; perplexity is undefined.")
+    return float(torch.tensor(total / count).exp())
+
+
+def prompts_of(data: TokenData, prompt: int) -> Tensor:
+    """The first ``prompt`` tokens of every block, (N, prompt)."""
+    if not 1 <= prompt <= data.x.shape[1]:
+        raise DistilleryError(f"prompt length {prompt} must lie in [1, {data.x.shape[1]}] (the block length).")
+    return data.x[:, :prompt]
+
+
+def _rows(gen_ids: Tensor, done: Tensor, prompt: int, vocab: int, name: str, first_id: int,
+          settings: dict) -> TokenData:
+    data = TokenData.from_blocks(gen_ids, vocab, name, prompt=prompt, first_id=first_id)
+    if done.numel():  # tokens after a row's end-of-text are padding: not trained
+        data.y[:, prompt - 1:][done] = -100
+    data.settings = settings
+    return data
+
+
+@torch.no_grad()
+def teacher_texts(teacher: CausalLM, prompts: Tensor, new_tokens: int, *, samples: int = 1, temperature: float = 1.0,
+                  top_p: float = 1.0, top_k: int = 0, seed: int = 0, batch_size: int = 64,
+                  eos_id: int | None = None, name: str = "teacher-texts") -> TokenData:
+    """Sequence-level KD data: ``samples`` continuations of ``new_tokens`` tokens per prompt, sampled
+    from ``teacher`` (temperature 0: its greedy output, one sample). Rows are prompt + continuation;
+    only the continuation is trained. ``settings`` records the sampling. The same ``seed`` and
+    ``batch_size`` give the same text (one generator drawn batch after batch)."""
+    if samples < 1 or new_tokens < 1:
+        raise DistilleryError(f"samples ({samples}) and new_tokens ({new_tokens}) must be at least 1.")
+    if temperature == 0 and samples > 1:
+        raise DistilleryError("greedy decoding (temperature 0) gives one output per prompt; use samples: 1.")
+    g = torch.Generator().manual_seed(seed)
+    ids, done = [], []
+    rep = prompts.repeat_interleave(samples, 0)
+    for lo in range(0, len(rep), batch_size):
+        out = sample(teacher, rep[lo:lo + batch_size], new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                     generator=g, eos_id=eos_id)
+        ids.append(out.ids)
+        done.append(out.done)
+    settings = {"samples": samples, "seed": seed, **out.settings}
+    return _rows(torch.cat(ids), torch.cat(done), prompts.shape[1], teacher.vocab_size, name, 0, settings)
+
+
+class OnPolicyData(TokenData):
+    """GKD's mixture: a batch is, with probability ``lam``, the prompts of ``data`` continued by the
+    current ``student`` (sampled at ``temperature``), else ``data`` itself (see the module docstring).
+    The first ``prompt`` tokens of each block are the prompt; their targets are not trained."""
+
+    def __init__(self, data: TokenData, student: CausalLM, *, lam: float = 0.5, prompt: int = 32,
+                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0):
+        if not 0.0 <= lam <= 1.0:
+            raise DistilleryError(f"on-policy lambda must lie in [0, 1], got {lam}.")
+        y = data.y.clone()
+        y[:, : prompt - 1] = -100
+        super().__init__(data.x, y, data.ids, data.num_classes, f"{data.name}+on-policy")
+        self.student, self.lam, self.prompt = student, float(lam), int(prompt)
+        self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
+        self.epoch = 0
+        self.generated = 0
+
+    def batch(self, index: Tensor) -> dict[str, Tensor]:
+        out = super().batch(index)
+        key = hashlib.sha256(f"{self.seed}:{self.epoch}:{out['id'].tolist()}".encode()).digest()
+        g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
+        if float(torch.rand((), generator=g)) >= self.lam:
+            return out
+        new = self.x.shape[1] + 1 - self.prompt  # continue to the block's full length
+        gen = sample(self.student, out["x"][:, : self.prompt], new, temperature=self.temperature, top_p=self.top_p,
+                     generator=g)
+        self.generated += 1
+        out["x"], out["y"] = gen.ids[:, :-1], gen.ids[:, 1:].clone()
+        out["y"][:, : self.prompt - 1] = -100
+        out["mask"] = out["y"] != -100
+        return out
+
+    def order(self, seed: int, epoch: int) -> Tensor:
+        self.epoch = epoch  # the draws depend on (seed, epoch, the batch's ids): exact resume
+        return epoch_order(len(self), seed, epoch)

@@ -1,0 +1,119 @@
+"""Run an ``lm`` recipe: data and tokenizer, the model, the method, the saved folder and a report.
+
+``run_recipe(recipe, out)`` writes ``out/model`` (``save_lm``: loads with transformers'
+``AutoModelForCausalLM`` too), ``out/report.json`` (validation and test perplexity of the model,
+and of the teacher when there is one; parameters; seconds) and ``out/run`` (the engine's
+checkpoints and metrics: an interrupted run resumes there). Generated sequence-level KD text and
+top-k stores are kept in ``out`` and reused when their settings match.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..errors import DistilleryError
+from ..io import atomic_write_json, cached_arrays
+from . import corpus
+from . import distill as D
+from .config import LMRecipe
+from .models import PRESETS, CausalLM, check_same_tokenizer, llama, load_lm, save_lm
+
+
+def load_data(recipe: LMRecipe, tokenizer=None) -> tuple[dict[str, corpus.TokenData], Any]:
+    """The train / validation / test blocks and the tokenizer (``tokenizer`` given: use it)."""
+    if recipe.data == "stdlib":
+        splits, tok = corpus.builtin(recipe.block, recipe.vocab_size)
+        if tokenizer is not None:
+            check_same_tokenizer(tokenizer, tok)
+    else:
+        docs = corpus.read_texts(recipe.data)
+        order = list(range(len(docs)))
+        random.Random(recipe.seed).shuffle(order)
+        n_hold = max(1, len(docs) // 20)
+        parts = {"validation": order[:n_hold], "test": order[n_hold:2 * n_hold], "train": order[2 * n_hold:]}
+        if len(docs) < 3:
+            raise DistilleryError(f"{recipe.data} holds {len(docs)} documents; train / validation / test need at least 3 "
+                                  "(one JSONL line or one file each).")
+        tok = tokenizer or corpus.train_tokenizer([docs[i] for i in parts["train"]], recipe.vocab_size)
+        splits, first = {}, 0
+        for name in ("train", "validation", "test"):
+            rows = corpus.blocks(corpus.encode_documents([docs[i] for i in parts[name]], tok), recipe.block)
+            splits[name] = corpus.TokenData.from_blocks(rows, tok.get_vocab_size(), f"{recipe.data}/{name}", first_id=first)
+            first += len(rows)
+    if recipe.max_train_blocks is not None:
+        splits["train"] = splits["train"].subset(torch.arange(min(recipe.max_train_blocks, len(splits["train"]))))
+    return splits, tok
+
+
+def build_model(recipe: LMRecipe, tok) -> CausalLM:
+    if recipe.model in PRESETS:
+        return llama(recipe.model, vocab_size=tok.get_vocab_size(), seed=recipe.seed, max_length=max(512, recipe.block + 1))
+    model, mtok = load_lm(recipe.model)
+    check_same_tokenizer(mtok, tok)
+    return model
+
+
+def _seq_kd_data(recipe: LMRecipe, teacher: CausalLM, train: corpus.TokenData, out: Path) -> corpus.TokenData:
+    s = recipe.seq_kd
+    settings = {**dataclasses.asdict(s), "seed": recipe.seed, "blocks": len(train)}
+    tag = "-".join(f"{k}{v}" for k, v in sorted(settings.items()))
+
+    def build() -> dict[str, np.ndarray]:
+        data = D.teacher_texts(teacher, D.prompts_of(train, s.prompt), s.new_tokens, samples=s.samples,
+                               temperature=s.temperature, top_p=s.top_p, seed=recipe.seed)
+        return {"x": data.x.numpy(), "y": data.y.numpy()}
+
+    arrays = cached_arrays(out / f"seq_kd-{tag}.npz", build)
+    x, y = torch.from_numpy(arrays["x"]).long(), torch.from_numpy(arrays["y"]).long()
+    data = corpus.TokenData(x, y, torch.arange(len(x)), train.num_classes, "seq_kd")
+    data.settings = settings
+    return data
+
+
+def run_recipe(recipe: LMRecipe, out: str | Path, *, progress: bool | None = None) -> dict[str, Any]:
+    """Train the recipe's model into ``out`` (see the module docstring); returns the report."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    teacher, ttok = (None, None) if recipe.teacher is None else load_lm(recipe.teacher)
+    splits, tok = load_data(recipe, ttok)
+    model = build_model(recipe, tok)
+    t0 = time.perf_counter()
+    common = {"run_dir": out / "run", "seed": recipe.seed, "progress": progress}
+    if teacher is None:
+        D.train(model, splits["train"], recipe.train, chunk_size=recipe.chunk_size, **common)
+    else:
+        kd = {"loss": recipe.loss, "params": recipe.params, "ce_weight": recipe.ce_weight, "chunk_size": recipe.chunk_size}
+        if recipe.method == "kd":
+            D.distil(model, teacher, splits["train"], recipe.train, **kd, **common)
+        elif recipe.method == "seq_kd":
+            D.train(model, _seq_kd_data(recipe, teacher, splits["train"], out), recipe.train,
+                    chunk_size=recipe.chunk_size, **common)
+        elif recipe.method == "on_policy":
+            op = recipe.on_policy
+            data = D.OnPolicyData(splits["train"], model, lam=op.lam, prompt=op.prompt, temperature=op.temperature,
+                                  seed=recipe.seed)
+            D.distil(model, teacher, data, recipe.train, **kd, **common)
+        else:  # topk
+            from ..store import CachedTeacher, model_fingerprint, write_store
+            from ..teachers import ModuleTeacher
+
+            folder = write_store(ModuleTeacher(teacher), splits["train"], out / f"store-top{recipe.top_k}",
+                                 teacher_fingerprint=model_fingerprint(teacher.hf), top_k=recipe.top_k, batch_size=16)
+            D.distil(model, CachedTeacher(folder), splits["train"], recipe.train, **kd, **common)
+    seconds = time.perf_counter() - t0
+    save_lm(model, tok, out / "model", extra={"recipe": dataclasses.asdict(recipe)})
+    report = {"method": "alone" if teacher is None else recipe.method, "loss": recipe.loss, "seed": recipe.seed,
+              "parameters": model.num_parameters(), "train_seconds": seconds,
+              "validation_perplexity": D.perplexity(model, splits["validation"]),
+              "test_perplexity": D.perplexity(model, splits["test"])}
+    if teacher is not None:
+        report["teacher_validation_perplexity"] = D.perplexity(teacher, splits["validation"])
+    atomic_write_json(out / "report.json", report)
+    return report

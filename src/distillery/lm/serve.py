@@ -1,0 +1,564 @@
+"""A local ``CausalLM`` served through the OpenAI **completions** API, so a teacher can sit behind
+HTTP (``remote.RemoteTeacher`` is the client; any OpenAI-compatible client works too).
+
+Endpoints:
+
+- ``POST /v1/completions`` with a JSON body:
+
+  - ``model`` (required): the served name; another name is answered 404 ``model_not_found``.
+  - ``prompt`` (required): a string, a list of strings, a list of token ids, or a list of lists of
+    token ids (as OpenAI allows). Strings are encoded with the model's tokenizer.
+  - ``max_tokens`` (default 16): new tokens per completion; 0 only with ``echo`` (scoring given text).
+    Every completion gets exactly ``max_tokens`` tokens (``finish_reason`` is always ``"length"``):
+    the end-of-text token does not stop generation.
+  - ``temperature`` (default 1; 0 = greedy, ties to the lowest id), ``top_p`` (default 1), ``top_k``
+    (vLLM's extension; 0 or -1 = off), ``n`` (samples per prompt, default 1).
+  - ``seed`` (int): each prompt is sampled with a fresh generator seeded with it (its ``n`` samples
+    share it and differ), so a prompt's completion does not depend on the other prompts of the request.
+  - ``logprobs`` (int 0..``max_logprobs``, default 20, or null): legacy completions semantics: the
+    log-probability of every returned token and the ``logprobs`` most likely tokens at its position
+    (an empty dict when 0). null returns ``"logprobs": null``.
+  - ``echo`` (bool): the prompt tokens come back before the completion, with their log-probabilities;
+    the first prompt token has ``token_logprobs`` null and ``top_logprobs`` null (as OpenAI).
+    ``echo=true, max_tokens=0, logprobs=k`` scores a given text.
+  - ``return_tokens_as_token_ids`` (bool, vLLM's extension): tokens (and the keys of
+    ``top_logprobs``) are ``"token_id:123"`` strings instead of text, so no two tokens collide.
+  - ``stop``, ``user``, ``presence_penalty``, ``frequency_penalty`` and other OpenAI fields are
+    accepted and ignored (``stop`` sequences do not stop generation); ``stream`` is refused.
+
+  **Log-probabilities are those of the model's full softmax at temperature 1**, whatever
+  ``temperature``, ``top_p`` and ``top_k`` the sampling used (OpenAI reports the raw model's too;
+  ``generate.sample`` reports the sampling distribution's instead). ``text_offset`` holds the
+  character offset of each returned token in the text prompt + completion.
+
+- ``GET /v1/models``: the one model, with ``vocab_size`` and ``max_model_len`` beside OpenAI's fields.
+
+Authentication: a server started with an API key (``distillery serve`` reads it from the environment
+variable named by ``--api-key-env``, default ``DISTILLERY_API_KEY``; unset = no key needed) answers
+401 unless a request carries ``Authorization: Bearer KEY`` (compared in constant time). The key is
+never logged or echoed. Errors are OpenAI-style JSON: ``{"error": {"message", "type", "param", "code"}}``.
+
+The server (``CompletionServer``) is a ``ThreadingHTTPServer``; one lock serialises model calls. It
+binds 127.0.0.1 unless told otherwise. ``CompletionServer.faults`` is a test hook (a list of fault
+names, one consumed per request; not reachable over HTTP): ``"500"``, ``"429"`` or ``"429:SECONDS"``
+(with ``Retry-After``), ``"sleep:SECONDS"`` (before answering), ``"truncate"`` (a 200 whose body is
+cut in half and the connection closed, the Content-Length announcing the whole), ``"cut-json"`` (half
+the body with a matching Content-Length: invalid JSON), ``"drop-logprobs"`` (choices without
+logprobs), ``"short-logprobs"`` (one token log-probability fewer than tokens).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hmac
+import ipaddress
+import json
+import math
+import os
+import secrets
+import socket
+import sys
+import threading
+import time
+import uuid
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from ..errors import DistilleryError
+from .generate import sample
+
+DEFAULT_KEY_ENV = "DISTILLERY_API_KEY"
+MAX_BODY = 16 << 20  # bytes of request JSON
+NEG_INF = -9999.0  # what a -inf log-probability is reported as (JSON has no infinity; vLLM does the same)
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP ``status`` and an OpenAI-style error object."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+
+    def body(self) -> dict:
+        """The JSON error object."""
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine reaches (127.0.0.0/8, ::1, ``localhost``)."""
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return host.lower() == "localhost"
+
+
+# ------------------------------------------------------------------------------ request parsing
+
+
+def _int(body: dict, name: str, default: int | None, lo: int | None = None, hi: int | None = None,
+         nullable: bool = True) -> int | None:
+    v = body.get(name, default)
+    if v is None:
+        if not nullable:
+            raise RequestError(400, f"{name} must be an integer, got null.", param=name)
+        return default
+    if isinstance(v, bool) or not isinstance(v, int):
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        else:
+            raise RequestError(400, f"{name} must be an integer, got {json.dumps(v)[:40]}.", param=name)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        span = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+        raise RequestError(400, f"{name} must be {span}, got {v}.", param=name)
+    return v
+
+
+def _float(body: dict, name: str, default: float) -> float:
+    v = body.get(name, default)
+    if v is None:
+        return default
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        raise RequestError(400, f"{name} must be a finite number, got {json.dumps(v)[:40]}.", param=name)
+    return float(v)
+
+
+def _bool(body: dict, name: str) -> bool:
+    v = body.get(name, False)
+    if v is None:
+        return False
+    if not isinstance(v, bool):
+        raise RequestError(400, f"{name} must be true or false, got {json.dumps(v)[:40]}.", param=name)
+    return v
+
+
+def _is_id(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def parse_prompts(prompt: Any, tokenizer, vocab_size: int) -> list[list[int]]:
+    """The token ids of every prompt of an OpenAI ``prompt`` field (str, [str], [int] or [[int]])."""
+    if prompt is None:
+        raise RequestError(400, "the request has no prompt; send \"prompt\": a string, a list of strings, "
+                                "a list of token ids or a list of lists of token ids.", param="prompt")
+    if isinstance(prompt, str):
+        prompt = [prompt]
+    if not isinstance(prompt, list) or not prompt:
+        raise RequestError(400, "prompt must be a string or a non-empty list (of strings, token ids or lists of "
+                                "token ids).", param="prompt")
+    if all(_is_id(x) for x in prompt):
+        prompt = [prompt]
+    out = []
+    for i, p in enumerate(prompt):
+        if isinstance(p, str):
+            if tokenizer is None:
+                raise RequestError(400, "this server has no tokenizer; send token ids.", param="prompt")
+            ids = list(tokenizer.encode(p).ids)
+        elif isinstance(p, list) and all(_is_id(x) for x in p):
+            ids = p
+        else:
+            raise RequestError(400, f"prompt {i} is neither a string nor a list of token ids; do not mix the forms.",
+                               param="prompt")
+        if not ids:
+            raise RequestError(400, f"prompt {i} has no tokens; send at least one.", param="prompt")
+        bad = [x for x in ids if not 0 <= x < vocab_size]
+        if bad:
+            raise RequestError(400, f"prompt {i} holds token id {bad[0]}, outside the vocabulary [0, {vocab_size}).",
+                               param="prompt")
+        out.append(ids)
+    return out
+
+
+# ----------------------------------------------------------------------------------- the server
+
+
+class CompletionServer:
+    """Serve ``model`` (a ``CausalLM``) and its ``tokenizer`` (a ``tokenizers.Tokenizer``, or None
+    for token-id prompts only) as ``name`` through the OpenAI completions API (module docstring).
+
+    ``api_key``: the key requests must carry (None: none needed). ``port`` 0 picks a free port
+    (``start()`` returns it). ``max_logprobs`` caps ``logprobs``, ``max_n`` caps ``n``, ``max_prompts``
+    the prompts of one request. ``quiet`` silences the per-request log lines (which never hold headers).
+    ``faults``: the test hook of the module docstring."""
+
+    def __init__(self, model, tokenizer, name: str, host: str = "127.0.0.1", port: int = 0, api_key: str | None = None,
+                 *, max_logprobs: int = 20, max_n: int = 16, max_prompts: int = 256, quiet: bool = False):
+        self.model, self.tokenizer, self.name = model, tokenizer, name
+        self.host, self.port = host, int(port)
+        self._key = api_key.encode("utf-8") if api_key else None
+        self.max_logprobs, self.max_n, self.max_prompts, self.quiet = int(max_logprobs), int(max_n), int(max_prompts), quiet
+        self.faults: list[str] = []
+        self._faults_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._closing = False
+        self._httpd: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+        self._pieces: dict[int, str] = {}
+        self.created = int(time.time())
+
+    def __repr__(self) -> str:  # never the key
+        return f"CompletionServer({self.name!r}, {self.host}:{self.port}, key={'yes' if self._key else 'no'})"
+
+    @property
+    def url(self) -> str:
+        """The base URL clients use (``http://host:port/v1``)."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    # -- lifecycle
+
+    def bind(self) -> int:
+        """Bind the socket (not yet serving) and return the port."""
+        if self._httpd is None:
+            handler = type("Handler", (_Handler,), {"app": self})
+            cls = _V6Server if ":" in self.host else ThreadingHTTPServer
+            try:
+                self._httpd = cls((self.host, self.port), handler)
+            except OSError as e:
+                raise DistilleryError(f"cannot listen on {self.host}:{self.port} ({e.strerror or e}); pick another "
+                                      "--port (0 = any free one) or --host.") from None
+            self._httpd.daemon_threads = True
+            self.port = self._httpd.server_address[1]
+            self._closing = False  # a stopped server may start again
+        return self.port
+
+    def start(self) -> int:
+        """Serve in a background thread; returns the bound port."""
+        port = self.bind()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._httpd.serve_forever, name=f"serve-{self.name}", daemon=True)
+            self._thread.start()
+        return port
+
+    def serve_forever(self) -> None:
+        """Serve in this thread until interrupted (the CLI)."""
+        self.bind()
+        try:
+            self._httpd.serve_forever()
+        finally:
+            self._httpd.server_close()
+            self._httpd = None
+            self._close_model()
+
+    def _close_model(self) -> None:
+        with self._lock:  # waits for the model call in flight; later ones are answered 503
+            self._closing = True
+
+    def stop(self) -> None:
+        """Stop serving and close the socket. The model call in flight finishes first; requests still
+        in flight after it (sleeping in a fault) are answered 503 without touching the model."""
+        if self._httpd is not None:
+            if self._thread is not None:
+                self._httpd.shutdown()
+                self._thread.join()
+            self._httpd.server_close()
+        self._httpd = self._thread = None
+        self._close_model()
+
+    def __enter__(self) -> CompletionServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # -- pieces used by the handler
+
+    def authorized(self, header: str | None) -> bool:
+        """Whether an ``Authorization`` header carries the key (always True without one)."""
+        if self._key is None:
+            return True
+        scheme, _, token = (header or "").strip().partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode("utf-8"), self._key)
+
+    def next_fault(self) -> str | None:
+        """Pop the next injected fault, if any."""
+        with self._faults_lock:
+            return self.faults.pop(0) if self.faults else None
+
+    def models(self) -> dict:
+        """The ``GET /v1/models`` answer."""
+        return {"object": "list", "data": [{"id": self.name, "object": "model", "created": self.created,
+                                            "owned_by": "distillery", "vocab_size": int(self.model.vocab_size),
+                                            "max_model_len": int(self.model.max_length)}]}
+
+    def _piece(self, i: int) -> str:
+        if i not in self._pieces:
+            self._pieces[i] = self.tokenizer.decode([i], skip_special_tokens=False) if self.tokenizer else str(i)
+        return self._pieces[i]
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else ""
+
+    def complete(self, body: Any) -> dict:
+        """The ``POST /v1/completions`` answer to a parsed JSON ``body`` (raises ``RequestError``)."""
+        if not isinstance(body, dict):
+            raise RequestError(400, "the request body must be a JSON object.")
+        if "model" not in body:
+            raise RequestError(400, f"the request has no model; send \"model\": {json.dumps(self.name)}.", param="model")
+        if body["model"] != self.name:
+            raise RequestError(404, f"the model {json.dumps(body['model'])[:80]} does not exist; this server serves "
+                                    f"{json.dumps(self.name)}.", param="model", code="model_not_found")
+        if body.get("stream"):
+            raise RequestError(400, "streaming is not supported; send \"stream\": false.", param="stream")
+        vocab, ctx = int(self.model.vocab_size), int(self.model.max_length)
+        prompts = parse_prompts(body.get("prompt"), self.tokenizer, vocab)
+        echo = _bool(body, "echo")
+        as_ids = _bool(body, "return_tokens_as_token_ids")
+        max_tokens = _int(body, "max_tokens", 16, 0)
+        if max_tokens == 0 and not echo:
+            raise RequestError(400, "max_tokens must be >= 1 (0 only with echo=true, to score the prompt).",
+                               param="max_tokens")
+        temperature = _float(body, "temperature", 1.0)
+        if temperature < 0:
+            raise RequestError(400, f"temperature must be >= 0 (0 = greedy), got {temperature}.", param="temperature")
+        top_p = _float(body, "top_p", 1.0)
+        if not 0 < top_p <= 1:
+            raise RequestError(400, f"top_p must lie in (0, 1], got {top_p}.", param="top_p")
+        top_k = _int(body, "top_k", 0, -1)
+        top_k = 0 if top_k == -1 else top_k
+        n = _int(body, "n", 1, 1, self.max_n)
+        best_of = _int(body, "best_of", None, 1)
+        if best_of is not None and best_of != n:
+            raise RequestError(400, "best_of is not supported; leave it out (or equal to n).", param="best_of")
+        seed = _int(body, "seed", None)
+        k = _int(body, "logprobs", None, 0, self.max_logprobs)
+        stop = body.get("stop")
+        if not (stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+            raise RequestError(400, "stop must be a string or a list of strings (it is accepted and ignored).",
+                               param="stop")
+        if len(prompts) * n > self.max_prompts:
+            raise RequestError(400, f"{len(prompts)} prompts x n={n} exceed this server's {self.max_prompts} "
+                                    "completions per request; send fewer prompts per request.", param="prompt")
+        for i, p in enumerate(prompts):
+            if len(p) + max_tokens > ctx:
+                raise RequestError(400, f"prompt {i} has {len(p)} tokens and max_tokens is {max_tokens}: together they "
+                                        f"exceed the model's context of {ctx} tokens; shorten the prompt or lower "
+                                        "max_tokens.", param="prompt")
+        choices, completion_tokens = [], 0
+        for i, p in enumerate(prompts):
+            rows = self._run(p, n, max_tokens, temperature, top_p, top_k, seed, k)
+            for j, (ids, lps, tops) in enumerate(rows):
+                choices.append(self._choice(i * n + j, p, ids, lps, tops, echo, as_ids, k))
+                completion_tokens += len(ids) - len(p)
+        prompt_tokens = sum(len(p) for p in prompts)
+        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+                "model": self.name, "choices": choices,
+                "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                          "total_tokens": prompt_tokens + completion_tokens}}
+
+    def _run(self, prompt: list[int], n: int, max_tokens: int, temperature: float, top_p: float, top_k: int,
+             seed: int | None, k: int | None) -> list[tuple[list[int], list[float] | None, list | None]]:
+        """n continuations of one prompt: (all ids, log-prob of each token after the first, top-k per
+        position after the first as (values, ids)) under the model's full softmax at temperature 1."""
+        x = torch.tensor([prompt] * n, dtype=torch.long)
+        with self._lock, torch.no_grad():
+            if self._closing:
+                raise RequestError(503, "the server is shutting down; retry against a running one.", type="server_error")
+            if max_tokens > 0:
+                g = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+                x = sample(self.model, x, max_tokens, temperature=temperature, top_p=top_p, top_k=top_k, generator=g).ids
+            if k is None:
+                return [(row, None, None) for row in x.tolist()]
+            self.model.eval()
+            logp = F.log_softmax(self.model(x).float(), dim=-1)[:, :-1]  # position t predicts token t + 1
+        lps = logp.gather(-1, x[:, 1:, None]).squeeze(-1)
+        lps = torch.nan_to_num(lps, neginf=NEG_INF).tolist()
+        if k:
+            v, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+            tops = list(zip(torch.nan_to_num(v, neginf=NEG_INF).tolist(), idx.tolist()))
+        else:
+            tops = [None] * n
+        return [(row, lp, top) for row, lp, top in zip(x.tolist(), lps, tops)]
+
+    def _choice(self, index: int, prompt: list[int], ids: list[int], lps, tops, echo: bool, as_ids: bool,
+                k: int | None) -> dict:
+        full = self._decode(ids)
+        head = self._decode(prompt)
+        gen = ids[len(prompt):]
+        text = full if echo else (full[len(head):] if full.startswith(head) else self._decode(gen))
+        logprobs = None
+        if k is not None:
+            start = 0 if echo else len(prompt)
+            tok = (lambda i: f"token_id:{i}") if as_ids else self._piece
+            prefixes = self.tokenizer.decode_batch([ids[:j] for j in range(start, len(ids))], skip_special_tokens=False) \
+                if self.tokenizer is not None else [""] * (len(ids) - start)
+            token_lps, top_lps = [], []
+            for j in range(start, len(ids)):
+                if j == 0:
+                    token_lps.append(None)
+                    top_lps.append(None)
+                    continue
+                token_lps.append(lps[j - 1])
+                if tops is None:
+                    top_lps.append({})
+                else:
+                    vals, idx = tops
+                    top_lps.append({tok(t): v for v, t in zip(vals[j - 1], idx[j - 1])})
+            logprobs = {"tokens": [tok(i) for i in ids[start:]], "token_logprobs": token_lps, "top_logprobs": top_lps,
+                        "text_offset": [len(s) for s in prefixes]}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": "length"}
+
+
+class _V6Server(ThreadingHTTPServer):
+    address_family = socket.AF_INET6
+
+
+class _Handler(BaseHTTPRequestHandler):
+    """HTTP glue; ``app`` (a ``CompletionServer``) is set on a per-server subclass."""
+
+    app: CompletionServer
+    protocol_version = "HTTP/1.1"
+    timeout = 120  # seconds an idle keep-alive connection (or a stalled upload) holds its thread
+    server_version = "distillery"
+    sys_version = ""
+
+    def log_message(self, format: str, *args) -> None:  # the request line and status only, never headers
+        if not self.app.quiet:
+            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+
+    def _send(self, status: int, obj: dict, headers: dict | None = None, fault: str | None = None) -> None:
+        data = json.dumps(obj, allow_nan=False).encode("utf-8")
+        cut = data[: len(data) // 2]
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(cut) if fault == "cut-json" else len(data)))
+            for k, v in (headers or {}).items():
+                self.send_header(k, v)
+            if fault == "truncate":
+                self.send_header("Connection", "close")
+                self.close_connection = True
+            self.end_headers()
+            self.wfile.write(cut if fault in ("truncate", "cut-json") else data)
+            self.wfile.flush()
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up (timed out)
+            self.close_connection = True
+
+    def _error(self, err: RequestError, headers: dict | None = None) -> None:
+        self._send(err.status, err.body(), headers)
+
+    def _read_body(self) -> bytes | None:
+        if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+            self.close_connection = True
+            self._error(RequestError(400, "chunked request bodies are not supported; send a Content-Length."))
+            return None
+        try:
+            length = int(self.headers.get("Content-Length") or 0)
+        except ValueError:
+            length = -1
+        if length < 0 or length > MAX_BODY:
+            self.close_connection = True
+            self._error(RequestError(413 if length > MAX_BODY else 400,
+                                     f"the request body must be 0..{MAX_BODY} bytes with a valid Content-Length."))
+            return None
+        return self.rfile.read(length) if length else b""
+
+    def _handle(self, method: str) -> None:
+        body = self._read_body() if method == "POST" else b""
+        if body is None:
+            return
+        if not self.app.authorized(self.headers.get("Authorization")):
+            self._error(RequestError(401, "missing or invalid API key; send the header 'Authorization: Bearer <key>' "
+                                          "with the key this server was started with.", code="invalid_api_key"),
+                        {"WWW-Authenticate": "Bearer"})
+            return
+        path = self.path.split("?", 1)[0].rstrip("/")
+        routes = {("GET", "/v1/models"), ("POST", "/v1/completions")}
+        if (method, path) not in routes:
+            status = 405 if any(p == path for _, p in routes) else 404
+            self._error(RequestError(status, f"{method} {path or '/'} is not served here; use POST /v1/completions or "
+                                             "GET /v1/models.", code="unknown_url"))
+            return
+        fault = self.app.next_fault()
+        if fault and fault.startswith("sleep:"):
+            time.sleep(float(fault.split(":", 1)[1]))
+            fault = None
+        if fault == "500":
+            self._error(RequestError(500, "injected server error", type="server_error"))
+            return
+        if fault and fault.split(":")[0] == "429":
+            wait = fault.split(":", 1)[1] if ":" in fault else "1"
+            self._error(RequestError(429, "injected rate limit; retry later", type="rate_limit_error"),
+                        {"Retry-After": wait})
+            return
+        if method == "GET":
+            self._send(200, self.app.models(), fault=fault)
+            return
+        try:
+            req = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            self._error(RequestError(400, f"the request body is not valid JSON ({e}); send a JSON object."))
+            return
+        try:
+            out = self.app.complete(req)
+        except RequestError as e:
+            self._error(e)
+            return
+        except DistilleryError as e:
+            self._error(RequestError(400, str(e)))
+            return
+        except Exception as e:  # a bug, not the client's fault: report it without killing the server
+            self._error(RequestError(500, f"internal error: {type(e).__name__}: {e}", type="server_error"))
+            return
+        if fault == "drop-logprobs":
+            for c in out["choices"]:
+                c["logprobs"] = None
+        elif fault == "short-logprobs":
+            for c in out["choices"]:
+                if c["logprobs"]:
+                    c["logprobs"]["token_logprobs"] = c["logprobs"]["token_logprobs"][:-1]
+        self._send(200, out, fault=fault)
+
+    def do_GET(self) -> None:
+        self._handle("GET")
+
+    def do_POST(self) -> None:
+        self._handle("POST")
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    """Add ``distillery serve MODEL_DIR --port P [--host H] [--name NAME] [--api-key-env VAR]``."""
+    s = subparsers.add_parser("serve", help="serve a model folder through the OpenAI completions API (a remote teacher)")
+    s.add_argument("model_dir", help="model folder (save_lm / lm-train output, or a transformers folder)")
+    s.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free one; default 8000)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1, this machine only; 0.0.0.0 = every interface)")
+    s.add_argument("--name", default=None, help="model name clients send (default: the folder's name)")
+    s.add_argument("--api-key-env", default=DEFAULT_KEY_ENV, metavar="VAR",
+                   help=f"environment variable holding the API key requests must carry (default {DEFAULT_KEY_ENV}; "
+                        "unset = no key needed)")
+    s.add_argument("--max-logprobs", type=int, default=20, help="the most top log-probabilities per token (default 20)")
+    s.add_argument("--quiet", action="store_true", help="no line per request")
+    s.set_defaults(fn=run)
+    return s
+
+
+def run(args) -> int:
+    """``distillery serve``: load the folder and serve it until interrupted."""
+    from .models import load_lm
+
+    model, tokenizer = load_lm(args.model_dir)
+    name = args.name or Path(args.model_dir).resolve().name
+    key = os.environ.get(args.api_key_env) or None
+    server = CompletionServer(model, tokenizer, name, args.host, args.port, key, max_logprobs=args.max_logprobs,
+                              quiet=args.quiet)
+    server.bind()
+    if not is_loopback(args.host):
+        print(f"warning: listening on {args.host}, reachable from other machines, over plain HTTP (put a TLS proxy in "
+              "front for untrusted networks)" + ("" if key else f"; with no API key anyone can use it: set "
+                                                                f"{args.api_key_env}"), file=sys.stderr)
+    auth = f"requests need the key in ${args.api_key_env}" if key else f"no key needed (${args.api_key_env} is unset)"
+    print(f"serving {name!r} at {server.url} ({auth}); Ctrl-C stops", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped.", file=sys.stderr)
+    return 0

@@ -1,0 +1,250 @@
+"""Language-model distillation: models and folders, corpus and tokenizer, sampling, KD modes, recipes."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from distillery.config import TrainConfig
+from distillery.errors import DistilleryError
+from distillery.lm import corpus
+from distillery.lm import distill as D
+from distillery.lm.generate import sample, warp
+from distillery.lm.models import check_same_tokenizer, llama, load_lm, save_lm
+
+TEXT = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 3 for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return corpus.train_tokenizer(TEXT, vocab_size=300)
+
+
+@pytest.fixture(scope="module")
+def data(tok):
+    rows = corpus.blocks(corpus.encode_documents(TEXT, tok), 24)
+    return corpus.TokenData.from_blocks(rows, tok.get_vocab_size(), "toy")
+
+
+def _cfg(**kw):
+    return TrainConfig(**{"epochs": 1, "batch_size": 8, "lr": 3e-3, "log_every": 1000, **kw})
+
+
+# ------------------------------------------------------------------------------------ models
+
+
+def test_padded_vocabulary_is_sliced_to_the_tokenizer(tok):
+    v = tok.get_vocab_size()
+    m = llama("tiny", vocab_size=v, pad_to=64)
+    assert m.hf.get_output_embeddings().weight.shape[0] == 320 > v
+    assert m(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, v)
+
+
+def test_save_load_round_trip_and_damage(tmp_path, tok):
+    m = llama("tiny", vocab_size=tok.get_vocab_size(), seed=3, pad_to=64)
+    save_lm(m, tok, tmp_path / "m")
+    m2, tok2 = load_lm(tmp_path / "m")
+    x = torch.randint(0, tok.get_vocab_size(), (2, 7))
+    assert torch.equal(m(x), m2(x)) and m2.vocab_size == m.vocab_size
+    check_same_tokenizer(tok, tok2)
+    data = (tmp_path / "m" / "model.safetensors").read_bytes()
+    (tmp_path / "m" / "model.safetensors").write_bytes(data[:-8] + b"\0" * 8)
+    with pytest.raises(DistilleryError, match="checksum"):
+        load_lm(tmp_path / "m")
+    with pytest.raises(DistilleryError, match="not a model folder"):
+        load_lm(tmp_path / "nothing")
+
+
+def test_different_tokenizers_are_refused(tok):
+    other = corpus.train_tokenizer(["completely different words here " * 20], vocab_size=280)
+    with pytest.raises(DistilleryError, match="different tokenizers"):
+        check_same_tokenizer(tok, other)
+
+
+# ------------------------------------------------------------------------------------ corpus
+
+
+def test_stdlib_split_is_by_file_disjoint_and_fixed():
+    files = corpus.stdlib_files()
+    assert len(files) > 100 and all(f.suffix == ".py" for f in files)
+    assert not any("site-packages" in f.parts or "test" in f.parts for f in files)
+    a, b = corpus.split_files(files, 0), corpus.split_files(files, 0)
+    assert a == b
+    sets = [set(v) for v in a.values()]
+    assert sum(map(len, sets)) == len(files) and not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+    assert a != corpus.split_files(files, 1)
+
+
+def test_blocks_targets_and_prompt_mask(tok):
+    stream = corpus.encode_documents(["abc def", "ghi"], tok)
+    assert stream[-1] == tok.token_to_id(corpus.EOS)
+    rows = corpus.blocks(stream, 3)
+    d = corpus.TokenData.from_blocks(rows, tok.get_vocab_size(), prompt=2)
+    assert torch.equal(d.x[0], torch.as_tensor(rows[0, :3]).long())
+    assert d.y[0, 0] == -100 and d.y[0, 1] == rows[0, 2]
+    assert torch.equal(d.batch(torch.tensor([0]))["mask"], d.y[:1] != -100)
+    with pytest.raises(DistilleryError, match="fewer than one block"):
+        corpus.blocks(stream[:2], 8)
+
+
+def test_read_texts_formats_and_errors(tmp_path):
+    (tmp_path / "a.jsonl").write_text('{"text": "one"}\n\n{"text": "two"}\n')
+    assert corpus.read_texts(tmp_path / "a.jsonl") == ["one", "two"]
+    (tmp_path / "b.jsonl").write_text('{"text": "one"}\n{"body": 1}\n')
+    with pytest.raises(DistilleryError, match=r"b\.jsonl:2 has no string field 'text'"):
+        corpus.read_texts(tmp_path / "b.jsonl")
+    (tmp_path / "c.txt").write_text("hello")
+    assert corpus.read_texts(tmp_path / "c.txt") == ["hello"]
+    with pytest.raises(DistilleryError, match="does not exist"):
+        corpus.read_texts(tmp_path / "missing.txt")
+
+
+# ------------------------------------------------------------------------------------ sampling
+
+
+def test_greedy_with_cache_equals_full_recompute(tok):
+    m = llama("tiny", vocab_size=tok.get_vocab_size(), seed=1)
+    prompt = torch.randint(0, tok.get_vocab_size(), (3, 4), generator=torch.Generator().manual_seed(0))
+    out = sample(m, prompt, 6, temperature=0)
+    ids = prompt
+    for _ in range(6):
+        ids = torch.cat([ids, m(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert torch.equal(out.ids, ids) and out.logprobs.shape == (3, 6)
+    a = sample(m, prompt, 5, generator=torch.Generator().manual_seed(7))
+    b = sample(m, prompt, 5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a.ids, b.ids)
+
+
+def test_warp_top_k_and_top_p_by_hand():
+    z = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    p = warp(z, 1.0, top_p=0.8).exp()  # 0.5 + 0.3 reaches 0.8: two tokens kept
+    assert torch.allclose(p, torch.tensor([[0.625, 0.375, 0.0, 0.0]]), atol=1e-6)
+    p = warp(z, 1.0, top_k=3).exp()
+    assert torch.allclose(p, torch.tensor([[0.5, 0.3, 0.15, 0.0]]) / 0.95, atol=1e-6)
+    assert torch.equal(warp(z, 0.0).exp(), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    p = warp(z, 2.0).exp()
+    q = torch.tensor([0.5, 0.3, 0.15, 0.05]).sqrt()
+    assert torch.allclose(p[0], q / q.sum(), atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------ distillation
+
+
+def _kl_to(teacher, student, data) -> float:
+    b = data.batch(torch.arange(len(data)))
+    with torch.no_grad():
+        from distillery.losses.tokens import token_loss
+
+        return float(token_loss("kd", student(b["x"]), teacher(b["x"]), mask=b["mask"], temperature=1.0))
+
+
+@pytest.mark.parametrize("loss", ["kd", "generalized_jsd"])
+def test_token_kd_moves_the_student_to_the_teacher(tok, data, loss):
+    v = tok.get_vocab_size()
+    teacher = llama("tiny", vocab_size=v, seed=0)
+    D.train(teacher, data, _cfg(epochs=3), progress=False)
+    student = llama("tiny", vocab_size=v, seed=1, hidden_size=16, intermediate_size=32)
+    before = _kl_to(teacher, student, data)
+    D.distil(student, teacher, data, _cfg(epochs=3), loss=loss, chunk_size=16, progress=False)
+    assert _kl_to(teacher, student, data) < 0.7 * before
+
+
+def test_perplexity_is_exp_of_mean_cross_entropy(tok, data):
+    m = llama("tiny", vocab_size=tok.get_vocab_size(), seed=2)
+    b = data.batch(torch.arange(len(data)))
+    with torch.no_grad():
+        logits = m(b["x"])
+        ce = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), b["y"].reshape(-1))
+    assert D.perplexity(m, data, batch_size=5) == pytest.approx(math.exp(float(ce)), rel=1e-4)
+
+
+def test_sequence_level_data_from_the_teacher(tok, data):
+    teacher = llama("tiny", vocab_size=tok.get_vocab_size(), seed=0)
+    prompts = D.prompts_of(data, 4)
+    a = D.teacher_texts(teacher, prompts, 6, samples=2, seed=5, batch_size=64)
+    b = D.teacher_texts(teacher, prompts, 6, samples=2, seed=5)
+    assert a.x.shape == (2 * len(data), 9) and torch.equal(a.x, b.x)
+    assert torch.equal(a.x[0, :4], prompts[0]) and torch.equal(a.x[1, :4], prompts[0])
+    assert (a.y[:, :3] == -100).all() and (a.y[:, 3:] != -100).all()
+    assert a.settings["samples"] == 2 and a.settings["temperature"] == 1.0
+    with pytest.raises(DistilleryError, match="greedy"):
+        D.teacher_texts(teacher, prompts, 6, samples=2, temperature=0)
+
+
+def test_on_policy_share_and_determinism(tok, data):
+    student = llama("tiny", vocab_size=tok.get_vocab_size(), seed=1)
+    never = D.OnPolicyData(data, student, lam=0.0, prompt=4)
+    always = D.OnPolicyData(data, student, lam=1.0, prompt=4)
+    idx = torch.arange(6)
+    assert torch.equal(never.batch(idx)["x"], data.x[:6]) and never.generated == 0
+    gen = always.batch(idx)
+    assert always.generated == 1 and torch.equal(gen["x"][:, :4], data.x[:6, :4])
+    assert gen["x"].shape == data.x[:6].shape and (gen["y"][:, :3] == -100).all()
+    again = D.OnPolicyData(data, student, lam=1.0, prompt=4)
+    assert torch.equal(again.batch(idx)["x"], gen["x"])  # seeded by (seed, epoch, ids): resumable
+    half = D.OnPolicyData(data, student, lam=0.5, prompt=4)
+    for i in range(40):
+        half.batch(torch.tensor([i % len(data), (i + 1) % len(data)]) + 0)
+        half.epoch += 1
+    assert 8 <= half.generated <= 32
+    with pytest.raises(DistilleryError, match="lambda"):
+        D.OnPolicyData(data, student, lam=1.5)
+
+
+def test_topk_store_for_token_sequences(tmp_path, tok, data):
+    from distillery.store import CachedTeacher, write_store
+    from distillery.teachers import ModuleTeacher
+
+    v = tok.get_vocab_size()
+    teacher = llama("tiny", vocab_size=v, seed=0)
+    write_store(ModuleTeacher(teacher), data, tmp_path / "s", teacher_fingerprint="t", top_k=v, dtype="float32",
+                batch_size=4)
+    ans = CachedTeacher(tmp_path / "s")(data.batch(torch.tensor([3, 1])))["logits"]
+    assert ans.log_probs.shape == (2, data.x.shape[1], v)
+    from distillery.losses.tokens import token_loss
+
+    s = torch.randn(2, data.x.shape[1], v)
+    mask = data.batch(torch.tensor([3, 1]))["mask"]
+    dense = token_loss("kd", s, teacher(data.x[[3, 1]]), mask=mask, temperature=1.0)
+    assert torch.allclose(token_loss("kd", s, ans, mask=mask, temperature=1.0), dense, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------ recipes and CLI
+
+
+def test_recipe_checks():
+    from distillery.config import from_dict
+    from distillery.lm.config import LMRecipe
+
+    with pytest.raises(DistilleryError, match="Did you mean 'reverse_kl'"):
+        from_dict(LMRecipe, {"kind": "lm", "loss": "reverse_k"})
+    with pytest.raises(DistilleryError, match="from a teacher"):
+        from_dict(LMRecipe, {"kind": "lm", "method": "seq_kd"})
+    with pytest.raises(DistilleryError, match="only loss kd"):
+        from_dict(LMRecipe, {"kind": "lm", "teacher": "t", "method": "topk", "loss": "tvd"})
+    with pytest.raises(DistilleryError, match="unknown parameter 'beta'"):
+        from_dict(LMRecipe, {"kind": "lm", "loss": "kd", "params": {"beta": 0.5}})
+
+
+def test_cli_trains_a_teacher_then_distils_from_it(tmp_path, capsys):
+    from distillery.cli import main
+
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
+    common = [f"data={docs}", "block=16", "vocab_size=300", "model=tiny", "train.batch_size=8", "train.log_every=1000",
+              "seq_kd.prompt=4", "seq_kd.new_tokens=12", "on_policy.prompt=4"]
+    assert main(["lm", "lm/teacher", *common, "--out", str(tmp_path / "t"), "--quiet"]) == 0
+    report = json.loads((tmp_path / "t" / "report.json").read_text())
+    assert report["method"] == "alone" and report["validation_perplexity"] > 1
+    teacher = str(tmp_path / "t" / "model")
+    for method in ("kd", "topk", "seq_kd", "on_policy"):
+        assert main(["lm", "lm/kd", *common, f"teacher={teacher}", f"method={method}",
+                     "--out", str(tmp_path / method), "--quiet"]) == 0, method
+        r = json.loads((tmp_path / method / "report.json").read_text())
+        assert r["method"] == method and math.isfinite(r["validation_perplexity"])
+        assert r["teacher_validation_perplexity"] == pytest.approx(report["validation_perplexity"], rel=1e-4)
+    assert "validation perplexity" in capsys.readouterr().out
+    assert main(["lm", "lm/kd", "teacher=" + str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
