@@ -240,11 +240,30 @@ def test_cli_trains_a_teacher_then_distils_from_it(tmp_path, capsys):
     report = json.loads((tmp_path / "t" / "report.json").read_text())
     assert report["method"] == "alone" and report["validation_perplexity"] > 1
     teacher = str(tmp_path / "t" / "model")
-    for method in ("kd", "topk", "seq_kd", "on_policy"):
-        assert main(["lm", "lm/kd", *common, f"teacher={teacher}", f"method={method}",
+    for method in ("kd", "topk", "seq_kd", "on_policy", "adaspec"):
+        ref = [f"reference={tmp_path / 'kd' / 'model'}"] if method == "adaspec" else []
+        assert main(["lm", "lm/kd", *common, f"teacher={teacher}", f"method={method}", *ref,
                      "--out", str(tmp_path / method), "--quiet"]) == 0, method
         r = json.loads((tmp_path / method / "report.json").read_text())
         assert r["method"] == method and math.isfinite(r["validation_perplexity"])
         assert r["teacher_validation_perplexity"] == pytest.approx(report["validation_perplexity"], rel=1e-4)
     assert "validation perplexity" in capsys.readouterr().out
     assert main(["lm", "lm/kd", "teacher=" + str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+
+
+def test_adaspec_data_keeps_the_share_and_carries_the_target(tok, data):
+    from distillery.lm.adaspec import AdaSPECData, BatchTeacher, adaspec_mask
+
+    v = tok.get_vocab_size()
+    target, ref, draft = (llama("tiny", vocab_size=v, seed=s) for s in (0, 1, 2))
+    view = AdaSPECData(data, draft, ref, target, keep=0.4)
+    idx = torch.arange(5)
+    b = view.batch(idx)
+    full = data.batch(idx)
+    want = adaspec_mask(draft(full["x"]), ref(full["x"]), target(full["x"]), full["mask"], 0.4)
+    assert torch.equal(b["mask"], want) and int(b["mask"].sum()) == round(0.4 * int(full["mask"].sum()))
+    assert ((b["y"] == -100) == ~b["mask"]).all()
+    assert torch.equal(BatchTeacher()(b)["logits"], target(full["x"]))
+    assert len(view) == len(data) and view.num_classes == v and view.tokens
+    with pytest.raises(DistilleryError, match="teacher_logits"):
+        BatchTeacher()(full)

@@ -28,13 +28,19 @@ i.e. L = (1 / |S|) sum_{w in S} KL(p_target(w) || p_draft(w)), S the kept tokens
 paper's objective with its 1 / (k |y|) normaliser (|S| = round(k n)). Stage 1 is
 ``token_loss("kd", ref_logits, target_logits, mask=mask, temperature=1.0)`` on every valid token.
 
-``keep = 0.4`` is the default because it is the fraction the paper uses in its main experiments
-(it ablates other fractions); this is from my reading of the paper, check it against the paper or
-its code if the exact default matters. Choices where my reading may differ from the paper's code:
-the top-k is taken over all valid tokens of the batch (as Rho-1's selective language modelling,
-which AdaSPEC builds on, does), ``per_row=True`` selects within each sequence instead; the count
-is round-half-up of ``keep * n`` (at least 1 when any token is valid), the paper may floor it; the
-KLs are at temperature 1 (``temperature`` changes both alike).
+What we follow: the official trainer (``AdaSPECTrainer.compute_loss`` in github.com/yuezhouhu/adaspec)
+computes both KLs per valid token at temperature 1, keeps ``delta >= quantile(delta, 1 - k)`` over
+all valid tokens of the batch, and trains forward KL on the kept tokens. We keep the
+round-half-up(k n) largest (at least one when any token is valid; ties to the earlier position),
+which is the quantile rule up to ties and interpolation; ``per_row=True`` selects within each
+sequence instead. The trainer divides the kept tokens' sum by the batch's valid-token count when
+transformers passes one (``num_items_in_batch``) and takes their mean otherwise; we take their mean
+(the engine normalises by the kept count), which rescales the loss by 1 / k and changes nothing
+else under Adam. ``keep = 0.4`` is the fraction of the paper's main experiments.
+
+``AdaSPECData`` runs stage 2 through the engine: its batches carry the target's logits and a
+mask reduced to AdaSPEC's tokens (computed with the current draft), and ``BatchTeacher`` answers
+from them, so the target runs once per batch.
 """
 
 from __future__ import annotations
@@ -114,3 +120,55 @@ def adaspec_mask(draft_logits: Tensor, ref_logits: Tensor, target_logits: Tensor
     if per_row:
         return torch.stack([_top(delta[i], mask[i], keep) for i in range(b)]) if b else mask.clone()
     return _top(delta.reshape(-1), mask.reshape(-1), keep).reshape(b, t)
+
+
+class AdaSPECData:
+    """Stage 2 as a data set: ``batch(index)`` is ``data``'s batch whose ``mask`` (and targets) keep
+    only the tokens ``adaspec_mask`` selects with the current ``draft``, the ``ref`` model and the
+    ``target``, and whose ``teacher_logits`` hold the target's logits (read by ``BatchTeacher``).
+    Everything else (ids, order, length) is ``data``'s."""
+
+    tokens = True
+
+    def __init__(self, data, draft, ref, target, keep: float = 0.4, per_row: bool = False):
+        if not 0.0 < keep <= 1.0:
+            raise DistilleryError(f"AdaSPEC keep must lie in (0, 1], got {keep!r}; the paper uses 0.4.")
+        self.data, self.draft, self.ref, self.target = data, draft, ref, target
+        self.keep, self.per_row = float(keep), bool(per_row)
+        self.kept = self.valid = 0
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getattr__(self, name: str):  # x, y, ids, num_classes, labelled, name ... of the data
+        if name == "data":
+            raise AttributeError(name)
+        return getattr(self.data, name)
+
+    @torch.no_grad()
+    def batch(self, index: Tensor) -> dict[str, Tensor]:
+        out = self.data.batch(index)
+        was = self.draft.training
+        self.draft.eval()
+        try:
+            t, r, d = self.target(out["x"]), self.ref(out["x"]), self.draft(out["x"])
+        finally:
+            self.draft.train(was)
+        sel = adaspec_mask(d, r, t, out["mask"], self.keep, per_row=self.per_row)
+        self.kept += int(sel.sum())
+        self.valid += int(out["mask"].sum())
+        out["mask"], out["y"] = sel, torch.where(sel, out["y"], -100)
+        out["teacher_logits"] = t
+        return out
+
+
+class BatchTeacher:
+    """The teacher protocol answered from ``batch["teacher_logits"]`` (``AdaSPECData`` puts them there)."""
+
+    def __call__(self, batch: dict[str, Tensor], taps=()) -> dict[str, Tensor]:
+        if "teacher_logits" not in batch:
+            raise DistilleryError("BatchTeacher reads batch['teacher_logits']; train on AdaSPECData (or a data set "
+                                  "whose batches carry the teacher's logits).")
+        if [t for t in taps if t != "logits"]:
+            raise DistilleryError("BatchTeacher holds the target's logits only; feature terms need the target model.")
+        return {"logits": batch["teacher_logits"]}

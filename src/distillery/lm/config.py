@@ -6,7 +6,9 @@ undistilled student), or distilled from a teacher folder with a ``method``:
 - ``kd``: white-box token-level KD on the data with ``loss`` (teacher-forced);
 - ``seq_kd``: the teacher writes the training text (``seq_kd`` settings), the student learns it;
 - ``on_policy``: GKD, a share ``on_policy.lam`` of batches continued by the student itself;
-- ``topk``: KD from a store of the teacher's top-``top_k`` log-probabilities per token.
+- ``topk``: KD from a store of the teacher's top-``top_k`` log-probabilities per token;
+- ``adaspec``: a speculative-decoding draft distilled on AdaSPEC's tokens only (forward KL on the
+  ``keep`` share of tokens where the draft lags ``reference``, a KD-distilled copy, the most).
 """
 
 from __future__ import annotations
@@ -54,13 +56,17 @@ class LMRecipe:
     """Train on the first N blocks of the train split (null: all)."""
     teacher: str | None = None
     """A model folder (null: train on the data alone)."""
-    method: Literal["kd", "seq_kd", "on_policy", "topk"] = "kd"
+    method: Literal["kd", "seq_kd", "on_policy", "topk", "adaspec"] = "kd"
     loss: str = "kd"
     params: dict[str, Any] = field(default_factory=dict)
     """Of the loss: temperature, beta, alpha, ..."""
     ce_weight: float = 0.0
     chunk_size: int | None = 512
     top_k: int = 8
+    reference: str | None = None
+    """adaspec: the reference model folder (the draft's architecture distilled with method kd)."""
+    keep: float = 0.4
+    """adaspec: the share of valid tokens trained on."""
     seq_kd: SeqKD = field(default_factory=SeqKD)
     on_policy: OnPolicy = field(default_factory=OnPolicy)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=16, lr=3e-3))
@@ -81,6 +87,8 @@ class LMRecipe:
             raise DistilleryError(f"method {self.method!r} distils from a teacher; set teacher: to a model folder.")
         if self.method == "topk" and self.loss != "kd":
             raise DistilleryError("method topk reads a sparse store, which only loss kd (forward KL) can read.")
+        if self.method == "adaspec" and (self.reference is None or self.loss != "kd"):
+            raise DistilleryError("method adaspec needs reference: (a model folder distilled with method kd) and loss kd.")
         for name, prompt in (("seq_kd", self.seq_kd.prompt), ("on_policy", self.on_policy.prompt)):
             if not 1 <= prompt < self.block:
                 raise DistilleryError(f"{name}.prompt must lie in [1, block) = [1, {self.block}), got {prompt}.")

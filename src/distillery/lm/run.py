@@ -100,6 +100,13 @@ def run_recipe(recipe: LMRecipe, out: str | Path, *, progress: bool | None = Non
             data = D.OnPolicyData(splits["train"], model, lam=op.lam, prompt=op.prompt, temperature=op.temperature,
                                   seed=recipe.seed)
             D.distil(model, teacher, data, recipe.train, **kd, **common)
+        elif recipe.method == "adaspec":
+            from .adaspec import AdaSPECData, BatchTeacher
+
+            ref, rtok = load_lm(recipe.reference)
+            check_same_tokenizer(rtok, tok)
+            data = AdaSPECData(splits["train"], model, ref, teacher, recipe.keep)
+            D.distil(model, BatchTeacher(), data, recipe.train, **kd, **common)
         else:  # topk
             from ..store import CachedTeacher, model_fingerprint, write_store
             from ..teachers import ModuleTeacher

@@ -1,0 +1,112 @@
+"""Language-model KD on the stdlib corpus: the built-in teacher (recipe lm/teacher, about 10M
+parameters) into the 1M student, every mode, over seeds. Validation perplexity, mean ± std.
+
+Rows (methods): ``teacher``; ``alone`` (lm/student: cross-entropy on the data); ``forward_kl``
+(``kd`` at temperature 1), ``reverse_kl``, ``generalized_jsd`` (beta 0.5), ``skew_kl`` (alpha 0.1):
+token-level KD on the data; ``seq_kd`` (the teacher continues 32-token prompts by 96 sampled
+tokens, the student learns that text); ``on_policy`` (GKD: generalized JSD, beta 0.5, half the
+batches continued by the student); ``topk8`` / ``topk32`` (forward KL from a store of the
+teacher's top-k log-probs per token with a tail bucket). Every student trains on the same
+first ``max_train_blocks`` blocks (lm/kd: 4,000 blocks of 128 tokens, 1 epoch, batch 16).
+The teacher is trained once (or reused from ``--teacher``); each row's run folder resumes.
+
+    python benchmarks/lm_kd.py --seeds 3   ->  benchmarks/results/lm_kd.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from distillery import recipes
+from distillery.lm.run import run_recipe
+
+from _common import RESULTS, command, machine, update_markdown, write
+
+METHODS: dict[str, list[str]] = {
+    "alone": [],
+    "forward_kl": ["loss=kd"],  # lm/kd sets params.temperature=1.0 for every loss
+    "reverse_kl": ["loss=reverse_kl"],
+    "generalized_jsd": ["loss=generalized_jsd", "params.beta=0.5"],
+    "skew_kl": ["loss=skew_kl", "params.alpha=0.1"],
+    "seq_kd": ["method=seq_kd"],
+    "on_policy": ["method=on_policy", "loss=generalized_jsd", "params.beta=0.5", "on_policy.lam=0.5"],
+    "topk8": ["method=topk", "top_k=8"],
+    "topk32": ["method=topk", "top_k=32"],
+}
+
+
+def run_one(method: str, seed: int, teacher: Path, work: Path, extra: list[str]) -> dict:
+    out = work / f"seed{seed}" / method
+    if (out / "report.json").is_file():
+        return json.loads((out / "report.json").read_text())
+    if method == "alone":
+        recipe = recipes.load("lm/student", [f"seed={seed}", *extra])
+    else:
+        recipe = recipes.load("lm/kd", [f"teacher={teacher}", f"seed={seed}", *METHODS[method], *extra])
+    t0 = time.perf_counter()
+    report = run_recipe(recipe, out, progress=False)
+    report["wall_s"] = time.perf_counter() - t0
+    return report
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--methods", nargs="*", default=list(METHODS))
+    ap.add_argument("--teacher", type=Path, default=Path("runs/lm/teacher/model"),
+                    help="teacher folder (trained with recipe lm/teacher into its parent when missing)")
+    ap.add_argument("--work", type=Path, default=Path("runs/bench-lm"))
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="override for every student recipe (e.g. max_train_blocks=2000)")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    if not (args.teacher / "config.json").is_file():
+        print(f"training the teacher into {args.teacher.parent} (recipe lm/teacher)", flush=True)
+        run_recipe(recipes.load("lm/teacher"), args.teacher.parent, progress=False)
+    teacher_report = json.loads((args.teacher.parent / "report.json").read_text())
+    rows: dict[str, dict] = {"teacher": {"method": "teacher", "runs": [teacher_report["validation_perplexity"]]}}
+    reports: dict[str, list[dict]] = {}
+    for seed in range(args.seeds):
+        for method in args.methods:
+            r = run_one(method, seed, args.teacher, args.work, args.extra)
+            reports.setdefault(method, []).append(r)
+            print(f"seed {seed} {method}: validation perplexity {r['validation_perplexity']:.2f} "
+                  f"({r.get('train_seconds', 0):.0f} s)", flush=True)
+            rows[method] = {"method": method, "runs": [x["validation_perplexity"] for x in reports[method]],
+                            "train_seconds": [x["train_seconds"] for x in reports[method]]}
+            _save(args, rows, teacher_report, t_start)
+    _save(args, rows, teacher_report, t_start)
+
+
+def _save(args, rows: dict, teacher_report: dict, t_start: float) -> None:
+    out_rows = []
+    for r in rows.values():
+        runs = r["runs"]
+        out_rows.append({**r, "mean": statistics.fmean(runs), "std": statistics.pstdev(runs), "n": len(runs)})
+    write(RESULTS / "lm_kd.json", {
+        "benchmark": "lm_kd", "command": command(), "machine": machine(), "metric": "validation perplexity",
+        "seeds": list(range(args.seeds)), "teacher": {k: teacher_report[k] for k in ("parameters", "train_seconds")},
+        "setup": {"teacher_recipe": "lm/teacher", "student_recipe": "lm/kd (lm/student for alone)",
+                  "overrides": args.extra, "data": "stdlib sources, blocks of 128 tokens, vocabulary 8192"},
+        "wall_s": time.perf_counter() - t_start, "rows": out_rows})
+    lines = ["## Language-model KD (`lm_kd`)", "",
+             f"`python benchmarks/lm_kd.py --seeds {args.seeds}`: the built-in teacher "
+             f"({teacher_report['parameters'] / 1e6:.1f}M parameters, recipe `lm/teacher`) into the 1.2M student "
+             "(recipe `lm/kd`: 4,000 blocks of 128 tokens, 1 epoch, batch 16) on the stdlib corpus. Validation "
+             "perplexity (lower is better), mean ± std over seeds.", "",
+             "| method | perplexity | runs |", "|---|---|---|"]
+    for r in out_rows:
+        lines.append(f"| {r['method']} | {r['mean']:.2f} ± {r['std']:.2f} | {r['n']} |")
+    update_markdown("lm_kd", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

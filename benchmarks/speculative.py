@@ -1,0 +1,108 @@
+"""Speculative decoding with the built-in teacher as the target and three 1.2M-parameter drafts:
+
+- ``data_only``: the student trained on the data alone (recipe lm/student);
+- ``kd``: the student distilled with token-level forward KL (recipe lm/kd);
+- ``adaspec``: the student distilled on AdaSPEC's tokens (recipe lm/kd method=adaspec, keep 0.4),
+  with the ``kd`` draft as its reference model (the paper's stage 1 is exactly that distillation).
+
+Each draft proposes gamma tokens per block for ``--prompts`` validation prompts (the first 32
+tokens of validation blocks), ``--new`` tokens each, sampled at temperature 1 (exact target
+samples). ``acceptance`` = accepted / proposed draft tokens, ``mean_accepted_length`` = tokens per
+target forward, ``speedup`` = speculative / target-only tokens per second (batch 1, KV caches,
+alternated per prompt, same process); ``expected_acceptance`` = mean over validation positions of
+sum_x min(p, q) (1 - TVD), the analytic per-token acceptance. The drafts are reused from
+``benchmarks/lm_kd.py``'s run folders (seed 0) when present, else trained.
+
+    python benchmarks/speculative.py   ->  benchmarks/results/speculative.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import torch
+
+from distillery import recipes
+from distillery.lm.corpus import builtin
+from distillery.lm.models import load_lm
+from distillery.lm.run import run_recipe
+from distillery.lm.speculative import expected_acceptance, measure_speed
+
+from _common import RESULTS, command, machine, update_markdown, write
+
+
+def draft(method: str, teacher: Path, work: Path) -> Path:
+    """The folder of the draft model of ``method`` (trained unless lm_kd's seed-0 run has it)."""
+    reuse = {"data_only": work / "seed0" / "alone", "kd": work / "seed0" / "forward_kl"}
+    out = reuse.get(method, work / "seed0" / method)
+    if (out / "model" / "config.json").is_file():
+        return out / "model"
+    if method == "data_only":
+        recipe = recipes.load("lm/student", ["seed=0"])
+    elif method == "kd":
+        recipe = recipes.load("lm/kd", [f"teacher={teacher}", "seed=0"])
+    else:
+        recipe = recipes.load("lm/kd", [f"teacher={teacher}", "seed=0", "method=adaspec",
+                                        f"reference={draft('kd', teacher, work)}", "keep=0.4"])
+    print(f"training the {method} draft into {out}", flush=True)
+    run_recipe(recipe, out, progress=False)
+    return out / "model"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--teacher", type=Path, default=Path("runs/lm/teacher/model"))
+    ap.add_argument("--work", type=Path, default=Path("runs/bench-lm"))
+    ap.add_argument("--prompts", type=int, default=24)
+    ap.add_argument("--prompt-len", type=int, default=32)
+    ap.add_argument("--new", type=int, default=64)
+    ap.add_argument("--gamma", type=int, default=4)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--threads", type=int, default=1, help="batch-1 decoding of small models: 1 thread is fastest here")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    if not (args.teacher / "config.json").is_file():
+        raise SystemExit(f"no teacher at {args.teacher}; train it: distillery lm lm/teacher --out {args.teacher.parent}")
+    target, _ = load_lm(args.teacher)
+    splits, _ = builtin()
+    val = splits["validation"]
+    prompts = val.x[: args.prompts, : args.prompt_len]
+    scored = val.batch(torch.arange(min(256, len(val))))
+    rows = []
+    for method in ("data_only", "kd", "adaspec"):
+        folder = draft(method, args.teacher, args.work)
+        model, _ = load_lm(folder)
+        alpha = expected_acceptance(target, model, scored["x"], temperature=args.temperature, mask=scored["mask"])
+        rep = measure_speed(target, model, prompts, args.new, gamma=args.gamma, temperature=args.temperature,
+                            seed=args.seed)
+        rows.append({"method": method, "acceptance": rep.acceptance_rate,
+                     "mean_accepted_length": rep.mean_accepted_length, "speedup": rep.speedup,
+                     "expected_acceptance": alpha, "target_tokens_per_s": rep.target_tokens_per_s,
+                     "speculative_tokens_per_s": rep.speculative_tokens_per_s, "draft": str(folder)})
+        print(f"{method}: acceptance {rep.acceptance_rate:.3f} (analytic {alpha:.3f}), "
+              f"{rep.mean_accepted_length:.2f} tokens/target call, speedup {rep.speedup:.2f}x", flush=True)
+    write(RESULTS / "speculative.json", {
+        "benchmark": "speculative", "command": command(), "machine": machine(), "seeds": {"sampling": args.seed,
+                                                                                           "drafts": 0},
+        "setup": {"target": str(args.teacher), "target_parameters": target.num_parameters(), "prompts": args.prompts,
+                  "prompt_len": args.prompt_len, "new_tokens": args.new, "gamma": args.gamma,
+                  "temperature": args.temperature, "threads": args.threads, "batch": 1},
+        "wall_s": time.perf_counter() - t_start, "rows": rows})
+    lines = ["## Speculative decoding drafts (`speculative`)", "",
+             f"`python benchmarks/speculative.py`: the built-in teacher ({target.num_parameters() / 1e6:.1f}M) as the "
+             f"target, 1.2M drafts, gamma {args.gamma}, temperature {args.temperature}, {args.prompts} validation "
+             f"prompts x {args.new} new tokens, batch 1, {args.threads} thread(s). Acceptance = accepted / proposed "
+             "draft tokens; analytic = mean of sum_x min(p, q) over validation positions.", "",
+             "| draft | acceptance | analytic | tokens per target call | speedup |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['method']} | {r['acceptance']:.3f} | {r['expected_acceptance']:.3f} | "
+                     f"{r['mean_accepted_length']:.2f} | {r['speedup']:.2f}x |")
+    update_markdown("speculative", "\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
