@@ -429,3 +429,38 @@ def test_serve_command_reads_the_key_from_the_environment_and_never_prints_it(lm
     assert not server.authorized(None)
     out = capsys.readouterr()
     assert "MY_SERVE_KEY" in out.out and "sk-serve-secret-777" not in out.out + out.err
+
+
+def test_remote_teacher_drives_topk_kd_and_sequence_level_data(client, lm, tmp_path):
+    from distillery.config import TrainConfig
+    from distillery.lm import distill as D
+    from distillery.lm.corpus import TokenData
+    from distillery.lm.remote import RemoteTopKTeacher
+    from distillery.losses.tokens import token_loss
+
+    model, tok = lm
+    v = tok.get_vocab_size()
+    teacher = client(log=tmp_path / "requests.jsonl")
+    data = TokenData.from_blocks(rows(6, 9, seed=4, vocab=v), v, "toy")
+    batch = data.batch(torch.arange(3))
+    from distillery.losses.sparse import TopK
+
+    sparse = RemoteTopKTeacher(teacher, 20)(batch)["logits"]
+    with torch.no_grad():
+        logp = F.log_softmax(model(batch["x"]), -1)
+    vals, idx = logp.topk(20, dim=-1)
+    local = TopK(vals, idx, logp.scatter(-1, idx, float("-inf")).logsumexp(-1), v)
+    s_logits = torch.randn(3, 8, v, generator=torch.Generator().manual_seed(0))
+    want = token_loss("kd", s_logits, local, mask=batch["mask"], temperature=1.0)
+    got = token_loss("kd", s_logits, sparse, mask=batch["mask"], temperature=1.0)
+    assert torch.allclose(got, want, atol=1e-4)
+    student = llama("tiny", vocab_size=v, seed=5)
+    cfg = TrainConfig(epochs=2, batch_size=3, lr=1e-3, log_every=1000)
+    D.distil(student, RemoteTopKTeacher(teacher, 8), data, cfg, progress=False)
+    calls = teacher.network_calls
+    D.distil(llama("tiny", vocab_size=v, seed=5), RemoteTopKTeacher(teacher, 8), data, cfg, progress=False)
+    assert teacher.network_calls == calls  # every answer came from the request log
+    seq = D.remote_texts(teacher, data.x[:2, :3], 5, samples=2, seed=1)
+    assert seq.x.shape == (4, 7) and (seq.y[:, :2] == -100).all() and seq.settings["n"] == 2
+    local = sample(model, data.x[:1, :3].repeat(2, 1), 5, generator=torch.Generator().manual_seed(1))
+    assert seq.x[0, 3:].tolist() == local.ids[0, 3:7].tolist()

@@ -131,6 +131,25 @@ def teacher_texts(teacher: CausalLM, prompts: Tensor, new_tokens: int, *, sample
     return _rows(torch.cat(ids), torch.cat(done), prompts.shape[1], teacher.vocab_size, name, 0, settings)
 
 
+def remote_texts(remote, prompts: Tensor, new_tokens: int, *, samples: int = 1, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int | None = 0, name: str = "remote-texts") -> TokenData:
+    """Sequence-level KD data from a teacher behind an API (``remote.RemoteTeacher.complete``): the
+    same rows as ``teacher_texts``, ``samples`` continuations per prompt. With the client's request
+    log a rerun after a crash pays for no request twice."""
+    got = remote.complete(prompts.tolist(), new_tokens, temperature=temperature, top_p=top_p, n=samples, seed=seed)
+    rows, done = [], []
+    for prompt, outs in zip(prompts.tolist(), got):
+        for c in outs:
+            if len(c.ids) != new_tokens:
+                raise DistilleryError(f"the API returned {len(c.ids)} tokens where {new_tokens} were asked "
+                                      f"(finish_reason {c.finish_reason!r}); ask a server that ignores end-of-text.")
+            rows.append(prompt + c.ids)
+            done.append([False] * new_tokens)
+    settings = {**remote.settings, "samples": samples}
+    vocab = remote._vocab()
+    return _rows(torch.tensor(rows), torch.tensor(done), prompts.shape[1], vocab, name, 0, settings)
+
+
 class OnPolicyData(TokenData):
     """GKD's mixture: a batch is, with probability ``lam``, the prompts of ``data`` continued by the
     current ``student`` (sampled at ``temperature``), else ``data`` itself (see the module docstring).

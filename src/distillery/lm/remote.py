@@ -584,3 +584,19 @@ class RemoteTeacher:
             values[s: s + len(chunk)] = torch.tensor(vs, dtype=torch.float64)
             indices[s: s + len(chunk)] = torch.tensor(ix, dtype=torch.long)
         return TopK(values.float(), indices, tail_log_prob(values), vocab, 1.0)
+
+
+class RemoteTopKTeacher:
+    """The teacher protocol over a ``RemoteTeacher``: ``teacher(batch)`` is ``{"logits": TopK}``, the
+    remote model's ``top_k`` log-probabilities at every position of ``batch["x"]`` (``score``), which
+    ``kd`` reads sparsely (``distill.distil(student, RemoteTopKTeacher(remote, 32), data, ...)``).
+    Scoring is deterministic (temperature 0 for the extra token), so with a request log every
+    epoch after the first is answered from the log, without network calls."""
+
+    def __init__(self, remote: RemoteTeacher, top_k: int):
+        self.remote, self.top_k = remote, int(top_k)
+
+    def __call__(self, batch: dict[str, Tensor], taps=()) -> dict[str, Any]:
+        if [t for t in taps if t != "logits"]:
+            raise DistilleryError("a remote teacher answers with log-probabilities only; feature terms need a local model.")
+        return {"logits": self.remote.score(batch["x"], self.top_k)}
