@@ -267,3 +267,40 @@ def test_adaspec_data_keeps_the_share_and_carries_the_target(tok, data):
     assert len(view) == len(data) and view.num_classes == v and view.tokens
     with pytest.raises(DistilleryError, match="teacher_logits"):
         BatchTeacher()(full)
+
+
+def test_hidden_state_terms_through_taps_and_adapters(tmp_path, tok, data):
+    from distillery.objective import Term
+
+    v = tok.get_vocab_size()
+    teacher = llama("tiny", vocab_size=v, seed=0)
+    student = llama("tiny", vocab_size=v, seed=1, hidden_size=16, intermediate_size=32)
+    hint = Term("hint", student="hf.model.layers.1", teacher="hf.model.layers.1")
+    D.distil(student, teacher, data, _cfg(log_every=1), features=[hint], run_dir=tmp_path, progress=False)
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    terms = [r["terms"] for r in records if r["event"] == "train"]
+    assert {"kd", "hint"} <= set(terms[0]) and terms[-1]["hint"] < terms[0]["hint"]
+    assert hint.adapter_module is not None and hint.adapter_module.weight.shape == (32, 16)
+    with pytest.raises(DistilleryError, match=r"hf\.model\.layers\.9"):
+        D.distil(student, teacher, data, _cfg(), progress=False,
+                 features=[Term("hint", student="hf.model.layers.9", teacher="hf.model.layers.1")])
+
+
+def test_accumulation_averages_over_the_steps_valid_tokens(tok, data):
+    """Batch 8 in one step equals batch 4 x 2 accumulation steps when the micro-batches hold very
+    different numbers of valid tokens: the mean is over the step's tokens, not of micro-batch means."""
+    v = tok.get_vocab_size()
+    uneven = data.subset(torch.arange(8))
+    uneven.y[:4, 3:] = -100  # the first micro-batch keeps 3 tokens per row, the second all of theirs
+    teacher = llama("tiny", vocab_size=v, seed=0)
+    init = torch.cat([p.detach().flatten() for p in llama("tiny", vocab_size=v, seed=1).parameters()])
+    outs = []
+    for batch, accum in ((8, 1), (4, 2)):
+        s = llama("tiny", vocab_size=v, seed=1)
+        order = type("Ordered", (type(uneven),), {"order": lambda self, seed, epoch: torch.arange(len(self))})
+        d = order(uneven.x, uneven.y, uneven.ids, v, "uneven")
+        D.distil(s, teacher, d, _cfg(batch_size=batch, grad_accum=accum, lr=1.0, schedule="constant", optimizer="sgd",
+                                     momentum=0.0),
+                 chunk_size=7, progress=False)
+        outs.append(torch.cat([p.detach().flatten() for p in s.parameters()]))
+    assert torch.allclose(outs[0], outs[1], atol=1e-6) and not torch.allclose(outs[0], init, atol=1e-4)
