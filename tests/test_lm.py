@@ -304,3 +304,15 @@ def test_accumulation_averages_over_the_steps_valid_tokens(tok, data):
                  chunk_size=7, progress=False)
         outs.append(torch.cat([p.detach().flatten() for p in s.parameters()]))
     assert torch.allclose(outs[0], outs[1], atol=1e-6) and not torch.allclose(outs[0], init, atol=1e-4)
+
+
+def test_a_run_folder_belongs_to_one_recipe(tmp_path):
+    from distillery.config import from_dict
+    from distillery.lm.config import LMRecipe
+    from distillery.lm.run import _same_recipe
+
+    a = from_dict(LMRecipe, {"kind": "lm", "loss": "kd"})
+    _same_recipe(a, tmp_path)
+    _same_recipe(a, tmp_path)  # the same recipe resumes
+    with pytest.raises(DistilleryError, match=r"another recipe .*loss"):
+        _same_recipe(from_dict(LMRecipe, {"kind": "lm", "loss": "tvd"}), tmp_path)

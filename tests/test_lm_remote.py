@@ -456,8 +456,10 @@ def test_remote_teacher_drives_topk_kd_and_sequence_level_data(client, lm, tmp_p
     assert torch.allclose(got, want, atol=1e-4)
     student = llama("tiny", vocab_size=v, seed=5)
     cfg = TrainConfig(epochs=2, batch_size=3, lr=1e-3, log_every=1000)
+    before = teacher.network_calls
     D.distil(student, RemoteTopKTeacher(teacher, 8), data, cfg, progress=False)
     calls = teacher.network_calls
+    assert calls - before <= len(data)  # two epochs in other batches: each row paid for once
     D.distil(llama("tiny", vocab_size=v, seed=5), RemoteTopKTeacher(teacher, 8), data, cfg, progress=False)
     assert teacher.network_calls == calls  # every answer came from the request log
     seq = D.remote_texts(teacher, data.x[:2, :3], 5, samples=2, seed=1)

@@ -156,3 +156,30 @@ def test_bad_inputs_are_named():
         token_loss("kd", s, torch.randn(3, 5, 9), mask=mask)
     with pytest.raises(LossInputError, match="chunk_size"):
         token_loss("kd", s, te, mask=mask, chunk_size=0)
+
+
+def test_losses_that_couple_rows_or_learn_refuse_chunks():
+    s, te, mask, _ = _inputs()
+    with pytest.raises(LossInputError, match="couples rows"):
+        token_loss("dist", s, te, mask=mask, chunk_size=4)
+    token_loss("dist", s, te, mask=mask)  # unchunked it runs
+    def weighted(a, b, *, mask, reduction, weight):
+        return (a * weight).sum()
+
+    weighted.row_wise = True
+    w = torch.ones(7, requires_grad=True)
+    with pytest.raises(LossInputError, match="trainable inputs"):
+        token_loss(weighted, s, te, mask=mask, chunk_size=4, weight=w)
+
+
+def test_hidden_state_terms_average_over_valid_tokens_only():
+    g = torch.Generator().manual_seed(1)
+    hs, ht = torch.randn(2, 5, 4, generator=g), torch.randn(2, 5, 4, generator=g)
+    mask = torch.tensor([[True, True, False, False, False], [True, True, True, True, False]])
+    hs[~mask] = 1e6  # padding garbage never reaches the value
+    obj = Objective([Term("hint", student="h", teacher="h", adapter="none")])
+    obj.built = True
+    batch = {"x": torch.zeros(2, 5), "mask": mask, "y": torch.zeros(2, 5, dtype=torch.long)}
+    got = obj({"logits": torch.zeros(2, 5, 3), "h": hs}, {"logits": torch.zeros(2, 5, 3), "h": ht}, batch)["terms"]["hint"]
+    assert torch.allclose(got, get("hint")(hs[mask], ht[mask]))
+    assert obj.valid_counts(batch, obj.label_masked(False, True, tokens=True)) == [6]

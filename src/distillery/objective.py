@@ -248,9 +248,10 @@ class Objective:
     def label_masked(self, labelled: bool, has_teacher: bool = False, tokens: bool = False) -> list[bool]:
         """Per term: does it average over the labelled rows only (labels of -100 masked)? As _targets:
         "auto" fills unlabelled rows with the teacher's class when a teacher answers. On token data
-        (``tokens``) every logit term averages over the valid tokens (``batch["mask"]``)."""
-        if tokens:
-            return [not t.is_feature for t in self.terms]
+        (``tokens``) every term averages over the valid tokens (``batch["mask"]``): logit terms through
+        ``losses.tokens.token_loss``, hidden-state terms over the (n, H) rows of the valid positions."""
+        if tokens:  # logit terms and hidden-state terms alike average over the valid tokens
+            return [True for _ in self.terms]
         return [t.needs_targets and labelled and getattr(t.fn, "masks_unlabelled", True) and (
                 t.targets == "labels" or (t.targets == "auto" and not has_teacher)) for t in self.terms]
 
@@ -317,6 +318,9 @@ class Objective:
             if s.dim() == 3 and "mask" in batch and not t.is_feature:  # (B, T, V) token logits
                 value = tokens.token_loss(t.call, s, tv, mask=batch["mask"], targets=kw.pop("targets", None),
                                           chunk_size=self.chunk_size, **kw)
+            elif "mask" in batch and s.dim() >= 3 and s.shape[:2] == batch["mask"].shape:
+                # hidden states (B, T, H) of token batches: the valid tokens only, as (n, H) rows
+                value = t.call(s[batch["mask"]], None if tv is None else tv[batch["mask"]], **kw)
             else:
                 value = t.call(s, tv, **kw)
             terms[t.name] = value

@@ -136,7 +136,9 @@ def write_store(
     otherwise (``temperature`` applies to top-k stores). Top-k: the k largest log-probabilities (``dtype`` float16 by default, or
     bfloat16) and their indices; ``tail="bucket"`` keeps the rest of the mass as one log-probability,
     ``"drop"`` discards it. ``taps``: features of tapped teacher modules, stored too. ``views`` > 1 with
-    an ``augment`` (``data.views``): the answers for each augmented view, keyed ``v<view>.<array>``."""
+    an ``augment`` (``data.views``): the answers for each augmented view, keyed ``v<view>.<array>``.
+    Token data (``lm.corpus.TokenData``: (n, T) blocks) store (n, T, k) top-k rows per block, read back
+    by sample id as a (B, T, k) ``TopK``; their batches hold at most 4,096 tokens."""
     out = Path(out)
     if top_k is not None and (int(top_k) != top_k or top_k < 1):
         raise DistilleryError(f"top_k must be an integer >= 1 or None (dense), got {top_k!r}.")
@@ -153,6 +155,8 @@ def write_store(
         raise DistilleryError(f"{data.name or 'the data set'} is empty; there is nothing to store.")
     if views < 1 or (views > 1 and augment is None):
         raise DistilleryError(f"views={views}: several views need an augment (distillery.data.views); one view needs none.")
+    if getattr(data, "tokens", False):  # (n, T, V) answers: batch by a budget of 4,096 tokens, not by rows
+        batch_size = max(1, min(batch_size, 4096 // max(1, data.x.shape[1])))
     settings = {"format": FORMAT, "version": VERSION, "teacher_fingerprint": teacher_fingerprint,
                 "data_fingerprint": data_fingerprint(data), "data_name": data.name, "num_samples": len(data),
                 "num_classes": data.num_classes, "temperature": float(temperature), "top_k": top_k,

@@ -15,7 +15,7 @@
   batch's continuation is sampled from the *current* student (prompt kept), otherwise it is the
   data's; the teacher then scores whatever the batch holds and the loss (GKD: generalized JSD)
   runs on the continuation tokens. The choice and the sampling are seeded by the batch's ids and
-  the step, so a resumed run sees the same batches.
+  the epoch, so a resumed run sees the same batches.
 - ``perplexity(model, data)``: exp of the mean next-token cross-entropy over valid tokens.
 """
 
@@ -61,6 +61,10 @@ def distil(student: CausalLM, teacher: CausalLM | Teacher, data: TokenData, cfg:
     """Token-level KD of ``student`` from ``teacher`` on ``data`` (see the module docstring)."""
     if loss not in TOKEN_LOSSES:
         raise DistilleryError(f"unknown token loss {loss!r}; use one of {', '.join(TOKEN_LOSSES)}.")
+    if isinstance(teacher, CausalLM) and teacher.vocab_size != student.vocab_size:
+        raise DistilleryError(f"the teacher predicts {teacher.vocab_size} tokens, the student {student.vocab_size}; "
+                              "token-level KD needs one shared tokenizer (lm.models.check_same_tokenizer): build "
+                              "the student with the teacher's.")
     terms = [Term(loss, params=dict(params or {}))]
     if ce_weight:
         terms.append(Term("ce", weight=ce_weight, teacher=None, targets="labels"))
@@ -115,6 +119,8 @@ def teacher_texts(teacher: CausalLM, prompts: Tensor, new_tokens: int, *, sample
     from ``teacher`` (temperature 0: its greedy output, one sample). Rows are prompt + continuation;
     only the continuation is trained. ``settings`` records the sampling. The same ``seed`` and
     ``batch_size`` give the same text (one generator drawn batch after batch)."""
+    if len(prompts) == 0:
+        raise DistilleryError("no prompts: sequence-level KD needs at least one prompt row.")
     if samples < 1 or new_tokens < 1:
         raise DistilleryError(f"samples ({samples}) and new_tokens ({new_tokens}) must be at least 1.")
     if temperature == 0 and samples > 1:
@@ -159,6 +165,8 @@ class OnPolicyData(TokenData):
                  temperature: float = 1.0, top_p: float = 1.0, seed: int = 0):
         if not 0.0 <= lam <= 1.0:
             raise DistilleryError(f"on-policy lambda must lie in [0, 1], got {lam}.")
+        if not 1 <= prompt < data.x.shape[1]:
+            raise DistilleryError(f"on-policy prompt must lie in [1, {data.x.shape[1]}) (the block length), got {prompt}.")
         y = data.y.clone()
         y[:, : prompt - 1] = -100
         super().__init__(data.x, y, data.ids, data.num_classes, f"{data.name}+on-policy")

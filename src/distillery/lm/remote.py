@@ -505,7 +505,8 @@ class RemoteTeacher:
         for s in range(0, len(prompts), self.prompts_per_request):
             chunk = prompts[s: s + self.prompts_per_request]
             body = {"model": self.model, "prompt": chunk, "max_tokens": max_tokens, "temperature": float(temperature),
-                    "top_p": float(top_p), "n": n, "logprobs": k, "return_tokens_as_token_ids": True}
+                    "top_p": float(top_p), "n": n, "logprobs": k, "return_tokens_as_token_ids": True,
+                    "ignore_eos": True}  # vLLM's extension: every sample gets max_tokens tokens
             if seed is not None:
                 body["seed"] = int(seed)
 
@@ -536,10 +537,12 @@ class RemoteTeacher:
             out.extend(self._post("/completions", body, parse))
         return out
 
-    def score(self, rows: Tensor, top_k: int) -> TopK:
+    def score(self, rows: Tensor, top_k: int, *, rows_per_request: int | None = None) -> TopK:
         """The teacher's ``top_k`` most likely next tokens at every position of ``rows`` (B, T):
         a ``TopK`` with log_probs and indices (B, T, k) and tail (B, T) (module docstring), at
-        temperature 1, ``num_classes`` the teacher's vocabulary. ``.flat()`` gives (B*T, k) rows."""
+        temperature 1, ``num_classes`` the teacher's vocabulary. ``.flat()`` gives (B*T, k) rows.
+        ``rows_per_request`` (default ``prompts_per_request``) rows go in one request; with 1, every
+        row is its own entry of the request log, whatever batch it comes in."""
         if not isinstance(rows, Tensor) or rows.dim() != 2 or rows.shape[1] < 1 or rows.is_floating_point():
             shape = tuple(rows.shape) if isinstance(rows, Tensor) else type(rows).__name__
             raise DistilleryError(f"rows must be a (B, T) integer tensor of token ids with T >= 1, got {shape}.")
@@ -553,8 +556,9 @@ class RemoteTeacher:
         values = torch.empty(b, t, k, dtype=torch.float64)
         indices = torch.empty(b, t, k, dtype=torch.long)
         listed = rows.tolist()
-        for s in range(0, b, self.prompts_per_request):
-            chunk = listed[s: s + self.prompts_per_request]
+        per = int(rows_per_request or self.prompts_per_request)
+        for s in range(0, b, per):
+            chunk = listed[s: s + per]
             body = {"model": self.model, "prompt": chunk, "max_tokens": 1, "temperature": 0, "logprobs": k,
                     "echo": True, "return_tokens_as_token_ids": True, "ignore_eos": True}
 
@@ -590,8 +594,9 @@ class RemoteTopKTeacher:
     """The teacher protocol over a ``RemoteTeacher``: ``teacher(batch)`` is ``{"logits": TopK}``, the
     remote model's ``top_k`` log-probabilities at every position of ``batch["x"]`` (``score``), which
     ``kd`` reads sparsely (``distill.distil(student, RemoteTopKTeacher(remote, 32), data, ...)``).
-    Scoring is deterministic (temperature 0 for the extra token), so with a request log every
-    epoch after the first is answered from the log, without network calls."""
+    Each row is scored in its own request (deterministic: temperature 0 for the extra token), so with
+    a request log a row is paid for once: every epoch after the first is answered from the log,
+    whatever the batches it is shuffled into."""
 
     def __init__(self, remote: RemoteTeacher, top_k: int):
         self.remote, self.top_k = remote, int(top_k)
@@ -599,4 +604,4 @@ class RemoteTopKTeacher:
     def __call__(self, batch: dict[str, Tensor], taps=()) -> dict[str, Any]:
         if [t for t in taps if t != "logits"]:
             raise DistilleryError("a remote teacher answers with log-probabilities only; feature terms need a local model.")
-        return {"logits": self.remote.score(batch["x"], self.top_k)}
+        return {"logits": self.remote.score(batch["x"], self.top_k, rows_per_request=1)}

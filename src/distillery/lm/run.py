@@ -10,6 +10,8 @@ top-k stores are kept in ``out`` and reused when their settings match.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import random
 import time
 from pathlib import Path
@@ -19,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import DistilleryError
-from ..io import atomic_write_json, cached_arrays
+from ..io import atomic_write_json, cached_arrays, read_json
 from . import corpus
 from . import distill as D
 from .config import LMRecipe
@@ -61,12 +63,19 @@ def build_model(recipe: LMRecipe, tok) -> CausalLM:
 
 
 def _seq_kd_data(recipe: LMRecipe, teacher: CausalLM, train: corpus.TokenData, out: Path) -> corpus.TokenData:
+    """The teacher's text, cached in ``out`` under a name that holds everything it depends on: the
+    sampling settings, the seed, the teacher's weights and the prompts (their token ids)."""
+    from ..store import model_fingerprint
+
     s = recipe.seq_kd
-    settings = {**dataclasses.asdict(s), "seed": recipe.seed, "blocks": len(train)}
-    tag = "-".join(f"{k}{v}" for k, v in sorted(settings.items()))
+    prompts = D.prompts_of(train, s.prompt)
+    settings = {**dataclasses.asdict(s), "seed": recipe.seed, "blocks": len(train),
+                "teacher": model_fingerprint(teacher.hf)[:16],
+                "prompts": hashlib.sha256(prompts.numpy().tobytes()).hexdigest()[:16]}
+    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
     def build() -> dict[str, np.ndarray]:
-        data = D.teacher_texts(teacher, D.prompts_of(train, s.prompt), s.new_tokens, samples=s.samples,
+        data = D.teacher_texts(teacher, prompts, s.new_tokens, samples=s.samples,
                                temperature=s.temperature, top_p=s.top_p, seed=recipe.seed)
         return {"x": data.x.numpy(), "y": data.y.numpy()}
 
@@ -77,10 +86,26 @@ def _seq_kd_data(recipe: LMRecipe, teacher: CausalLM, train: corpus.TokenData, o
     return data
 
 
+def _same_recipe(recipe: LMRecipe, out: Path) -> None:
+    """``out/recipe.json`` records the recipe of the first run; another recipe in the same folder is
+    refused (its checkpoints, text and stores belong to the first), naming the keys that differ."""
+    want = json.loads(json.dumps(dataclasses.asdict(recipe), default=str))
+    path = out / "recipe.json"
+    if path.is_file():
+        have = read_json(path, "recipe record")
+        differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        if differ:
+            raise DistilleryError(f"{out} holds a run of another recipe ({', '.join(differ)} differ); "
+                                  "use a new --out folder, or delete this one to start over.")
+    else:
+        atomic_write_json(path, want)
+
+
 def run_recipe(recipe: LMRecipe, out: str | Path, *, progress: bool | None = None) -> dict[str, Any]:
     """Train the recipe's model into ``out`` (see the module docstring); returns the report."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
+    _same_recipe(recipe, out)
     teacher, ttok = (None, None) if recipe.teacher is None else load_lm(recipe.teacher)
     splits, tok = load_data(recipe, ttok)
     model = build_model(recipe, tok)

@@ -611,3 +611,9 @@ def ce(
 # masks rows only where a loss uses the labels (other terms take an explicit ``mask``).
 for _fn in (dkd, pld, ce):
     _fn.needs_targets = True
+
+
+# Losses whose value over rows is a sum of per-row terms: chunking tokens (``losses.tokens``) splits
+# them exactly. ``dist`` correlates classes over the whole batch, so it is not among them.
+for _fn in (kd, reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, tvd, dkd, kd_standardized, pld, ce):
+    _fn.row_wise = True

@@ -68,8 +68,13 @@ class TopK:
             raise DistilleryError("TopK.argmax works over classes only (dim=-1).")
         return self.indices.long().gather(-1, self.log_probs.argmax(-1, keepdim=True)).squeeze(-1)
 
+    def _rows(self, what: str) -> None:
+        if self.log_probs.dim() != 2:
+            raise DistilleryError(f"TopK.{what} works on (N, k) rows; call .flat() on a (B, T, k) TopK first.")
+
     def buckets(self) -> Tensor:
         """(N, k) or (N, k + 1) float32 log-probabilities: the kept entries, then the tail bucket."""
+        self._rows("buckets")
         lp = self.log_probs.float()
         if self.tail is None:
             return lp - lp.logsumexp(1, keepdim=True)
@@ -77,6 +82,7 @@ class TopK:
 
     def retemper(self, temperature: float) -> TopK:
         """The same rows at another temperature: p^(T_store / T) renormalised over the buckets."""
+        self._rows("retemper")
         if temperature == self.temperature and self.tail is None:
             return self
         r = self.temperature / float(temperature)  # r = 1: only renormalised (float16 values + tail)
@@ -91,6 +97,7 @@ class TopK:
 
     def dense(self) -> Tensor:
         """(N, C) log-probabilities with the tail spread evenly over the other classes (tests, small C)."""
+        self._rows("dense")
         n, c = self.shape
         k = self.log_probs.shape[1]
         b = self.buckets()

@@ -20,7 +20,11 @@ keeps only the inputs; the backward recomputes each chunk with grad, writes its 
 the fp32 log-softmaxes, probabilities and mixtures that a divergence builds exist for
 ``chunk_size`` rows at a time, never for the whole batch. Values and gradients equal the
 unchunked loss to float rounding (the sum is split, nothing is approximated); the price is a
-second forward of the loss per chunk. Double backward through a chunked loss is not supported.
+second forward of the loss per chunk. Only losses that are a sum over rows (``fn.row_wise``: the
+divergences, ``dkd``, ``kd_standardized``, ``pld``, ``ce``) can be chunked; one that couples rows
+(``dist``'s batch correlations) or takes trainable inputs (a learned ``state``, parameters that
+require grad: the recompute would not reach them) is refused with ``chunk_size`` set. Double
+backward through a chunked loss is not supported.
 """
 
 from __future__ import annotations
@@ -89,6 +93,16 @@ def token_loss(
         y = targets.reshape(n)
         m = m & (y != -100)
         params = {**params, "targets": torch.where(m, y, 0)}
+    if chunk_size is not None and chunk_size < n:
+        name = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__", "the loss"))
+        base = getattr(fn, "func", fn)  # a functools.partial binding recipe parameters
+        if not getattr(base, "row_wise", False):
+            raise LossInputError(f"token loss: {name} couples rows (batch statistics), so it cannot be computed in "
+                                 "chunks of tokens; set chunk_size to null for it.")
+        bound = {**getattr(fn, "keywords", {}), **params}
+        if "state" in bound or any(isinstance(w, Tensor) and w.requires_grad for w in bound.values()):
+            raise LossInputError(f"token loss: {name} takes trainable inputs (a learned state or parameters that "
+                                 "require grad), which the chunked recompute cannot reach; set chunk_size to null.")
     if chunk_size is None or chunk_size >= n:
         total = fn(s, tv, mask=m, reduction="sum", **params)
     else:
