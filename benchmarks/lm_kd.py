@@ -11,12 +11,16 @@ first ``max_train_blocks`` blocks (lm/kd: 4,000 blocks of 128 tokens, 1 epoch, b
 The teacher is trained once (or reused from ``--teacher``); each row's run folder resumes.
 
     python benchmarks/lm_kd.py --seeds 3   ->  benchmarks/results/lm_kd.json
+
+Two processes can share the work (``--reverse`` in the second walks the runs backwards and skips
+the one the first is training); ``--collect`` then writes the table of every finished run.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import time
 from pathlib import Path
@@ -41,10 +45,27 @@ METHODS: dict[str, list[str]] = {
 }
 
 
-def run_one(method: str, seed: int, teacher: Path, work: Path, extra: list[str]) -> dict:
+def _claimed(out: Path) -> bool:
+    """Another live process of this benchmark is training ``out`` (its ``.claim`` holds that pid)."""
+    claim = out / ".claim"
+    try:
+        pid = int(claim.read_text())
+        os.kill(pid, 0)
+        return pid != os.getpid()
+    except (OSError, ValueError):
+        return False
+
+
+def run_one(method: str, seed: int, teacher: Path, work: Path, extra: list[str], train: bool = True) -> dict | None:
+    """The report of one row's run: read when it exists, else trained (resuming its checkpoints),
+    unless another process of this benchmark has claimed it or ``train`` is off (then None)."""
     out = work / f"seed{seed}" / method
     if (out / "report.json").is_file():
         return json.loads((out / "report.json").read_text())
+    if not train or _claimed(out):
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ".claim").write_text(str(os.getpid()))
     if method == "alone":
         recipe = recipes.load("lm/student", [f"seed={seed}", *extra])
     else:
@@ -63,6 +84,10 @@ def main() -> None:
                     help="teacher folder (trained with recipe lm/teacher into its parent when missing)")
     ap.add_argument("--work", type=Path, default=Path("runs/bench-lm"))
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reverse", action="store_true",
+                    help="walk seeds and methods backwards (a second process shares the work; rows in progress "
+                         "elsewhere are skipped)")
+    ap.add_argument("--collect", action="store_true", help="train nothing: the table of the runs already done")
     ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
                     help="override for every student recipe (e.g. max_train_blocks=2000)")
     args = ap.parse_args()
@@ -74,16 +99,21 @@ def main() -> None:
     teacher_report = json.loads((args.teacher.parent / "report.json").read_text())
     rows: dict[str, dict] = {"teacher": {"method": "teacher", "runs": [teacher_report["validation_perplexity"]]}}
     reports: dict[str, list[dict]] = {}
-    for seed in range(args.seeds):
-        for method in args.methods:
-            r = run_one(method, seed, args.teacher, args.work, args.extra)
-            reports.setdefault(method, []).append(r)
-            print(f"seed {seed} {method}: validation perplexity {r['validation_perplexity']:.2f} "
-                  f"({r.get('train_seconds', 0):.0f} s)", flush=True)
-            rows[method] = {"method": method, "runs": [x["validation_perplexity"] for x in reports[method]],
-                            "train_seconds": [x["train_seconds"] for x in reports[method]]}
+    jobs = [(seed, method) for seed in range(args.seeds) for method in args.methods]
+    for seed, method in reversed(jobs) if args.reverse else jobs:
+        r = run_one(method, seed, args.teacher, args.work, args.extra, train=not args.collect)
+        if r is None:
+            continue
+        reports.setdefault(method, []).append(r)
+        print(f"seed {seed} {method}: validation perplexity {r['validation_perplexity']:.2f} "
+              f"({r.get('train_seconds', 0):.0f} s)", flush=True)
+        rows[method] = {"method": method, "runs": [x["validation_perplexity"] for x in reports[method]],
+                        "seeds": [x["seed"] for x in reports[method]],
+                        "train_seconds": [x["train_seconds"] for x in reports[method]]}
+        if not args.reverse:  # the forward pass writes the table; --collect merges everything at the end
             _save(args, rows, teacher_report, t_start)
-    _save(args, rows, teacher_report, t_start)
+    if not args.reverse:
+        _save(args, rows, teacher_report, t_start)
 
 
 def _save(args, rows: dict, teacher_report: dict, t_start: float) -> None:

@@ -173,6 +173,7 @@ def load_lm(path: str | Path) -> tuple[CausalLM, Any]:
                                       "the folder is damaged: save the model again.")
         vocab = int(meta["vocab_size"])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    transformers.utils.logging.disable_progress_bar()
     hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
     hf.eval()
     return CausalLM(hf, vocab), tok
