@@ -7,7 +7,9 @@
 
 Each draft proposes gamma tokens per block for ``--prompts`` validation prompts (the first 32
 tokens of validation blocks), ``--new`` tokens each, sampled at temperature 1 (exact target
-samples). ``acceptance`` = accepted / proposed draft tokens, ``mean_accepted_length`` = tokens per
+samples). ``acceptance`` = the per-token acceptance rate, accepted / judged draft tokens (a block
+judges its proposals up to the first rejection; ``accepted_per_proposed`` counts every proposal),
+``mean_accepted_length`` = tokens per
 target forward, ``speedup`` = speculative / target-only tokens per second (batch 1, KV caches,
 alternated per prompt, same process); ``expected_acceptance`` = mean over validation positions of
 sum_x min(p, q) (1 - TVD), the analytic per-token acceptance. The drafts are reused from
@@ -79,11 +81,12 @@ def main() -> None:
         alpha = expected_acceptance(target, model, scored["x"], temperature=args.temperature, mask=scored["mask"])
         rep = measure_speed(target, model, prompts, args.new, gamma=args.gamma, temperature=args.temperature,
                             seed=args.seed)
-        rows.append({"method": method, "acceptance": rep.acceptance_rate,
+        rows.append({"method": method, "acceptance": rep.token_acceptance_rate,
+                     "accepted_per_proposed": rep.acceptance_rate,
                      "mean_accepted_length": rep.mean_accepted_length, "speedup": rep.speedup,
                      "expected_acceptance": alpha, "target_tokens_per_s": rep.target_tokens_per_s,
                      "speculative_tokens_per_s": rep.speculative_tokens_per_s, "draft": str(folder)})
-        print(f"{method}: acceptance {rep.acceptance_rate:.3f} (analytic {alpha:.3f}), "
+        print(f"{method}: acceptance {rep.token_acceptance_rate:.3f} (analytic {alpha:.3f}), "
               f"{rep.mean_accepted_length:.2f} tokens/target call, speedup {rep.speedup:.2f}x", flush=True)
     write(RESULTS / "speculative.json", {
         "benchmark": "speculative", "command": command(), "machine": machine(), "seeds": {"sampling": args.seed,
@@ -95,8 +98,8 @@ def main() -> None:
     lines = ["## Speculative decoding drafts (`speculative`)", "",
              f"`python benchmarks/speculative.py`: the built-in teacher ({target.num_parameters() / 1e6:.1f}M) as the "
              f"target, 1.2M drafts, gamma {args.gamma}, temperature {args.temperature}, {args.prompts} validation "
-             f"prompts x {args.new} new tokens, batch 1, {args.threads} thread(s). Acceptance = accepted / proposed "
-             "draft tokens; analytic = mean of sum_x min(p, q) over validation positions.", "",
+             f"prompts x {args.new} new tokens, batch 1, {args.threads} thread(s). Acceptance = accepted / judged "
+             "draft tokens (per token); analytic = mean of sum_x min(p, q) over validation positions.", "",
              "| draft | acceptance | analytic | tokens per target call | speedup |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['acceptance']:.3f} | {r['expected_acceptance']:.3f} | "

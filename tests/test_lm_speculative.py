@@ -452,3 +452,13 @@ def test_adaspec_mask_errors():
     with pytest.raises(DistilleryError, match="mask must be a bool"):
         adaspec_mask(draft, ref, target, full.long())
     assert spec.adaspec_mask is adaspec_mask  # re-exported next to the decoder it trains for
+
+
+def test_token_acceptance_counts_judged_proposals_only():
+    from distillery.lm.speculative import SpeculativeResult, token_acceptance_rate
+
+    # blocks of gamma 4: 2 accepted then a rejection (3 judged), all 4 accepted (4 judged), 0 (1 judged)
+    r = SpeculativeResult(torch.empty(0), 12, 6, 3, 12, block_accepted=[2, 4, 0], block_proposed=[4, 4, 4])
+    assert token_acceptance_rate(r) == pytest.approx(6 / 8)
+    assert r.acceptance_rate == pytest.approx(6 / 12)
+    assert token_acceptance_rate(SpeculativeResult(torch.empty(0), 0, 0, 0, 0)) == 1.0

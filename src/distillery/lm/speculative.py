@@ -26,7 +26,9 @@ a (B, P) prompt is decoded row by row with the one ``generator``; batch size 1 i
 The last block drafts only ``min(gamma, tokens left - 1)`` tokens, so exactly ``max_new_tokens``
 tokens come out and no forward runs past them (a prefix of an exact sample is an exact sample).
 
-Metrics (``SpeculativeResult``): ``acceptance_rate`` = accepted / proposed draft tokens;
+Metrics (``SpeculativeResult``): ``token_acceptance_rate`` = accepted / judged draft tokens (a block
+judges its proposals up to the first rejection), the per-token acceptance that estimates alpha;
+``acceptance_rate`` = accepted / proposed draft tokens;
 ``mean_accepted_length`` = tokens emitted per target forward = mean over blocks of (accepted + 1),
 the "tau" / block efficiency of the papers (gamma + 1 when every proposal is accepted);
 ``expected_acceptance`` = Leviathan's analytic alpha = E_t[sum_x min(p_t(x), q_t(x))] = 1 - TVD(p, q)
@@ -53,9 +55,20 @@ from .adaspec import adaspec_mask
 from .generate import check_settings, draw, sample, warp
 from .models import CausalLM
 
-__all__ = ["SpeculativeResult", "SpeedReport", "acceptance_rate", "adaspec_mask", "expected_acceptance",
-           "expected_block_length", "mean_accepted_length", "measure_speed", "speculative_generate",
-           "token_acceptance", "verify_block"]
+__all__ = [
+    "SpeculativeResult",
+    "SpeedReport",
+    "acceptance_rate",
+    "adaspec_mask",
+    "expected_acceptance",
+    "expected_block_length",
+    "mean_accepted_length",
+    "measure_speed",
+    "speculative_generate",
+    "token_acceptance",
+    "token_acceptance_rate",
+    "verify_block",
+]
 
 ZERO_RESIDUAL = 1e-9
 """A residual max(0, p - q) with less total mass than this counts as zero (p == q numerically):
@@ -85,6 +98,10 @@ class SpeculativeResult:
         return acceptance_rate(self)
 
     @property
+    def token_acceptance_rate(self) -> float:
+        return token_acceptance_rate(self)
+
+    @property
     def mean_accepted_length(self) -> float:
         return mean_accepted_length(self)
 
@@ -92,6 +109,16 @@ class SpeculativeResult:
 def acceptance_rate(result: SpeculativeResult) -> float:
     """Accepted / proposed draft tokens, in [0, 1] (1.0 when nothing was proposed: no proposal was refused)."""
     return result.accepted / result.proposed if result.proposed else 1.0
+
+
+def token_acceptance_rate(result: SpeculativeResult) -> float:
+    """The per-token acceptance rate: accepted / *judged* draft tokens, where a block judges its
+    proposals up to and including the first rejected one (the rest are never offered to the target):
+    sum_b a_b / sum_b min(a_b + 1, g_b). This estimates Leviathan et al.'s alpha, the probability that
+    the target accepts a proposal; ``acceptance_rate`` (accepted / proposed) is lower for gamma > 1,
+    as it also counts the proposals a rejection threw away. 1.0 when nothing was judged."""
+    judged = sum(min(a + 1, g) for a, g in zip(result.block_accepted, result.block_proposed))
+    return sum(result.block_accepted) / judged if judged else 1.0
 
 
 def mean_accepted_length(result: SpeculativeResult) -> float:
@@ -315,6 +342,9 @@ class SpeedReport:
     speedup: float
     """speculative / target-only tokens per second."""
     acceptance_rate: float
+    """Accepted / proposed draft tokens."""
+    token_acceptance_rate: float
+    """Accepted / judged draft tokens (``token_acceptance_rate``): the per-token acceptance."""
     mean_accepted_length: float
     tokens: int
     """New tokens per method (prompts x max_new_tokens)."""
@@ -378,6 +408,7 @@ def measure_speed(target: CausalLM, draft: CausalLM, prompts: Tensor | Sequence[
     spec_tps = tokens / seconds["spec"] if seconds["spec"] > 0 else float("nan")
     speedup = spec_tps / plain_tps if plain_tps > 0 else float("nan")
     return SpeedReport(plain_tps, spec_tps, speedup,
-                       stats.acceptance_rate, stats.mean_accepted_length, tokens, seconds["plain"], seconds["spec"],
+                       stats.acceptance_rate, stats.token_acceptance_rate, stats.mean_accepted_length, tokens,
+                       seconds["plain"], seconds["spec"],
                        {"prompts": len(rows), "max_new_tokens": int(max_new_tokens), "gamma": int(gamma),
                         "seed": int(seed), **kw})
