@@ -12,7 +12,9 @@ judges its proposals up to the first rejection; ``accepted_per_proposed`` counts
 ``mean_accepted_length`` = tokens per
 target forward, ``speedup`` = speculative / target-only tokens per second (batch 1, KV caches,
 alternated per prompt, same process); ``expected_acceptance`` = mean over validation positions of
-sum_x min(p, q) (1 - TVD), the analytic per-token acceptance. The drafts are reused from
+sum_x min(p, q) (1 - TVD), the analytic per-token acceptance; ``cost_ratio`` = target / draft
+tokens per second, each sampling alone, and ``predicted_speedup`` = Leviathan et al.'s
+E[tokens per block] / (gamma c + 1) at the measured acceptance. The drafts are reused from
 ``benchmarks/lm_kd.py``'s run folders (seed 0) when present, else trained.
 
     python benchmarks/speculative.py   ->  benchmarks/results/speculative.json
@@ -28,9 +30,10 @@ import torch
 
 from distillery import recipes
 from distillery.lm.corpus import builtin
+from distillery.lm.generate import sample
 from distillery.lm.models import load_lm
 from distillery.lm.run import run_recipe
-from distillery.lm.speculative import expected_acceptance, measure_speed
+from distillery.lm.speculative import expected_acceptance, expected_block_length, measure_speed
 
 from _common import RESULTS, command, machine, update_markdown, write
 
@@ -81,13 +84,24 @@ def main() -> None:
         alpha = expected_acceptance(target, model, scored["x"], temperature=args.temperature, mask=scored["mask"])
         rep = measure_speed(target, model, prompts, args.new, gamma=args.gamma, temperature=args.temperature,
                             seed=args.seed)
+        # the cost ratio c of one draft token to one target token (each alone, batch 1, cached), and
+        # Leviathan et al.'s predicted speed-up E[tokens per block] / (gamma c + 1) at the measured alpha
+        t0 = time.perf_counter()
+        for i, row in enumerate(prompts):
+            sample(model, row[None], args.new, temperature=args.temperature,
+                   generator=torch.Generator().manual_seed(args.seed + i))
+        draft_tps = len(prompts) * args.new / (time.perf_counter() - t0)
+        c = rep.target_tokens_per_s / draft_tps
+        predicted = expected_block_length(rep.token_acceptance_rate, args.gamma) / (args.gamma * c + 1)
         rows.append({"method": method, "acceptance": rep.token_acceptance_rate,
                      "accepted_per_proposed": rep.acceptance_rate,
                      "mean_accepted_length": rep.mean_accepted_length, "speedup": rep.speedup,
                      "expected_acceptance": alpha, "target_tokens_per_s": rep.target_tokens_per_s,
-                     "speculative_tokens_per_s": rep.speculative_tokens_per_s, "draft": str(folder)})
+                     "speculative_tokens_per_s": rep.speculative_tokens_per_s, "draft_tokens_per_s": draft_tps,
+                     "cost_ratio": c, "predicted_speedup": predicted, "draft": str(folder)})
         print(f"{method}: acceptance {rep.token_acceptance_rate:.3f} (analytic {alpha:.3f}), "
-              f"{rep.mean_accepted_length:.2f} tokens/target call, speedup {rep.speedup:.2f}x", flush=True)
+              f"{rep.mean_accepted_length:.2f} tokens/target call, speedup {rep.speedup:.2f}x "
+              f"(cost ratio {c:.2f}, predicted {predicted:.2f}x)", flush=True)
     write(RESULTS / "speculative.json", {
         "benchmark": "speculative", "command": command(), "machine": machine(), "seeds": {"sampling": args.seed,
                                                                                            "drafts": 0},
@@ -100,10 +114,12 @@ def main() -> None:
              f"target, 1.2M drafts, gamma {args.gamma}, temperature {args.temperature}, {args.prompts} validation "
              f"prompts x {args.new} new tokens, batch 1, {args.threads} thread(s). Acceptance = accepted / judged "
              "draft tokens (per token); analytic = mean of sum_x min(p, q) over validation positions.", "",
-             "| draft | acceptance | analytic | tokens per target call | speedup |", "|---|---|---|---|---|"]
+             "| draft | acceptance | analytic | tokens per target call | speedup | cost ratio c | predicted |",
+             "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['acceptance']:.3f} | {r['expected_acceptance']:.3f} | "
-                     f"{r['mean_accepted_length']:.2f} | {r['speedup']:.2f}x |")
+                     f"{r['mean_accepted_length']:.2f} | {r['speedup']:.2f}x | {r['cost_ratio']:.2f} | "
+                     f"{r['predicted_speedup']:.2f}x |")
     update_markdown("speculative", "\n".join(lines))
 
 
