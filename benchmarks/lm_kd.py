@@ -8,6 +8,11 @@ tokens, the student learns that text); ``on_policy`` (GKD: generalized JSD, beta
 batches continued by the student); ``topk8`` / ``topk32`` (forward KL from a store of the
 teacher's top-k log-probs per token with a tail bucket). Every student trains on the same
 first ``max_train_blocks`` blocks (lm/kd: 4,000 blocks of 128 tokens, 1 epoch, batch 16).
+The teacher's answers on those blocks are computed once into stores that every seed reads by
+sample id (``store=``): dense float16 logits for the four token-KD rows, top-k stores for
+``topk8`` / ``topk32``; ``seq_kd`` and ``on_policy`` run the teacher live (it scores new text).
+Seed 0's ``forward_kl`` and ``reverse_kl`` ran before the dense store existed, with the live
+teacher (float32 logits instead of float16; the same targets up to rounding).
 The teacher is trained once (or reused from ``--teacher``); each row's run folder resumes.
 
     python benchmarks/lm_kd.py --seeds 3   ->  benchmarks/results/lm_kd.json
@@ -32,16 +37,17 @@ from distillery.lm.run import run_recipe
 
 from _common import RESULTS, command, machine, update_markdown, write
 
+DENSE = "store=runs/bench-lm/store-dense"  # the teacher's float16 logits on the 4,000 blocks, written once
 METHODS: dict[str, list[str]] = {
     "alone": [],
-    "forward_kl": ["loss=kd"],  # lm/kd sets params.temperature=1.0 for every loss
-    "reverse_kl": ["loss=reverse_kl"],
-    "generalized_jsd": ["loss=generalized_jsd", "params.beta=0.5"],
-    "skew_kl": ["loss=skew_kl", "params.alpha=0.1"],
+    "forward_kl": ["loss=kd", DENSE],  # lm/kd sets params.temperature=1.0 for every loss
+    "reverse_kl": ["loss=reverse_kl", DENSE],
+    "generalized_jsd": ["loss=generalized_jsd", "params.beta=0.5", DENSE],
+    "skew_kl": ["loss=skew_kl", "params.alpha=0.1", DENSE],
     "seq_kd": ["method=seq_kd"],
     "on_policy": ["method=on_policy", "loss=generalized_jsd", "params.beta=0.5", "on_policy.lam=0.5"],
-    "topk8": ["method=topk", "top_k=8"],
-    "topk32": ["method=topk", "top_k=32"],
+    "topk8": ["method=topk", "top_k=8", "store=runs/bench-lm/store-top8"],
+    "topk32": ["method=topk", "top_k=32", "store=runs/bench-lm/store-top32"],
 }
 
 

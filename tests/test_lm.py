@@ -247,6 +247,11 @@ def test_cli_trains_a_teacher_then_distils_from_it(tmp_path, capsys):
         r = json.loads((tmp_path / method / "report.json").read_text())
         assert r["method"] == method and math.isfinite(r["validation_perplexity"])
         assert r["teacher_validation_perplexity"] == pytest.approx(report["validation_perplexity"], rel=1e-4)
+    store = tmp_path / "shared" / "dense"
+    for i in (1, 2):  # the second run reads the store the first wrote
+        assert main(["lm", "lm/kd", *common, f"teacher={teacher}", f"store={store}", "--out", str(tmp_path / f"d{i}"),
+                     "--quiet"]) == 0
+    assert json.loads((store / "manifest.json").read_text())["dtype"] == "float16"
     assert "validation perplexity" in capsys.readouterr().out
     assert main(["lm", "lm/kd", "teacher=" + str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
 

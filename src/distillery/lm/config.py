@@ -63,6 +63,10 @@ class LMRecipe:
     ce_weight: float = 0.0
     chunk_size: int | None = 512
     top_k: int = 8
+    store: str | None = None
+    """A folder for the teacher's answers on the training blocks, written once and reused by every run
+    of the same teacher and data (its fingerprints are checked): method kd reads a dense float16 store
+    from it instead of running the teacher; method topk its top-k store (default: in the run folder)."""
     reference: str | None = None
     """adaspec: the reference model folder (the draft's architecture distilled with method kd)."""
     keep: float = 0.4

@@ -86,6 +86,23 @@ def _seq_kd_data(recipe: LMRecipe, teacher: CausalLM, train: corpus.TokenData, o
     return data
 
 
+def _store(teacher: CausalLM, data: corpus.TokenData, folder: Path, top_k: int | None):
+    """A ``CachedTeacher`` over the teacher's store of ``data`` in ``folder`` (top-k, or dense float16
+    with ``top_k`` None), written first when missing or incomplete. A lock file lets runs in other
+    processes share one store: the second waits for the first to finish writing."""
+    import fcntl
+
+    from ..store import CachedTeacher, model_fingerprint, write_store
+    from ..teachers import ModuleTeacher
+
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        write_store(ModuleTeacher(teacher), data, folder, teacher_fingerprint=model_fingerprint(teacher.hf),
+                    top_k=top_k, dtype=None if top_k is not None else "float16")
+    return CachedTeacher(folder)
+
+
 def _same_recipe(recipe: LMRecipe, out: Path) -> None:
     """``out/recipe.json`` records the recipe of the first run; another recipe in the same folder is
     refused (its checkpoints, text and stores belong to the first), naming the keys that differ."""
@@ -116,7 +133,8 @@ def run_recipe(recipe: LMRecipe, out: str | Path, *, progress: bool | None = Non
     else:
         kd = {"loss": recipe.loss, "params": recipe.params, "ce_weight": recipe.ce_weight, "chunk_size": recipe.chunk_size}
         if recipe.method == "kd":
-            D.distil(model, teacher, splits["train"], recipe.train, **kd, **common)
+            source = teacher if recipe.store is None else _store(teacher, splits["train"], Path(recipe.store), None)
+            D.distil(model, source, splits["train"], recipe.train, **kd, **common)
         elif recipe.method == "seq_kd":
             D.train(model, _seq_kd_data(recipe, teacher, splits["train"], out), recipe.train,
                     chunk_size=recipe.chunk_size, **common)
@@ -133,12 +151,9 @@ def run_recipe(recipe: LMRecipe, out: str | Path, *, progress: bool | None = Non
             data = AdaSPECData(splits["train"], model, ref, teacher, recipe.keep)
             D.distil(model, BatchTeacher(), data, recipe.train, **kd, **common)
         else:  # topk
-            from ..store import CachedTeacher, model_fingerprint, write_store
-            from ..teachers import ModuleTeacher
-
-            folder = write_store(ModuleTeacher(teacher), splits["train"], out / f"store-top{recipe.top_k}",
-                                 teacher_fingerprint=model_fingerprint(teacher.hf), top_k=recipe.top_k, batch_size=16)
-            D.distil(model, CachedTeacher(folder), splits["train"], recipe.train, **kd, **common)
+            folder = Path(recipe.store) if recipe.store is not None else out / f"store-top{recipe.top_k}"
+            D.distil(model, _store(teacher, splits["train"], folder, recipe.top_k), splits["train"], recipe.train,
+                     **kd, **common)
     seconds = time.perf_counter() - t0
     save_lm(model, tok, out / "model", extra={"recipe": dataclasses.asdict(recipe)})
     report = {"method": "alone" if teacher is None else recipe.method, "loss": recipe.loss, "seed": recipe.seed,
