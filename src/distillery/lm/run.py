@@ -99,7 +99,7 @@ def _store(teacher: CausalLM, data: corpus.TokenData, folder: Path, top_k: int |
     with open(folder.with_name(folder.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         write_store(ModuleTeacher(teacher), data, folder, teacher_fingerprint=model_fingerprint(teacher.hf),
-                    top_k=top_k, dtype=None if top_k is not None else "float16")
+                    top_k=top_k, dtype=None if top_k is not None else "float16", shard_size=256)
     return CachedTeacher(folder)
 
 
