@@ -112,11 +112,13 @@ def token_loss(
 
 
 def _piece(x: Any, lo: int, hi: int) -> Any:
-    if x is None:
-        return None
-    if isinstance(x, TopK):
-        return x[lo:hi]
-    return x[lo:hi]
+    """Rows lo:hi of a tensor or a TopK (None stays None)."""
+    return None if x is None else x[lo:hi]
+
+
+def _chunk_params(params: dict, n: int, lo: int, hi: int) -> dict:
+    """The loss parameters for rows lo:hi: per-row tensors (length n) sliced, the rest as they are."""
+    return {k: (w[lo:hi] if isinstance(w, Tensor) and w.dim() and len(w) == n else w) for k, w in params.items()}
 
 
 class _ChunkedSum(torch.autograd.Function):
@@ -130,8 +132,7 @@ class _ChunkedSum(torch.autograd.Function):
         total = s.new_zeros((), dtype=torch.float64 if s.dtype == torch.float64 else torch.float32)
         for lo in range(0, len(s), chunk):
             hi = min(lo + chunk, len(s))
-            kw = {k: (w[lo:hi] if isinstance(w, Tensor) and w.dim() and len(w) == len(s) else w)
-                  for k, w in params.items()}
+            kw = _chunk_params(params, len(s), lo, hi)
             total = total + fn(s[lo:hi], _piece(t, lo, hi), mask=m[lo:hi], reduction="sum", **kw)
         return total
 
@@ -147,8 +148,7 @@ class _ChunkedSum(torch.autograd.Function):
             hi = min(lo + ctx.chunk, n)
             if not bool(m[lo:hi].any()):
                 continue  # masked rows have zero gradient
-            kw = {k: (w[lo:hi] if isinstance(w, Tensor) and w.dim() and len(w) == n else w)
-                  for k, w in ctx.params.items()}
+            kw = _chunk_params(ctx.params, n, lo, hi)
             with torch.enable_grad():
                 sc = s[lo:hi].detach().requires_grad_(need_s)
                 tc = t_dense[lo:hi].detach().requires_grad_(need_t) if t_dense is not None else _piece(t, lo, hi)
