@@ -38,6 +38,7 @@ def main() -> None:
     ap.add_argument("--ipc", nargs="*", type=int, default=[1, 10])
     ap.add_argument("--methods", nargs="*", default=[*M.CORESETS, *LEARNED, "mtt+learned", "dm+committee"])
     ap.add_argument("--no-flip", action="store_true", help="leave out the +flip rows")
+    ap.add_argument("--only-flip", action="store_true", help="only the +flip rows (parts run apart)")
     ap.add_argument("--nets", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=500, help="evaluation epochs on a synthetic set")
     ap.add_argument("--whole-epochs", type=int, default=200)
@@ -68,7 +69,7 @@ def main() -> None:
         for ipc in args.ipc:
             for spec in args.methods:
                 method, _, soft = spec.partition("+")
-                flips = [False] if method in M.CORESETS or args.no_flip else [False, True]
+                flips = [False] if method in M.CORESETS or args.no_flip else [True] if args.only_flip else [False, True]
                 for flip in flips:
                     name = f"{data}/ipc{ipc}/{spec}{'+flip' if flip else ''}"
                     s = C.Settings(checkpoint_every=10**9)

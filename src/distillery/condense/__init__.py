@@ -61,7 +61,7 @@ def condense(images: Images | str, method: str, ipc: int, *, flip: bool = False,
         raise DistilleryError("dataset distillation needs a labelled training set.")
     check_ipc(images, ipc)
     s = defaults(method, dataclasses.replace(settings or Settings(), flip=flip,
-                                             learn_labels=soft_labels == "learned"))
+                                             learn_labels=soft_labels == "learned"), images.shape)
     if flip and method in CORESETS:
         raise DistilleryError(f"flip enters the matching of learned methods ({', '.join(LEARNED)}); "
                               f"{method} selects real images and has none.")
@@ -85,7 +85,7 @@ def condense(images: Images | str, method: str, ipc: int, *, flip: bool = False,
 
 
 def grid_png(syn: SyntheticSet, path: str | Path, images: Images | None = None) -> Path:
-    """The synthetic images as a grid (one row per class), written atomically as PNG."""
+    """The synthetic images as a grid (one row per class; 1-D signals as curves), written atomically as PNG."""
     import io
 
     import matplotlib
@@ -104,7 +104,9 @@ def grid_png(syn: SyntheticSet, path: str | Path, images: Images | None = None) 
         for j in range(per):
             ax = axes[c][j]
             ax.axis("off")
-            if j < len(imgs):
+            if j < len(imgs) and imgs.shape[2] == 1:  # a 1-D signal: its curve
+                ax.plot(imgs[j, 0, 0].numpy(), linewidth=0.8)
+            elif j < len(imgs):
                 ax.imshow(imgs[j, 0].numpy(), cmap="gray")
     fig.suptitle(f"{syn.meta.get('data', '')} ipc {syn.meta.get('ipc', '')} {syn.meta.get('method', '')}", fontsize=8)
     buf = io.BytesIO()

@@ -2,7 +2,7 @@
 the real test set; N sets x M networks, mean and std.
 
 Training: SGD, lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, the rate x 0.1 at half the
-epochs, DSA augmentation on every batch (DC evaluates DSA and DM sets so; we apply it to every
+epochs, DSA augmentation on every batch (the data's default strategy; DC evaluates DSA and DM sets so; we apply it to every
 method, one protocol for all). ``epochs`` is 500 here (DC: 1,000) to fit 2 cores. Soft labels
 train with soft cross-entropy -sum_c y_c log p_c.
 """
@@ -17,13 +17,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import nets
-from .augment import DIGITS, dsa
+from .augment import check_strategy, dsa
 from .data import Images
 
 
 def train_net(x: Tensor, y: Tensor, images: Images, arch: str = "convnet", seed: int = 0, epochs: int = 500,
-              lr: float = 0.01, batch: int = 256, augment: bool = True, strategy: tuple[str, ...] = DIGITS,
+              lr: float = 0.01, batch: int = 256, augment: bool = True, strategy: tuple[str, ...] | None = None,
               width: int = 32) -> nn.Module:
+    strategy = check_strategy(strategy, images.shape)
     net = nets.build(arch, images.shape, images.num_classes, width, seed=seed)
     opt = torch.optim.SGD(net.parameters(), lr=lr, momentum=0.9, weight_decay=5e-4)
     sched = torch.optim.lr_scheduler.MultiStepLR(opt, [epochs // 2], 0.1)

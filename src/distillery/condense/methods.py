@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from ..errors import DistilleryError, unknown
 from ..io import atomic_save_safetensors, atomic_write_json, read_json
 from . import nets
-from .augment import DIGITS, check_strategy, dsa
+from .augment import check_strategy, dsa
 from .data import Images
 from .losses import gradient_distance, mean_embedding_distance, trajectory_loss
 
@@ -45,7 +45,9 @@ class Settings:
     """None: dc/dsa 0.1, dm 1.0 (the codes'), mtt 100 (MTT's MNIST-scale choice is ours)."""
     batch_real: int = 256
     width: int = 32
-    strategy: tuple[str, ...] = DIGITS
+    strategy: tuple[str, ...] | None = None
+    """DSA operations; None: ``augment.default_strategy`` of the data (digits' for images, ``SIGNALS``
+    for 1-D signals)."""
     flip: bool = False
     checkpoint_every: int = 50
     # dc / dsa
@@ -67,14 +69,14 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def defaults(method: str, s: Settings) -> Settings:
+def defaults(method: str, s: Settings, shape: tuple[int, ...] | None = None) -> Settings:
     its = {"dc": 200, "dsa": 200, "dm": 1000, "mtt": 300}
     lr = {"dc": 0.1, "dsa": 0.1, "dm": 1.0, "mtt": 100.0}
     if s.iterations is None and method in its:
         s.iterations = its[method]
     if s.lr_img is None and method in lr:
         s.lr_img = lr[method]
-    s.strategy = check_strategy(s.strategy)
+    s.strategy = check_strategy(s.strategy, shape)
     return s
 
 
@@ -335,8 +337,9 @@ def train_experts(images: Images, s: Settings, folder: Path, seed: int = 0) -> l
     epochs as ``expert_K.safetensors``. Written one expert at a time, atomically: an interrupted
     run keeps the finished experts and trains only the missing ones."""
     folder.mkdir(parents=True, exist_ok=True)
+    strategy = check_strategy(s.strategy, images.shape)
     spec = {"data": images.fingerprint(), "seed": seed, "width": s.width, "lr_teacher": s.lr_teacher,
-            "train_epochs": s.train_epochs, "sam": s.sam, "sam_rho": s.sam_rho, "strategy": list(s.strategy)}
+            "train_epochs": s.train_epochs, "sam": s.sam, "sam_rho": s.sam_rho, "strategy": list(strategy)}
     meta = folder / "experts.json"
     if meta.is_file() and read_json(meta, "experts description") != spec:
         raise DistilleryError(f"the experts in {folder} were trained with other settings ({meta}); use a new "
@@ -355,7 +358,7 @@ def train_experts(images: Images, s: Settings, folder: Path, seed: int = 0) -> l
         traj = {"epoch_0": flat_params(net)}
         for e in range(s.train_epochs):
             for b in torch.randperm(len(images.y), generator=g).split(256):
-                xb = dsa(images.x[b], int(torch.randint(2**31 - 1, (1,), generator=g)), s.strategy)
+                xb = dsa(images.x[b], int(torch.randint(2**31 - 1, (1,), generator=g)), strategy)
                 yb = images.y[b]
                 if s.sam:
                     _sam_step(net, opt, lambda xb=xb, yb=yb, net=net: F.cross_entropy(net(xb), yb), s.sam_rho)

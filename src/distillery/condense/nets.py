@@ -5,6 +5,8 @@
 one group per channel, affine) -> ReLU -> 2x2 average pooling, then one linear layer. ``MLP``
 (two hidden layers of 128) and ``ConvNetBN`` (batch norm instead of instance norm) serve
 cross-architecture evaluation. ``embed(x)`` is the flattened feature before the classifier.
+On 1-D signals (height 1) the ConvNet's kernels are 1x3 and its pooling 1x2: DC's ConvNet along
+the signal.
 """
 
 from __future__ import annotations
@@ -22,14 +24,16 @@ class ConvNet(nn.Module):
                  norm: str = "instance"):
         super().__init__()
         c, h, w = shape
+        signal = h == 1
         if depth is None:
-            depth = 2 if min(h, w) <= 8 else 3
+            depth = 2 if (w if signal else min(h, w)) <= 8 else 3
+        kernel, pad, pool = ((1, 3), (0, 1), (1, 2)) if signal else (3, 1, 2)
         layers: list[nn.Module] = []
         for _ in range(depth):
-            layers += [nn.Conv2d(c, width, 3, padding=1),
+            layers += [nn.Conv2d(c, width, kernel, padding=pad),
                        nn.GroupNorm(width, width, affine=True) if norm == "instance" else nn.BatchNorm2d(width),
-                       nn.ReLU(inplace=False), nn.AvgPool2d(2)]
-            c, h, w = width, h // 2, w // 2
+                       nn.ReLU(inplace=False), nn.AvgPool2d(pool)]
+            c, h, w = width, h if signal else h // 2, w // 2
         self.features = nn.Sequential(*layers)
         self.classifier = nn.Linear(width * h * w, num_classes)
 

@@ -12,7 +12,7 @@ from . import DATASETS
 from .core import TensorData
 
 
-def _make_mnist1d(num_samples: int, seed: int, train_split: float) -> dict:
+def make_mnist1d(num_samples: int, seed: int, train_split: float) -> dict:
     """mnist1d's generator (cached under ``cache_root()/data``), restoring the global
     random/numpy RNG state it reseeds."""
     from mnist1d.data import get_dataset_args, make_dataset
@@ -40,7 +40,7 @@ def _tensor_x(a: np.ndarray) -> torch.Tensor:
 def mnist1d(seed: int = 42, num_samples: int = 5000, train_split: float = 0.8) -> dict[str, TensorData]:
     """MNIST-1D (Greydanus 2020): 40-sample 1-D signals, 10 classes. Defaults give the standard
     4000 / 1000 split. Sample ids: train 0..3999, test 4000..4999. x is (N, 40)."""
-    d = _make_mnist1d(num_samples, seed, train_split)
+    d = make_mnist1d(num_samples, seed, train_split)
     n_train = len(d["y"])
     train = TensorData(_tensor_x(d["x"]), torch.from_numpy(d["y"].astype(np.int64)),
                        torch.arange(n_train), 10, "mnist1d/train")
@@ -57,7 +57,7 @@ def mnist1d_transfer(size: int = 20000, seed: int = 1) -> dict[str, TensorData]:
         raise ValueError("mnist1d_transfer: seed 42 generates the standard train/test set; pick another seed")
     if size < 10:
         raise ValueError("mnist1d_transfer: size must be >= 10")
-    d = _make_mnist1d(((size + 9) // 10) * 10, seed, 1.0)
+    d = make_mnist1d(((size + 9) // 10) * 10, seed, 1.0)
     x = _tensor_x(d["x"])[:size]
     return {"transfer": TensorData(x, None, torch.arange(len(x)), 10, f"mnist1d_transfer/seed{seed}")}
 
