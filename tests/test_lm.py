@@ -56,6 +56,12 @@ def test_save_load_round_trip_and_damage(tmp_path, tok):
         load_lm(tmp_path / "m")
     with pytest.raises(DistilleryError, match="not a model folder"):
         load_lm(tmp_path / "nothing")
+    save_lm(m, tok, tmp_path / "c")  # an edited config.json (here: one layer fewer) is damage too
+    cfg = json.loads((tmp_path / "c" / "config.json").read_text())
+    cfg["num_hidden_layers"] -= 1
+    (tmp_path / "c" / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(DistilleryError, match=r"config\.json is missing or does not match its checksum"):
+        load_lm(tmp_path / "c")
 
 
 def test_different_tokenizers_are_refused(tok):

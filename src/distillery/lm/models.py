@@ -124,14 +124,15 @@ def llama(preset: str | dict[str, int] = "student", *, vocab_size: int, seed: in
 
 def save_lm(model: CausalLM, tokenizer, path: str | Path, extra: dict | None = None) -> Path:
     """Write ``path`` atomically: transformers' files, ``tokenizer.json`` and ``distillery_lm.json``
-    with the real vocabulary and the sha256 of every weight file. ``extra`` is recorded too."""
+    with the real vocabulary and the sha256 of the config, weights and tokenizer. ``extra`` is
+    recorded too."""
 
     require_transformers().utils.logging.disable_progress_bar()  # no bar on every checkpoint
 
     def write(tmp: Path) -> None:
         model.hf.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save(str(tmp / "tokenizer.json"))
-        files = ["model.safetensors", "tokenizer.json"]
+        files = ["config.json", "model.safetensors", "tokenizer.json"]
         atomic_write_json(tmp / CONFIG, {"format": FORMAT, "vocab_size": model.vocab_size,
                                          "files": {f: sha256_file(tmp / f) for f in files}, **(extra or {})})
 
@@ -160,7 +161,7 @@ def load_lm(path: str | Path) -> tuple[CausalLM, Any]:
     path = Path(path)
     if not (path / "config.json").is_file():
         raise DistilleryError(f"{str(path)!r} is not a model folder (no config.json); pass a folder written by "
-                              "distillery (save_lm, `distillery lm-train`) or by transformers' save_pretrained.")
+                              "distillery (save_lm, `distillery lm`) or by transformers' save_pretrained.")
     tok = load_tokenizer(path)
     vocab = tok.get_vocab_size()
     if (path / CONFIG).is_file():
