@@ -253,6 +253,15 @@ def test_projection_head_student(teacher):
     init_head(student, pooled)
     w = student.model.head.weight
     assert torch.allclose(w @ w.T, torch.eye(16), atol=1e-5)  # orthonormal principal directions
+    other = cut_layers(teacher, [0, 1], out_dim=16)  # from sentences: the student's own pooled vectors
+    init_head(other, corpus(40))
+    w2 = other.model.head.weight.clone()
+    head, other.model.head = other.model.head, torch.nn.Identity()
+    pooled = other.encode(corpus(40))
+    other.model.head = head
+    init_head(other, pooled)
+    assert isinstance(other.model.head, torch.nn.Linear) and torch.allclose(other.model.head.weight, w2, atol=1e-6)
+    assert torch.allclose(w2 @ w2.T, torch.eye(16), atol=1e-5)
     train_student(student, teacher, corpus(64), train=TrainConfig(epochs=1, batch_size=32, lr=1e-3))
     assert student.encode(corpus(3)).shape == (3, 16)
     with pytest.raises(DistilleryError, match="out_dim 64"):

@@ -248,6 +248,7 @@ def _cmd_embed_distill(args) -> int:
         cut_layers,
         default_layers,
         distil_static,
+        init_head,
         load_teacher,
         read_sentences,
         size_mb,
@@ -270,6 +271,7 @@ def _cmd_embed_distill(args) -> int:
         except ValueError:
             raise DistilleryError(f"--layers takes comma-separated layer indices like 0,5, got {args.layers!r}.") from None
         student = cut_layers(teacher, layers, args.out_dim)
+        init_head(student, train[:2048])  # a projection (--out-dim) starts at the principal directions
         epochs, lr, batch = args.epochs or 3, args.lr or 1e-4, args.batch_size or 64
     else:
         student = distil_static(teacher, pca_dims=args.pca)

@@ -294,11 +294,18 @@ def cut_layers(teacher: Embedder, layers: Sequence[int], out_dim: int | None = N
 
 
 @torch.no_grad()
-def init_head(student: Embedder, pooled: Tensor) -> None:
-    """Set a student's projection to the top principal directions of ``pooled`` (N, H) vectors."""
+def init_head(student: Embedder, pooled: Tensor | Sequence[str]) -> None:
+    """Set a student's projection to the top principal directions of ``pooled`` (N, H) vectors,
+    or of the student's own pooled (pre-projection) vectors of the sentences ``pooled``."""
     head = student.model.head
     if not isinstance(head, nn.Linear):
         return
+    if not isinstance(pooled, Tensor):
+        student.model.head = nn.Identity()
+        try:
+            pooled = student.encode(list(pooled))
+        finally:
+            student.model.head = head
     centred = pooled.double() - pooled.double().mean(0)
     _, _, vt = torch.linalg.svd(centred, full_matrices=False)
     head.weight.copy_(vt[: head.out_features].to(head.weight.dtype))
