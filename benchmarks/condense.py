@@ -3,6 +3,8 @@ and without flip, a width-32 ConvNet, 5 evaluation networks (DC's protocol, ``co
 plus the whole-set row. Rows ``DATA/ipcK/METHOD`` (``+flip``, ``+learned``, ``+committee``) with
 mean, std, runs (test accuracy %) and ``seconds`` (distillation wall time) go to
 benchmarks/results/condense.json; rows already there from other ``--data`` / ``--ipc`` runs are kept.
+MTT's rows share one set of expert trajectories per data set: their ``seconds`` count the matching,
+and ``expert_seconds`` (``--time-experts``) the experts' training.
 
     python benchmarks/condense.py                         # everything
     python benchmarks/condense.py --data digits --ipc 1   # a part (merged into the file)
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -45,6 +48,8 @@ def main() -> None:
     ap.add_argument("--dc-iterations", type=int, default=None, help="override dc/dsa iterations (default 200; IPC 10: 50)")
     ap.add_argument("--no-whole", action="store_true", help="leave out (keep) the whole-set rows")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--time-experts", action="store_true",
+                    help="only time the training of MTT's 5 expert trajectories per --data, in a fresh folder")
     ap.add_argument("--out", type=Path, default=RESULTS / "condense.json")
     ap.add_argument("--merge", type=Path, nargs="*", default=[],
                     help="result files of parts run apart (--out elsewhere): their rows join this file's, nothing runs")
@@ -53,10 +58,23 @@ def main() -> None:
     old = json.loads(args.out.read_text()) if args.out.is_file() else {}
     rows = {r["method"]: r for r in old.get("rows", [])}
     t_start = time.perf_counter()
+    experts = dict(old.get("expert_seconds", {}))
     if args.merge:
         for f in args.merge:
-            rows.update({r["method"]: r for r in json.loads(f.read_text())["rows"]})
-        _save(args, rows, t_start)
+            part = json.loads(f.read_text())
+            rows.update({r["method"]: r for r in part["rows"]})
+            experts.update(part.get("expert_seconds", {}))
+        _save(args, rows, t_start, experts)
+        return
+    if args.time_experts:
+        for data in args.data:
+            images = C.load(data)
+            with tempfile.TemporaryDirectory(prefix="experts-") as tmp:
+                t0 = time.perf_counter()
+                M.train_experts(images, M.defaults("mtt", C.Settings(), images.shape), Path(tmp), seed=0)
+                experts[data] = {"seconds": time.perf_counter() - t0, "threads": args.threads}
+            print(f"{data}: experts {experts[data]['seconds']:.0f} s", flush=True)
+        _save(args, rows, t_start, experts)
         return
     for data in args.data:
         images = C.load(data)
@@ -75,8 +93,10 @@ def main() -> None:
                     s = C.Settings(checkpoint_every=10**9)
                     if method in ("dc", "dsa"):
                         s.iterations = args.dc_iterations or (200 if ipc == 1 else 50)
-                    t0 = time.perf_counter()
                     run_dir = work / "experts-shared" if method == "mtt" else None  # experts reused across mtt rows
+                    if run_dir is not None:  # trained (once) before the clock starts: expert_seconds times them
+                        M.train_experts(images, M.defaults("mtt", C.Settings(), images.shape), run_dir / "experts", 0)
+                    t0 = time.perf_counter()
                     syn = C.condense(images, method, ipc, flip=flip, soft_labels=soft or None, settings=s,
                                      run_dir=run_dir, seed=0)
                     if run_dir is not None:
@@ -85,19 +105,20 @@ def main() -> None:
                     seconds = time.perf_counter() - t0
                     res = C.evaluate([(syn.x, syn.y)], images, nets_per_set=args.nets, epochs=args.epochs)
                     rows[name] = {"method": name, **_stats(res["accuracies"]), "seconds": seconds,
-                                  "settings": syn.meta.get("settings", {})}
+                                  "threads": args.threads, "settings": syn.meta.get("settings", {})}
                     print(f"{name}: {rows[name]['mean']:.2f} +- {rows[name]['std']:.2f} ({seconds:.0f} s)", flush=True)
-                    _save(args, rows, t_start)
-    _save(args, rows, t_start)
+                    _save(args, rows, t_start, experts)
+    _save(args, rows, t_start, experts)
 
 
 def _stats(runs: list[float]) -> dict:
     return {"mean": statistics.fmean(runs), "std": statistics.pstdev(runs), "n": len(runs), "runs": runs}
 
 
-def _save(args, rows: dict, t_start: float) -> None:
+def _save(args, rows: dict, t_start: float, experts: dict) -> None:
     ordered = sorted(rows.values(), key=lambda r: r["method"])
     write(args.out, {"benchmark": "condense", "command": command(), "machine": machine(), "metric": "test accuracy %",
+                     "expert_seconds": experts,
                      "protocol": {"nets": args.nets, "epochs": args.epochs, "whole_epochs": args.whole_epochs,
                                   "arch": "convnet width 32", "augment": "DSA on every batch"},
                      "seeds": {"condense": 0, "eval_nets": list(range(args.nets))},
@@ -107,10 +128,16 @@ def _save(args, rows: dict, t_start: float) -> None:
     lines = ["## Dataset distillation (`condense`)", "",
              "`python benchmarks/condense.py` (parts: `--data D --ipc K`). Test accuracy %, mean ± std of 5 fresh "
              "width-32 ConvNets trained only on the synthetic set (SGD 0.01, momentum 0.9, 500 epochs, DSA "
-             "augmentation); `seconds` is the distillation wall time on 2 cores.", "",
-             "| row | accuracy % | seconds |", "|---|---|---|"]
+             "augmentation); `seconds` is the condensation's wall time with `threads` torch threads on the 2-core "
+             "machine (parts ran side by side; - where not recorded). MTT rows count the matching; the experts "
+             "they share are timed apart (`--time-experts`, below).", "",
+             "| row | accuracy % | seconds | threads |", "|---|---|---|---|"]
     for r in ordered:
-        lines.append(f"| {r['method']} | {r['mean']:.1f} ± {r['std']:.1f} | {r['seconds']:.0f} |")
+        lines.append(f"| {r['method']} | {r['mean']:.1f} ± {r['std']:.1f} | {r['seconds']:.0f} | {r.get('threads', '-')} |")
+    if experts:
+        lines += ["", "MTT's 5 expert trajectories (15 epochs each): " + ", ".join(
+            f"{d} {e['seconds']:.0f} s ({e['threads']} thread{'s' * (e['threads'] > 1)})"
+            for d, e in sorted(experts.items())) + "."]
     update_markdown("condense", "\n".join(lines))
 
 
