@@ -134,6 +134,8 @@ def _eval_synthetic(files: list[Path], archs: list[str], nets: int, epochs: int)
 
 
 def _cmd_condense(args) -> int:
+    import torch
+
     from . import condense, recipes
     from .io import atomic_write_json
 
@@ -142,6 +144,7 @@ def _cmd_condense(args) -> int:
         raise DistilleryError(f"{args.recipe} is not a condense recipe (kind: condense); train it with distillery run.")
     out = Path(args.out or f"runs/condense/{recipe.data}-ipc{recipe.ipc}-{recipe.method}{'-flip' if recipe.flip else ''}")
     out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(recipe.threads)
     images = condense.load(recipe.data)
     soft = None if recipe.soft_labels == "none" else recipe.soft_labels
     files = []

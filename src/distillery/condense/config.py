@@ -30,6 +30,8 @@ class CondenseRecipe:
     flip: bool = False
     soft_labels: Literal["none", "learned", "committee"] = "none"
     seed: int = 0
+    threads: int = 2
+    """torch intra-op threads (set deliberately: speed, and on some kernels results, depend on it)."""
     sets: int = 1
     """Synthetic sets condensed with seeds seed, seed + 1, ... (the N of N sets x M nets)."""
     settings: dict[str, Any] = field(default_factory=dict)
@@ -44,8 +46,8 @@ class CondenseRecipe:
         for a in self.eval.archs:
             if a not in ARCHS:
                 raise unknown("network", a, ARCHS)
-        if self.ipc < 1 or self.sets < 1 or self.eval.nets < 1 or self.eval.epochs < 1:
-            raise DistilleryError("ipc, sets, eval.nets and eval.epochs must be at least 1.")
+        if self.ipc < 1 or self.sets < 1 or self.eval.nets < 1 or self.eval.epochs < 1 or self.threads < 1:
+            raise DistilleryError("ipc, sets, threads, eval.nets and eval.epochs must be at least 1.")
         self.method_settings()
 
     def method_settings(self) -> Settings:

@@ -75,6 +75,8 @@ class LMRecipe:
     on_policy: OnPolicy = field(default_factory=OnPolicy)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=1, batch_size=16, lr=3e-3))
     seed: int = 0
+    threads: int = 2
+    """torch intra-op threads (set deliberately: speed, and on some kernels results, depend on it)."""
 
     def __post_init__(self) -> None:
         if self.loss not in TOKEN_LOSSES:

@@ -110,7 +110,7 @@ def _same_recipe(recipe: LMRecipe, out: Path) -> None:
     path = out / "recipe.json"
     if path.is_file():
         have = read_json(path, "recipe record")
-        differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k))
+        differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k) and k != "threads")
         if differ:
             raise DistilleryError(f"{out} holds a run of another recipe ({', '.join(differ)} differ); "
                                   "use a new --out folder, or delete this one to start over.")
@@ -123,6 +123,7 @@ def run_recipe(recipe: LMRecipe, out: str | Path, *, progress: bool | None = Non
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     _same_recipe(recipe, out)
+    torch.set_num_threads(recipe.threads)
     teacher, ttok = (None, None) if recipe.teacher is None else load_lm(recipe.teacher)
     splits, tok = load_data(recipe, ttok)
     model = build_model(recipe, tok)
