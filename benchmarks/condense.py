@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import tempfile
 import time
@@ -40,8 +41,10 @@ def main() -> None:
     ap.add_argument("--data", nargs="*", default=["digits", "mnist5k"])
     ap.add_argument("--ipc", nargs="*", type=int, default=[1, 10])
     ap.add_argument("--methods", nargs="*", default=[*M.CORESETS, *LEARNED, "mtt+learned", "dm+committee"])
-    ap.add_argument("--no-flip", action="store_true", help="leave out the +flip rows")
-    ap.add_argument("--only-flip", action="store_true", help="only the +flip rows (parts run apart)")
+    flip = ap.add_mutually_exclusive_group()
+    flip.add_argument("--no-flip", action="store_true", help="leave out the +flip rows")
+    flip.add_argument("--only-flip", action="store_true",
+                      help="only the +flip rows of the learned methods (no coreset or whole-set rows)")
     ap.add_argument("--nets", type=int, default=5)
     ap.add_argument("--epochs", type=int, default=500, help="evaluation epochs on a synthetic set")
     ap.add_argument("--whole-epochs", type=int, default=200)
@@ -62,7 +65,11 @@ def main() -> None:
     if args.merge:
         for f in args.merge:
             part = json.loads(f.read_text())
-            rows.update({r["method"]: r for r in part["rows"]})
+            threads = re.search(r"--threads (\d+)", part.get("command", ""))
+            for r in part["rows"]:  # parts written before rows recorded threads: their command says
+                if "threads" not in r and threads and r["seconds"] > 0:
+                    r["threads"] = int(threads.group(1))
+                rows[r["method"]] = r
             experts.update(part.get("expert_seconds", {}))
         _save(args, rows, t_start, experts)
         return
@@ -79,7 +86,7 @@ def main() -> None:
     for data in args.data:
         images = C.load(data)
         work = Path("runs/bench-condense") / data
-        if not args.no_whole:
+        if not (args.no_whole or args.only_flip):
             name = f"{data}/whole"
             rows[name] = {"method": name, **_stats(whole_row(images, args.nets, args.whole_epochs)["runs"]),
                           "seconds": 0.0, "epochs": args.whole_epochs}
@@ -87,6 +94,8 @@ def main() -> None:
         for ipc in args.ipc:
             for spec in args.methods:
                 method, _, soft = spec.partition("+")
+                if args.only_flip and method in M.CORESETS:
+                    continue
                 flips = [False] if method in M.CORESETS or args.no_flip else [True] if args.only_flip else [False, True]
                 for flip in flips:
                     name = f"{data}/ipc{ipc}/{spec}{'+flip' if flip else ''}"

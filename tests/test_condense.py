@@ -89,7 +89,7 @@ def test_dsa_applies_the_same_transform_to_both_batches_and_is_differentiable():
     seen = {augment.DIGITS[int(torch.randint(5, (1,), generator=torch.Generator().manual_seed(s)))] for s in range(60)}
     assert seen == set(augment.DIGITS)
     with pytest.raises(DistilleryError, match="unknown DSA operations"):
-        augment.check_strategy(["crop", "wobble"])
+        augment.check_strategy(["crop", "wobble"], (1, 8, 8))
 
 
 # ------------------------------------------------------------------------------------ coresets
@@ -158,6 +158,7 @@ def test_mtt_experts_are_stored_and_reused_and_learned_labels_are_soft(tmp_path)
     syn = C.condense(images, "mtt", 1, settings=FAST, soft_labels="learned", run_dir=tmp_path)
     experts = sorted((tmp_path / "experts").glob("expert_*.safetensors"))
     assert len(experts) == 2
+    from safetensors import safe_open
     from safetensors.torch import load_file
 
     traj = load_file(str(experts[0]))
@@ -171,6 +172,13 @@ def test_mtt_experts_are_stored_and_reused_and_learned_labels_are_soft(tmp_path)
         methods.train_experts(images, dataclasses.replace(FAST, sam=True), tmp_path / "experts")
     assert syn.soft and syn.y.shape == (3, 3) and torch.allclose(syn.y.sum(1), torch.ones(3), atol=1e-5)
     assert syn.meta["syn_lr"] > 0
+    # images name their strategy in full, as before strategies were resolved from the data's shape:
+    # expert folders and checkpoints written then still match
+    spec = json.loads((tmp_path / "experts" / "experts.json").read_text())
+    assert spec["strategy"] == list(augment.DIGITS) == ["color", "crop", "cutout", "scale", "rotate"]
+    with safe_open(str(tmp_path / "checkpoint.safetensors"), "pt") as f:
+        run = json.loads(f.metadata()["run"])
+    assert run["settings"]["strategy"] == list(augment.DIGITS)
 
 
 def test_sam_step_differs_from_plain_sgd():
@@ -223,6 +231,14 @@ def test_bad_input_is_a_clear_error():
         C.condense(images, "dm", 1, soft_labels="fuzzy")
     with pytest.raises(DistilleryError, match="learned soft labels"):
         C.condense(images, "dm", 1, soft_labels="learned")
+    from distillery.condense.config import CondenseRecipe
+
+    assert CondenseRecipe(data="mnist1d", settings={"strategy": None}).method_settings().strategy is None  # default
+    assert CondenseRecipe(settings={"strategy": ["crop"]}).method_settings().strategy == ("crop",)
+    with pytest.raises(DistilleryError, match="undefined on 1-D signals"):  # refused when the recipe loads
+        CondenseRecipe(data="mnist1d", settings={"strategy": ["rotate", "crop"]})
+    with pytest.raises(DistilleryError, match="threads"):
+        CondenseRecipe(threads=0)
 
 
 def test_cli_condense_and_eval_on_digits(tmp_path):

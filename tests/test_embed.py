@@ -262,6 +262,14 @@ def test_projection_head_student(teacher):
     init_head(other, pooled)
     assert isinstance(other.model.head, torch.nn.Linear) and torch.allclose(other.model.head.weight, w2, atol=1e-6)
     assert torch.allclose(w2 @ w2.T, torch.eye(16), atol=1e-5)
+    few = torch.randn(5, 32, dtype=torch.float64)  # 5 points span 4 centred directions, fewer than 16 rows
+    init_head(other, few)
+    w3 = other.model.head.weight.double()
+    assert torch.allclose(w3 @ w3.T, torch.eye(16, dtype=torch.float64), atol=1e-5)
+    vt = torch.linalg.svd(few - few.mean(0), full_matrices=False)[2][:4]
+    assert torch.allclose(w3[:4], vt, atol=1e-5)  # the principal directions lead, the rest complete them
+    with pytest.raises(DistilleryError, match="not one string"):
+        init_head(other, "one sentence")
     train_student(student, teacher, corpus(64), train=TrainConfig(epochs=1, batch_size=32, lr=1e-3))
     assert student.encode(corpus(3)).shape == (3, 16)
     with pytest.raises(DistilleryError, match="out_dim 64"):

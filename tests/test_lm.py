@@ -326,5 +326,7 @@ def test_a_run_folder_belongs_to_one_recipe(tmp_path):
     _same_recipe(a, tmp_path)
     _same_recipe(a, tmp_path)  # the same recipe resumes
     _same_recipe(from_dict(LMRecipe, {"kind": "lm", "loss": "kd", "threads": 1}), tmp_path)  # speed only
+    with pytest.raises(DistilleryError, match="threads must be at least 1"):
+        from_dict(LMRecipe, {"kind": "lm", "threads": 0})
     with pytest.raises(DistilleryError, match=r"another recipe .*loss"):
         _same_recipe(from_dict(LMRecipe, {"kind": "lm", "loss": "tvd"}), tmp_path)

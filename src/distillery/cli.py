@@ -155,7 +155,8 @@ def _cmd_condense(args) -> int:
         if k == 0:
             condense.grid_png(syn, out / "grid.png")
         print(f"set {k}: {files[-1]} ({syn.meta['seconds']:.0f} s)")
-    report = {"recipe": args.recipe, "data": recipe.data, "method": recipe.method, "ipc": recipe.ipc}
+    report = {"recipe": args.recipe, "data": recipe.data, "method": recipe.method, "ipc": recipe.ipc,
+              "threads": recipe.threads}
     if not args.no_eval:
         results = _eval_synthetic(files, recipe.eval.archs, recipe.eval.nets, recipe.eval.epochs)
         report["eval"] = results

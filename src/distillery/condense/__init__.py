@@ -99,6 +99,7 @@ def grid_png(syn: SyntheticSet, path: str | Path, images: Images | None = None) 
     k = syn.num_classes
     per = max(int((y == c).sum()) for c in range(k))
     fig, axes = plt.subplots(k, per, figsize=(per * 0.6 + 0.4, k * 0.6 + 0.4), squeeze=False)
+    lim = (float(syn.x.min()), float(syn.x.max()))  # signals share one amplitude scale
     for c in range(k):
         imgs = syn.x[y == c]
         for j in range(per):
@@ -106,6 +107,7 @@ def grid_png(syn: SyntheticSet, path: str | Path, images: Images | None = None) 
             ax.axis("off")
             if j < len(imgs) and imgs.shape[2] == 1:  # a 1-D signal: its curve
                 ax.plot(imgs[j, 0, 0].numpy(), linewidth=0.8)
+                ax.set_ylim(*lim)
             elif j < len(imgs):
                 ax.imshow(imgs[j, 0].numpy(), cmap="gray")
     fig.suptitle(f"{syn.meta.get('data', '')} ipc {syn.meta.get('ipc', '')} {syn.meta.get('method', '')}", fontsize=8)

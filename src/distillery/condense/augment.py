@@ -39,15 +39,15 @@ def default_strategy(shape: tuple[int, ...]) -> tuple[str, ...]:
     return SIGNALS if shape[-2] == 1 else DIGITS
 
 
-def check_strategy(strategy: tuple[str, ...] | list[str] | None, shape: tuple[int, ...] | None = None) -> tuple[str, ...]:
-    """The strategy as a tuple (None: ``default_strategy(shape)``); unknown operations, and
-    ``rotate`` on 1-D signals, are refused."""
+def check_strategy(strategy: tuple[str, ...] | list[str] | None, shape: tuple[int, ...]) -> tuple[str, ...]:
+    """The strategy for data of ``shape`` (C, H, W) as a tuple (None: ``default_strategy(shape)``);
+    unknown operations, and ``rotate`` on 1-D signals, are refused."""
     if strategy is None:
-        return default_strategy(shape if shape is not None else (1, 2, 2))
+        return default_strategy(shape)
     bad = [s for s in strategy if s not in OPS]
     if bad or not strategy:
         raise DistilleryError(f"unknown DSA operations {bad} (or none given); choose from {', '.join(OPS)}.")
-    if shape is not None and shape[-2] == 1 and "rotate" in strategy:
+    if shape[-2] == 1 and "rotate" in strategy:
         raise DistilleryError("DSA 'rotate' is undefined on 1-D signals (height 1); leave it out of the strategy, "
                               f"e.g. {list(SIGNALS)}.")
     return tuple(strategy)
@@ -78,7 +78,8 @@ def dsa(x: Tensor, seed: int, strategy: tuple[str, ...] | None = None) -> Tensor
         return _affine(x, torch.tensor([[sx, 0.0, 0.0], [0.0, sy, 0.0]]))
     if op == "rotate":
         if x.shape[2] == 1:
-            raise DistilleryError("DSA 'rotate' is undefined on 1-D signals (height 1); use augment.SIGNALS.")
+            raise DistilleryError("DSA 'rotate' is undefined on 1-D signals (height 1); leave it out of the strategy, "
+                                  f"e.g. {list(SIGNALS)}.")
         a = (r[0] - 0.5) * 2 * ROTATE / 180 * math.pi
         return _affine(x, torch.tensor([[math.cos(a), math.sin(-a), 0.0], [math.sin(a), math.cos(a), 0.0]]))
     if op == "crop":  # translation by up to 1/8 of the side, zero padding (DSA's rand_crop)

@@ -7,7 +7,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from ..errors import DistilleryError, close_matches, unknown
-from .data import NAMES
+from .augment import check_strategy
+from .data import NAMES, SHAPES
 from .methods import METHODS, Settings
 from .nets import ARCHS
 
@@ -58,6 +59,6 @@ class CondenseRecipe:
                 hint = f" Did you mean {near[0]!r}?" if near else ""
                 raise DistilleryError(f"unknown key 'settings.{k}'.{hint} Allowed: {', '.join(sorted(names))}.")
         values = dict(self.settings)
-        if "strategy" in values:
-            values["strategy"] = tuple(values["strategy"])
+        if values.get("strategy") is not None:  # null: the data's default strategy
+            values["strategy"] = check_strategy(list(values["strategy"]), SHAPES[self.data])
         return Settings(**values)

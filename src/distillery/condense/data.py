@@ -21,6 +21,8 @@ from torch import Tensor
 from ..errors import DistilleryError, unknown
 
 NAMES = ("digits", "mnist1d", "mnist5k")
+SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 1, 40), "mnist5k": (1, 28, 28)}
+"""(C, H, W) of each data set's images."""
 
 
 @dataclass

@@ -69,7 +69,9 @@ class Settings:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def defaults(method: str, s: Settings, shape: tuple[int, ...] | None = None) -> Settings:
+def defaults(method: str, s: Settings, shape: tuple[int, ...]) -> Settings:
+    """``s`` with the method's iterations and image rate filled in and the DSA strategy resolved
+    for data of ``shape`` (C, H, W)."""
     its = {"dc": 200, "dsa": 200, "dm": 1000, "mtt": 300}
     lr = {"dc": 0.1, "dsa": 0.1, "dm": 1.0, "mtt": 100.0}
     if s.iterations is None and method in its:
@@ -420,6 +422,7 @@ def learn(images: Images, method: str, ipc: int, s: Settings, seed: int, folder:
     """Run a learned method; returns (images, soft labels or None, final learnable step size)."""
     if method not in LEARNED:
         raise unknown("condensation method", method, METHODS)
+    s = defaults(method, dataclasses.replace(s), images.shape)  # what the checkpoint names is what runs
     init = images.x[real_init(images, ipc, seed)]
     classes = images.class_indices()
     label_logits = None

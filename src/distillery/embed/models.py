@@ -296,10 +296,15 @@ def cut_layers(teacher: Embedder, layers: Sequence[int], out_dim: int | None = N
 @torch.no_grad()
 def init_head(student: Embedder, pooled: Tensor | Sequence[str]) -> None:
     """Set a student's projection to the top principal directions of ``pooled`` (N, H) vectors,
-    or of the student's own pooled (pre-projection) vectors of the sentences ``pooled``."""
+    or of the student's own pooled vectors of the sentences ``pooled`` (taken before the projection
+    and L2-normalised, as ``encode`` gives them). With fewer directions than the projection's rows
+    (N <= out_dim) the rest is an orthonormal complement drawn from seed 0."""
     head = student.model.head
     if not isinstance(head, nn.Linear):
         return
+    if isinstance(pooled, str):
+        raise DistilleryError("init_head takes a list of sentences (or an (N, H) tensor), not one string; "
+                              "wrap it: [sentence].")
     if not isinstance(pooled, Tensor):
         student.model.head = nn.Identity()
         try:
@@ -307,5 +312,12 @@ def init_head(student: Embedder, pooled: Tensor | Sequence[str]) -> None:
         finally:
             student.model.head = head
     centred = pooled.double() - pooled.double().mean(0)
-    _, _, vt = torch.linalg.svd(centred, full_matrices=False)
-    head.weight.copy_(vt[: head.out_features].to(head.weight.dtype))
+    _, sv, vt = torch.linalg.svd(centred, full_matrices=False)
+    vt = vt[sv > sv.max() * 1e-9] if len(sv) and sv.max() > 0 else vt[:0]  # directions the data spans
+    out, width = head.out_features, head.in_features
+    if len(vt) < out:  # complete to an orthonormal set: QR keeps the span of the leading rows
+        g = torch.Generator().manual_seed(0)
+        extra = torch.randn(out - len(vt), width, generator=g, dtype=torch.float64)
+        q, r = torch.linalg.qr(torch.cat([vt[:out], extra]).T)
+        vt = (q * torch.sign(torch.diagonal(r))).T  # signs as the principal directions had them
+    head.weight.copy_(vt[:out].to(head.weight.dtype))

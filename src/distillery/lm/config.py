@@ -87,6 +87,8 @@ class LMRecipe:
             pass
         else:
             raise unknown("model preset", self.model, PRESETS)
+        if self.threads < 1:
+            raise DistilleryError(f"threads must be at least 1, got {self.threads}.")
         if self.block < 2 or self.vocab_size < 300:
             raise DistilleryError("block must be >= 2 tokens and vocab_size >= 300 (a byte-level BPE needs 256 bytes).")
         if self.teacher is None and self.method != "kd":
