@@ -4,7 +4,9 @@ plus the whole-set row. Rows ``DATA/ipcK/METHOD`` (``+flip``, ``+learned``, ``+c
 mean, std, runs (test accuracy %) and ``seconds`` (distillation wall time) go to
 benchmarks/results/condense.json; rows already there from other ``--data`` / ``--ipc`` runs are kept.
 MTT's rows share one set of expert trajectories per data set: their ``seconds`` count the matching,
-and ``expert_seconds`` (``--time-experts``) the experts' training.
+and ``expert_seconds`` (``--time-experts``) the experts' training. Committee labels are computed after
+the condensation, so a ``+committee`` row takes the images its plain row saved (runs/bench-condense/
+DATA/sets) when they are there, and its ``seconds`` add the two.
 
     python benchmarks/condense.py                         # everything
     python benchmarks/condense.py --data digits --ipc 1   # a part (merged into the file)
@@ -13,6 +15,7 @@ and ``expert_seconds`` (``--time-experts``) the experts' training.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import statistics
@@ -105,19 +108,44 @@ def main() -> None:
                     run_dir = work / "experts-shared" if method == "mtt" else None  # experts reused across mtt rows
                     if run_dir is not None:  # trained (once) before the clock starts: expert_seconds times them
                         M.train_experts(images, M.defaults("mtt", C.Settings(), images.shape), run_dir / "experts", 0)
+                    plain = work / "sets" / (f"ipc{ipc}-{method}{'-flip' if flip else ''}.safetensors")
+                    base = _same_condensation(plain, images, method, ipc, flip, s) if soft == "committee" else None
                     t0 = time.perf_counter()
-                    syn = C.condense(images, method, ipc, flip=flip, soft_labels=soft or None, settings=s,
-                                     run_dir=run_dir, seed=0)
+                    if base is not None:  # committee labels come after the condensation: the plain row's images
+                        syn = C.SyntheticSet(base.x, C.committee_labels(base.x, images, 0), base.num_classes,
+                                             {**base.meta, "soft_labels": "committee"})
+                    else:
+                        syn = C.condense(images, method, ipc, flip=flip, soft_labels=soft or None, settings=s,
+                                         run_dir=run_dir, seed=0)
                     if run_dir is not None:
                         (run_dir / "checkpoint.json").unlink(missing_ok=True)  # experts stay, the images do not
                         (run_dir / "checkpoint.safetensors").unlink(missing_ok=True)
                     seconds = time.perf_counter() - t0
+                    if base is not None:
+                        seconds += base.meta["seconds"]  # the full cost: the condensation, then the committee
+                    elif method in M.LEARNED and not soft:
+                        syn.save(plain)
                     res = C.evaluate([(syn.x, syn.y)], images, nets_per_set=args.nets, epochs=args.epochs)
                     rows[name] = {"method": name, **_stats(res["accuracies"]), "seconds": seconds,
-                                  "threads": args.threads, "settings": syn.meta.get("settings", {})}
+                                  "threads": args.threads, "settings": syn.meta.get("settings", {}),
+                                  **({"images_of": name.replace("+committee", "")} if base is not None else {})}
                     print(f"{name}: {rows[name]['mean']:.2f} +- {rows[name]['std']:.2f} ({seconds:.0f} s)", flush=True)
                     _save(args, rows, t_start, experts)
     _save(args, rows, t_start, experts)
+
+
+def _same_condensation(path: Path, images: C.Images, method: str, ipc: int, flip: bool,
+                       s: C.Settings) -> C.SyntheticSet | None:
+    """The images an earlier plain row of this condensation saved (same data, method, ipc, flip,
+    seed 0 and settings), or None."""
+    if not path.is_file():
+        return None
+    syn = C.SyntheticSet.load(path)
+    want = dataclasses.asdict(M.defaults(method, dataclasses.replace(s, flip=flip), images.shape))
+    same = (syn.meta.get("source_fingerprint") == images.fingerprint() and syn.meta.get("method") == method
+            and syn.meta.get("ipc") == ipc and syn.meta.get("flip") == flip and syn.meta.get("seed") == 0
+            and json.dumps(syn.meta.get("settings"), sort_keys=True) == json.dumps(want, sort_keys=True, default=list))
+    return syn if same else None
 
 
 def _stats(runs: list[float]) -> dict:
