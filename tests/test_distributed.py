@@ -132,3 +132,37 @@ def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
     own, other = (tmp_path / "err.1").read_text(), (tmp_path / "err.0").read_text()
     assert "non-finite loss" in own and "another rank" not in own
     assert "non-finite loss" in other and "on another rank" in other
+
+
+CRD_TERMS = [TermConfig(loss="kd", params={"temperature": 2.0}),
+             TermConfig(loss="crd", student="logits", teacher="logits", weight=0.5,
+                        params={"num_samples": 180, "feat_dim": 8, "num_negatives": 16})]
+
+
+def _crd_worker(rank, world, init_file, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        student, teacher = models()
+        objective = Objective(CRD_TERMS)
+        fit(student, objective, toy(), TrainConfig(epochs=1, batch_size=16, lr=0.05, optimizer="sgd"),
+            teacher=teacher, seed=3, progress=False)
+        st = objective.terms[1].state_module
+        torch.save({"memory_s": st.memory_s, "memory_t": st.memory_t}, f"{out}.{rank}")
+    finally:
+        distributed.shutdown()
+
+
+def test_crd_banks_keep_every_ranks_samples(tmp_path):
+    """Each rank updates the bank rows of its own samples; end_step shares them, so after an epoch
+    every sample's rows have moved on both ranks (before, rank 0's buffers overwrote rank 1's rows)."""
+    probe = Objective(CRD_TERMS)
+    probe.build({"logits": torch.zeros(2, 4)}, {"logits": torch.zeros(2, 4)}, seed=3)  # as fit builds it
+    init = probe.terms[1].state_module
+    mp.spawn(_crd_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "bank")), nprocs=2, join=True)
+    a, b = (torch.load(f"{tmp_path / 'bank'}.{r}", weights_only=True) for r in (0, 1))
+    ids = toy().ids
+    for name in ("memory_s", "memory_t"):
+        assert torch.equal(a[name], b[name])  # every rank holds the same banks
+        moved = (a[name] - getattr(init, name)).abs().sum(1) > 1e-6
+        assert torch.equal(moved.nonzero().flatten(), ids.sort().values)  # each sample's row, no other

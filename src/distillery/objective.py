@@ -241,9 +241,13 @@ class Objective:
                    for t in self.terms)
 
     def end_step(self) -> None:
-        """Called by the engine after every optimiser step (MTARD's balance updates once per step)."""
+        """Called by the engine after every optimiser step, on every rank: MTARD's balance updates
+        once per step; loss states with an ``end_step`` (CRD's banks under torch.distributed) run it."""
         if self.balance is not None:
             self.balance.step()
+        for t in self.terms:
+            if t.state_module is not None and hasattr(t.state_module, "end_step"):
+                t.state_module.end_step()
 
     def label_masked(self, labelled: bool, has_teacher: bool = False, tokens: bool = False) -> list[bool]:
         """Per term: does it average over the labelled rows only (labels of -100 masked)? As _targets:

@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -269,6 +270,36 @@ class CRDState(nn.Module):
         self.register_buffer("seed", torch.randint(0, 2**62, (), dtype=torch.int64))
         self.register_buffer("step", torch.zeros((), dtype=torch.int64))
         self.generator: torch.Generator | None = None  # re-seeded every call; not itself state
+        self.pending: list[tuple[Tensor, Tensor, Tensor, float]] = []  # this step's bank updates (DDP)
+
+    def end_step(self) -> None:
+        """Under torch.distributed, after every optimiser step (the engine calls it on every rank):
+        the bank updates every other rank made this step, applied here in rank order. Each rank
+        applied its own in the loss, so every bank then holds every sample's embeddings, as one
+        process with the global batch would (updates of distinct ids commute), not rank 0's alone.
+        A no-op in one process."""
+        pending, self.pending = self.pending, []
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+            return
+        size, rank, d = dist.get_world_size(), dist.get_rank(), self.feat_dim
+        rows = torch.cat([torch.cat([ids.double().unsqueeze(1), torch.full((len(ids), 1), mom, dtype=torch.float64),
+                                     vs.double().cpu(), vt.double().cpu()], 1) for ids, vs, vt, mom in pending]) \
+            if pending else torch.zeros(0, 2 + 2 * d, dtype=torch.float64)
+        counts = [torch.zeros(1, dtype=torch.int64) for _ in range(size)]
+        dist.all_gather(counts, torch.tensor([len(rows)]))
+        most = max(int(c) for c in counts)
+        padded = torch.cat([rows, rows.new_zeros(most - len(rows), rows.shape[1])])
+        gathered = [torch.empty_like(padded) for _ in range(size)]
+        dist.all_gather(gathered, padded)
+        with torch.no_grad():
+            for r in range(size):
+                if r == rank:
+                    continue
+                for row in gathered[r][: int(counts[r])]:  # in the order that rank applied them
+                    i, mom = int(row[0]), float(row[1])
+                    for bank, v in ((self.memory_s, row[2:2 + d]), (self.memory_t, row[2 + d:])):
+                        new = bank[i] * mom + v.to(bank) * (1.0 - mom)
+                        bank[i] = F.normalize(new, p=2, dim=0, eps=1e-12)
 
     def negatives(self, ids: Tensor, num_negatives: int) -> Tensor:
         """(N, K) negative ids: uniform with replacement over the bank minus each sample's own id.
@@ -424,6 +455,8 @@ def crd(
                 for bank, v in ((st.memory_s, v_s), (st.memory_t, v_t)):
                     row = bank[uniq] * mom + v[first].to(bank.dtype) * (1.0 - mom)
                     bank.index_copy_(0, uniq, F.normalize(row, p=2, dim=1, eps=1e-12))
+                if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+                    st.pending.append((uniq.cpu(), v_s[first].detach(), v_t[first].detach(), mom))  # end_step
                 st.step += 1
         return total
 
