@@ -250,6 +250,8 @@ def test_cli_condense_and_eval_on_digits(tmp_path):
     assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
     report = json.loads((out / "report.json").read_text())
     assert report["eval"][0]["arch"] == "convnet" and len(report["eval"][0]["accuracies"]) == 1
+    md = (out / "report.md").read_text()
+    assert "![synthetic set 0" in md and f"| convnet | {report['eval'][0]['mean']:.2f} ± " in md
     assert main(["eval", str(out / "synthetic_0.safetensors"), "--nets", "1", "--epochs", "1"]) == 0
     assert main(["condense", "condense/digits_dm", "method=dn", "--out", str(out)]) == 2
     assert main(["run", "condense/digits_dm"]) == 2

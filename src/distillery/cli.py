@@ -137,7 +137,7 @@ def _cmd_condense(args) -> int:
     import torch
 
     from . import condense, recipes
-    from .io import atomic_write_json
+    from .io import atomic_write_json, atomic_write_text
 
     recipe = recipes.load(args.recipe, args.overrides)
     if getattr(recipe, "kind", None) != "condense":
@@ -162,8 +162,24 @@ def _cmd_condense(args) -> int:
         report["eval"] = results
         print(_condense_table(results))
     atomic_write_json(out / "report.json", report)
-    print(f"output: {out} (grid.png, report.json)")
+    atomic_write_text(out / "report.md", _condense_markdown(report, files))
+    print(f"output: {out} (grid.png, report.json, report.md)")
     return 0
+
+
+def _condense_markdown(report: dict, files: list[Path]) -> str:
+    """The condensation's report for people: what was condensed, the grid, the accuracy table."""
+    lines = [f"# {report['data']}, {report['ipc']} per class, {report['method']}", "",
+             f"Recipe `{report['recipe']}`; synthetic sets: {', '.join(f'`{f.name}`' for f in files)}.", "",
+             "![synthetic set 0, one row per class](grid.png)", ""]
+    if "eval" in report:
+        lines += ["Test accuracy of fresh networks trained only on the synthetic sets (DC's protocol):", "",
+                  "| network | accuracy % | sets x nets |", "|---|---|---|"]
+        lines += [f"| {r['arch']} | {r['mean']:.2f} ± {r['std']:.2f} | {r['sets']} x {r['nets_per_set']} |"
+                  for r in report["eval"]]
+    else:
+        lines.append("Not evaluated (`--no-eval`); `distillery eval` on this folder evaluates it.")
+    return "\n".join(lines) + "\n"
 
 
 def _cmd_lm(args) -> int:
