@@ -402,7 +402,10 @@ def crd(
     order, so they depend on the ids and the step, never on batch positions; the NCE ratios are
     evaluated in log space (same values, no overflow); the L2 norms have eps 1e-12; a repeated id
     updates the bank once, from its first occurrence. Bank, Z and step change only in training
-    mode (``state.train()``), so evaluation batches leave the state as it was.
+    mode (``state.train()``), so evaluation batches leave the state as it was. Under
+    torch.distributed each rank updates the rows of its own samples and ``CRDState.end_step``
+    applies the other ranks' at the end of the step; Z is estimated from rank 0's share of the
+    first batch (its buffers are broadcast).
     Defaults are the paper's (feat_dim 128, K = 16384, T = 0.07, momentum 0.5); RepDistiller's
     CIFAR-100 weight is 0.8 (with the KD term on it is 0.8 CRD + 1 KD for "CRD+KD"). Needs
     ``state`` (``crd.state``, built with the same params) and ``ids``. Memory O(N * num_samples).
