@@ -148,6 +148,23 @@ def _same_condensation(path: Path, images: C.Images, method: str, ipc: int, flip
     return syn if same else None
 
 
+def _pivot(rows: list[dict]) -> list[str]:
+    """The same accuracies as one line per method, one column per data set and IPC."""
+    cols = sorted({r["method"].rsplit("/", 1)[0] for r in rows if "/ipc" in r["method"]},
+                  key=lambda c: (c.split("/")[0], int(c.split("ipc")[1])))
+    methods = sorted({r["method"].rsplit("/", 1)[1] for r in rows if "/ipc" in r["method"]},
+                     key=lambda m: (m.endswith("+flip"), m.split("+")[0] not in M.CORESETS, m))
+    by = {r["method"]: r for r in rows}
+    out = ["| method | " + " | ".join(c.replace("/", " ") for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    for m in methods:
+        out.append(f"| {m} | " + " | ".join(f"{by[f'{c}/{m}']['mean']:.1f}" if f"{c}/{m}" in by else "-"
+                                            for c in cols) + " |")
+    whole = [f"{d} {by[f'{d}/whole']['mean']:.1f} ({by[f'{d}/whole'].get('epochs', '?')} epochs)"
+             for d in sorted({c.split('/')[0] for c in cols}) if f"{d}/whole" in by]
+    return out + (["", "The whole training set, the same networks and optimiser: " + ", ".join(whole) + "."]
+                  if whole else [])
+
+
 def _stats(runs: list[float]) -> dict:
     return {"mean": statistics.fmean(runs), "std": statistics.pstdev(runs), "n": len(runs), "runs": runs}
 
@@ -171,6 +188,7 @@ def _save(args, rows: dict, t_start: float, experts: dict) -> None:
              "| row | accuracy % | seconds | threads |", "|---|---|---|---|"]
     for r in ordered:
         lines.append(f"| {r['method']} | {r['mean']:.1f} ± {r['std']:.1f} | {r['seconds']:.0f} | {r.get('threads', '-')} |")
+    lines += ["", *_pivot(ordered)]
     if experts:
         lines += ["", "MTT's 5 expert trajectories (15 epochs each): " + ", ".join(
             f"{d} {e['seconds']:.0f} s ({e['threads']} thread{'s' * (e['threads'] > 1)})"
