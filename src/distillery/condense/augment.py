@@ -34,6 +34,11 @@ SCALE, ROTATE, CROP, CUTOUT = 1.2, 15.0, 0.125, 0.5
 BRIGHTNESS, SATURATION, CONTRAST = 1.0, 2.0, 0.5
 
 
+def _no_rotation() -> DistilleryError:
+    return DistilleryError(f"DSA 'rotate' is undefined on 1-D signals (height 1); leave it out of the strategy, "
+                           f"e.g. {list(SIGNALS)}.")
+
+
 def default_strategy(shape: tuple[int, ...]) -> tuple[str, ...]:
     """``SIGNALS`` for height-1 data (C, 1, W), else ``DIGITS``."""
     return SIGNALS if shape[-2] == 1 else DIGITS
@@ -48,8 +53,7 @@ def check_strategy(strategy: tuple[str, ...] | list[str] | None, shape: tuple[in
     if bad or not strategy:
         raise DistilleryError(f"unknown DSA operations {bad} (or none given); choose from {', '.join(OPS)}.")
     if shape[-2] == 1 and "rotate" in strategy:
-        raise DistilleryError("DSA 'rotate' is undefined on 1-D signals (height 1); leave it out of the strategy, "
-                              f"e.g. {list(SIGNALS)}.")
+        raise _no_rotation()
     return tuple(strategy)
 
 
@@ -78,8 +82,7 @@ def dsa(x: Tensor, seed: int, strategy: tuple[str, ...] | None = None) -> Tensor
         return _affine(x, torch.tensor([[sx, 0.0, 0.0], [0.0, sy, 0.0]]))
     if op == "rotate":
         if x.shape[2] == 1:
-            raise DistilleryError("DSA 'rotate' is undefined on 1-D signals (height 1); leave it out of the strategy, "
-                                  f"e.g. {list(SIGNALS)}.")
+            raise _no_rotation()
         a = (r[0] - 0.5) * 2 * ROTATE / 180 * math.pi
         return _affine(x, torch.tensor([[math.cos(a), math.sin(-a), 0.0], [math.sin(a), math.cos(a), 0.0]]))
     if op == "crop":  # translation by up to 1/8 of the side, zero padding (DSA's rand_crop)

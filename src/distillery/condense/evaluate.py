@@ -2,8 +2,8 @@
 the real test set; N sets x M networks, mean and std.
 
 Training: SGD, lr 0.01, momentum 0.9, weight decay 5e-4, batch 256, the rate x 0.1 at half the
-epochs, DSA augmentation on every batch (the data's default strategy; DC evaluates DSA and DM sets so; we apply it to every
-method, one protocol for all). ``epochs`` is 500 here (DC: 1,000) to fit 2 cores. Soft labels
+epochs, DSA augmentation on every batch (the data's default strategy; DC evaluates DSA and DM
+sets so; we apply it to every method, one protocol for all). ``epochs`` is 500 here (DC: 1,000) to fit 2 cores. Soft labels
 train with soft cross-entropy -sum_c y_c log p_c.
 """
 
