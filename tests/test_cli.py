@@ -5,6 +5,7 @@ import sys
 import pytest
 
 from distillery.cli import main
+from distillery.engine import load_checkpoint
 
 TINY = """
 name: tiny/kd
@@ -145,8 +146,8 @@ def test_staged_recipe_runs_stages_in_order_and_resumes_at_a_stage(tmp_path, cap
     order = list(dict.fromkeys(r["phase"] for r in records if r["event"] == "train"))
     assert order == ["teacher", "baseline", "distill-head", "distill-kd"]
     first = load_file(str(out / "models/distilled.safetensors"))
-    stage1 = load_file(str(out / "checkpoints/distill-head/last.safetensors"))
-    init = {k: v for k, v in load_file(str(out / "checkpoints/baseline/last.safetensors")).items()}
+    stage1 = load_checkpoint(out / "checkpoints/distill-head/last")[1]
+    init = {k: v for k, v in load_checkpoint(out / "checkpoints/baseline/last")[1].items()}
     assert "student/body.0.weight" in stage1 and "student/body.0.weight" in init
     # Stage 1 trained only the head: the body still has the initial weights of the student.
     torch.manual_seed(0)

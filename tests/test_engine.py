@@ -113,7 +113,7 @@ def test_student_back_in_train_mode_after_eval(toy_data):
 
 def test_corrupted_checkpoint_is_refused(tmp_path, toy_data):
     fit(student(), Objective(KD_CE), toy_data, cfg(epochs=1), teacher=teacher(), run_dir=tmp_path, seed=0, progress=False)
-    st = tmp_path / "checkpoints/distill/last.safetensors"
+    st = next((tmp_path / "checkpoints/distill").glob("last-*.safetensors"))
     data = bytearray(st.read_bytes())
     data[-10] ^= 0xFF
     st.write_bytes(bytes(data))
@@ -164,7 +164,7 @@ def test_objective_terms_and_targets(toy_data):
 
 def test_clipping_bf16_and_step_schedule_run(toy_data):
     s = student()
-    out = fit(s, Objective(KD_CE), toy_data, cfg(epochs=2, clip_grad_norm=0.1, autocast="bf16", schedule="step",
+    out = fit(s, Objective(KD_CE), toy_data, cfg(epochs=2, clip_grad_norm=0.1, precision="bf16", schedule="step",
                                                   step_epochs=1, gamma=0.5), teacher=teacher(), eval_data=toy_data,
               seed=0, progress=False)
     assert len(out["history"]) == 2 and all(0 <= h["accuracy"] <= 1 for h in out["history"])

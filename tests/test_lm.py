@@ -182,22 +182,24 @@ def test_sequence_level_data_from_the_teacher(tok, data):
 
 def test_on_policy_share_and_determinism(tok, data):
     student = llama("tiny", vocab_size=tok.get_vocab_size(), seed=1)
-    never = D.OnPolicyData(data, student, lam=0.0, prompt=4)
-    always = D.OnPolicyData(data, student, lam=1.0, prompt=4)
+    never = D.OnPolicy(student, lam=0.0, prompt=4)
+    always = D.OnPolicy(student, lam=1.0, prompt=4)
     idx = torch.arange(6)
-    assert torch.equal(never.batch(idx)["x"], data.x[:6]) and never.generated == 0
-    gen = always.batch(idx)
+    assert torch.equal(never.prepare(data.batch(idx), epoch=0)["x"], data.x[:6]) and never.generated == 0
+    gen = always.prepare(data.batch(idx), epoch=0)
     assert always.generated == 1 and torch.equal(gen["x"][:, :4], data.x[:6, :4])
     assert gen["x"].shape == data.x[:6].shape and (gen["y"][:, :3] == -100).all()
-    again = D.OnPolicyData(data, student, lam=1.0, prompt=4)
-    assert torch.equal(again.batch(idx)["x"], gen["x"])  # seeded by (seed, epoch, ids): resumable
-    half = D.OnPolicyData(data, student, lam=0.5, prompt=4)
+    assert torch.equal(gen["mask"], gen["y"] != -100)
+    again = D.OnPolicy(student, lam=1.0, prompt=4)
+    assert torch.equal(again.prepare(data.batch(idx), epoch=0)["x"], gen["x"])  # seeded by (seed, epoch, ids)
+    half = D.OnPolicy(student, lam=0.5, prompt=4)
     for i in range(40):
-        half.batch(torch.tensor([i % len(data), (i + 1) % len(data)]) + 0)
-        half.epoch += 1
+        half.prepare(data.batch(torch.tensor([i % len(data), (i + 1) % len(data)])), epoch=i)
     assert 8 <= half.generated <= 32
     with pytest.raises(DistilleryError, match="lambda"):
-        D.OnPolicyData(data, student, lam=1.5)
+        D.OnPolicy(student, lam=1.5)
+    with pytest.raises(DistilleryError, match="block length"):
+        D.OnPolicy(student, prompt=99).check(data)
 
 
 def test_topk_store_for_token_sequences(tmp_path, tok, data):
@@ -263,19 +265,19 @@ def test_cli_trains_a_teacher_then_distils_from_it(tmp_path, capsys):
 
 
 def test_adaspec_data_keeps_the_share_and_carries_the_target(tok, data):
-    from distillery.lm.adaspec import AdaSPECData, BatchTeacher, adaspec_mask
+    from distillery.lm.adaspec import AdaSPEC, BatchTeacher, adaspec_mask
 
     v = tok.get_vocab_size()
     target, ref, draft = (llama("tiny", vocab_size=v, seed=s) for s in (0, 1, 2))
-    view = AdaSPECData(data, draft, ref, target, keep=0.4)
+    view = AdaSPEC(draft, ref, target, keep=0.4)
     idx = torch.arange(5)
-    b = view.batch(idx)
+    b = view.prepare(data.batch(idx))
     full = data.batch(idx)
     want = adaspec_mask(draft(full["x"]), ref(full["x"]), target(full["x"]), full["mask"], 0.4)
     assert torch.equal(b["mask"], want) and int(b["mask"].sum()) == round(0.4 * int(full["mask"].sum()))
     assert ((b["y"] == -100) == ~b["mask"]).all()
     assert torch.equal(BatchTeacher()(b)["logits"], target(full["x"]))
-    assert len(view) == len(data) and view.num_classes == v and view.tokens
+    assert view.valid == int(full["mask"].sum()) and view.kept == int(b["mask"].sum())
     with pytest.raises(DistilleryError, match="teacher_logits"):
         BatchTeacher()(full)
 

@@ -44,7 +44,27 @@ class TrainConfig:
     grad_accum: int = 1
     """Micro-batches per optimiser step; losses are weighted by the global count of items."""
     clip_grad_norm: float | None = None
-    autocast: Literal["none", "bf16"] = "none"
+    device: str = "auto"
+    """auto (CUDA when present, else the CPU) | cpu | cuda | cuda:N | mps."""
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """Autocast of the forward passes (fp16 with a gradient scaler); losses always reduce in fp32."""
+    compile: bool = False
+    """``torch.compile`` the student (costs a compilation on the first steps)."""
+    strategy: Literal["ddp", "fsdp"] = "ddp"
+    """Under torch.distributed: DDP replicates the student; FSDP2 shards it (per block) over the processes."""
+    find_unused_parameters: bool = False
+    """DDP: set when some trainable parameters get no gradient in a step (the error says so)."""
+    num_workers: int = 0
+    """DataLoader worker processes (0: batches are built in the training process)."""
+    pin_memory: bool | None = None
+    """Pinned host memory for batches; null: on when training on CUDA."""
+    persistent_workers: bool = False
+    prefetch_factor: int | None = None
+    inputs: list[str] | None = None
+    """Batch keys passed to the model as keyword arguments (e.g. [input_ids, attention_mask]); null: the
+    batch's ``x`` (a tensor positionally, a dict as keywords), or every key but ids, targets and masks."""
+    loggers: list[str] = field(default_factory=list)
+    """Trackers beside metrics.jsonl: tensorboard, mlflow, wandb (optional extras)."""
     log_every: int = 10
     """Steps between metric records."""
     checkpoint_every_steps: int | None = None
@@ -65,6 +85,21 @@ class TrainConfig:
             raise DistilleryError(f"train.lr must be > 0, got {self.lr}.")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             raise DistilleryError("train.clip_grad_norm must be > 0 or null.")
+        if self.num_workers < 0:
+            raise DistilleryError(f"train.num_workers must be >= 0, got {self.num_workers}.")
+        if self.prefetch_factor is not None and (self.prefetch_factor < 1 or self.num_workers == 0):
+            raise DistilleryError("train.prefetch_factor needs num_workers >= 1 and a value >= 1.")
+        from .callbacks import TRACKERS
+
+        for n in self.loggers:
+            if n not in TRACKERS:
+                raise DistilleryError(f"train.loggers: {n!r} is not a tracker; use any of {', '.join(TRACKERS)}.")
+
+
+# Train settings that change where and how fast a run goes, not what it computes: a run may resume
+# with other values (on a GPU after a CPU start, with more workers, ...).
+RUNTIME_KEYS = ("device", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "loggers", "log_every",
+                "compile", "checkpoint_every_steps", "find_unused_parameters")
 
 
 @dataclass
@@ -107,6 +142,12 @@ class TeacherConfig:
     checkpoint: str | None = None
     """A safetensors file of teacher weights; when null the teacher is trained (or reused from the cache)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-3))
+    device: str | None = None
+    """Where the frozen teacher runs while distilling; null: the student's device. Its answers move to the student's."""
+    dtype: Literal["fp32", "bf16", "fp16"] = "fp32"
+    """The frozen teacher's weights and activations in this precision while distilling."""
+    shard: bool = False
+    """Under train.strategy=fsdp: shard the frozen teacher over the processes too (no optimiser state)."""
 
 
 @dataclass

@@ -21,6 +21,7 @@ from . import adapters, losses
 from .config import TermConfig, check_kwargs
 from .errors import DistilleryError
 from .losses import tokens
+from .runtime import as_bool_mask
 
 _RESERVED = ("targets", "mask", "reduction", "state", "ids")
 
@@ -222,6 +223,17 @@ class Objective:
             out["term_balance"] = self.balance
         return out
 
+    def describe(self) -> dict[str, Any]:
+        """The objective as plain data (terms with their parameters), for a run's signature."""
+        def plain(v: Any) -> Any:
+            return v if isinstance(v, (int, float, str, bool, type(None), list, dict)) else repr(v)
+
+        terms = [{"name": t.name, "loss": t.loss if isinstance(t.loss, str) else getattr(t.loss, "__name__", "loss"),
+                  "weight": t.weight, "student": t.student, "teacher": t.teacher, "targets": t.targets,
+                  "adapter": t.adapter, "params": {k: plain(v) for k, v in t.params.items()}} for t in self.terms]
+        return {"terms": terms, "normalize": self.normalize, "chunk_size": self.chunk_size,
+                "balance": None if self.balance is None else self.balance.names}
+
     @property
     def needs_teacher(self) -> bool:
         return any(t.teacher is not None and t.peer is None for t in self.terms)
@@ -265,7 +277,8 @@ class Objective:
         accumulation steps to normalise each term by its global count."""
         n = len(batch["id"]) if "id" in batch else len(batch["x"])
         if "mask" in batch:  # token batches: the valid tokens of the logit terms
-            return [int(batch["mask"].sum()) if m else n for m in masked]
+            valid = int(as_bool_mask(batch["mask"], "the batch's 'mask'").sum())
+            return [valid if m else n for m in masked]
         labelled = int((batch["y"] != -100).sum()) if any(masked) else n
         return [labelled if m else n for m in masked]
 
@@ -276,6 +289,8 @@ class Objective:
         terms: dict[str, Tensor] = {}
         total: Tensor | None = None
         plain = torch.zeros(())
+        if "mask" in batch and isinstance(batch["mask"], Tensor) and batch["mask"].dtype != torch.bool:
+            batch = {**batch, "mask": as_bool_mask(batch["mask"], "the batch's 'mask'")}  # never row indices
         bal = self.balance
         balanced: dict[str, Tensor] = {}
         for i, t in enumerate(self.terms):

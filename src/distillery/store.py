@@ -392,4 +392,11 @@ class CachedTeacher:
         if "id" not in batch:
             raise DistilleryError("a cached teacher answers by sample id, but the batch has no 'id'.")
         self.check_taps(taps)
-        return self.store.lookup(batch["id"], taps, batch.get("view"))
+        view = batch.get("view")
+        return self.store.lookup(batch["id"].cpu(), taps, None if view is None else view.cpu())
+
+    def fingerprint(self) -> str:
+        import hashlib
+        import json
+
+        return hashlib.sha256(json.dumps(self.store.manifest, sort_keys=True, default=str).encode()).hexdigest()[:16]

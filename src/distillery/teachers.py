@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from .errors import DistilleryError
+from .runtime import call_model, logits_of, to_device
 from .taps import Taps, check_paths
 
 
@@ -29,12 +30,24 @@ class ModuleTeacher:
 
     Freezing happens here, before any wrapping, and is asserted on every call: a teacher put back
     in train mode or given trainable parameters is an error, not a silent change of targets.
-    A teacher is never wrapped in DDP (it has no gradients to synchronise)."""
+    A teacher is never wrapped in DDP (it has no gradients to synchronise).
 
-    def __init__(self, model: nn.Module):
+    ``device`` places it (its inputs follow it; the engine moves its answers to the student's
+    device); ``dtype`` holds its weights in bf16 or fp16 (answers in that dtype, upcast by the losses);
+    ``inputs`` names the batch keys passed as keyword arguments (``runtime.call_model``)."""
+
+    def __init__(self, model: nn.Module, *, device: torch.device | str | None = None, dtype: torch.dtype | None = None,
+                 inputs: Sequence[str] | None = None):
         if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             raise DistilleryError("the teacher is wrapped in DDP/DataParallel; pass the bare module (a frozen teacher needs no gradient sync).")
         self.model = model.eval().requires_grad_(False)
+        self.inputs = list(inputs) if inputs else None
+        self.device: torch.device | None = None
+        self.dtype = dtype if dtype is not None and dtype != torch.float32 else None
+        if self.dtype is not None:
+            self.model.to(self.dtype)
+        if device is not None:
+            self.to(device)
         self._params = list(model.parameters())  # walked once: named_modules() on every call costs
 
     def check_frozen(self) -> None:
@@ -49,22 +62,64 @@ class ModuleTeacher:
     @torch.no_grad()
     def __call__(self, batch: dict[str, Tensor], taps: Sequence[str] = ()) -> dict[str, Tensor]:
         self.check_frozen()
+        if self.device is not None:
+            batch = to_device(batch, self.device)
+        if self.dtype is not None:  # float inputs in the teacher's precision (token ids stay as they are)
+            batch = {k: v.to(self.dtype) if isinstance(v, Tensor) and v.is_floating_point() else v
+                     for k, v in batch.items()}
         paths = [t for t in taps if t != "logits"]
         if not paths:
-            return {"logits": self.model(batch["x"])}
+            return {"logits": logits_of(call_model(self.model, batch, self.inputs), "the teacher")}
         with Taps(self.model, paths, detach=True) as t:
-            logits = self.model(batch["x"])
+            logits = logits_of(call_model(self.model, batch, self.inputs), "the teacher")
             return {"logits": logits, **{p: t[p] for p in paths}}
 
     def to(self, device: torch.device | str) -> ModuleTeacher:
-        self.model.to(device)
+        self.device = torch.device(device)
+        self.model.to(self.device)
         return self
+
+    def fingerprint(self) -> str:
+        return module_fingerprint(self.model)
+
+
+def module_fingerprint(model: nn.Module) -> str:
+    """A short hash of a module's structure and weights (names, shapes, dtypes and a checksum of each
+    tensor's values): another teacher, or the same one changed, gives another fingerprint."""
+    import hashlib
+
+    h = hashlib.sha256(type(model).__name__.encode())
+    with torch.no_grad():
+        for k, v in model.state_dict().items():
+            h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
+            if v.numel() and (v.is_floating_point() or not v.is_complex()):
+                f = v.detach().double()
+                h.update(f"{float(f.sum()):.10e}:{float((f * f).sum()):.10e}".encode())
+    return h.hexdigest()[:16]
+
+
+def teacher_fingerprint(teacher) -> str:
+    if teacher is None:
+        return "none"
+    fp = getattr(teacher, "fingerprint", None)
+    if callable(fp):
+        return str(fp())
+    return type(teacher).__name__
 
 
 @torch.no_grad()
-def answer_all(teacher: Teacher, x: Tensor, taps: Sequence[str] = (), batch_size: int = 1024) -> dict[str, Tensor]:
-    """The teacher's answers for every row of ``x``, in batches, concatenated: logits and ``taps``."""
-    parts = [teacher({"x": x[i:i + batch_size]}, taps) for i in range(0, len(x), batch_size)]
+def answer_all(teacher: Teacher, x, taps: Sequence[str] = (), batch_size: int = 1024) -> dict[str, Tensor]:
+    """The teacher's answers for every sample of ``x`` (a tensor of inputs, or a data set: its batches go to
+    the teacher without their ids, so a precomputed teacher answers live), on the CPU, concatenated."""
+    from .runtime import to_device
+
+    if isinstance(x, Tensor):
+        batches = ({"x": x[i:i + batch_size]} for i in range(0, len(x), batch_size))
+    else:
+        from .data.loader import iter_batches
+
+        batches = ({k: v for k, v in b.items() if k != "id"} for b in iter_batches(x, batch_size))
+    parts = [to_device(teacher(b, taps), torch.device("cpu")) for b in batches]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -81,11 +136,22 @@ class PrecomputedTeacher:
         if getattr(data, "views", 1) > 1:
             raise DistilleryError("the data set has augmented views; precomputed answers would be those of the clean "
                                   "inputs. Write a store with the same views (store.write_store(..., views, augment)).")
+        from .data.loader import iter_batches
+        from .runtime import to_device
+
         self.live = teacher
         self.taps = [t for t in dict.fromkeys(taps) if t != "logits"]
-        answers = answer_all(teacher, data.x, self.taps, batch_size)
-        self.sorted_ids, order = torch.sort(data.ids)
+        cpu = torch.device("cpu")
+        ids, parts = [], []
+        for b in iter_batches(data, batch_size):
+            ids.append(b["id"].cpu())
+            parts.append(to_device(teacher({k: v for k, v in b.items() if k != "id"}, self.taps), cpu))
+        answers = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        self.sorted_ids, order = torch.sort(torch.cat(ids))
         self.outputs = {k: v[order] for k, v in answers.items()}
+
+    def fingerprint(self) -> str:
+        return teacher_fingerprint(self.live)
 
     def check_taps(self, taps: Sequence[str]) -> None:
         extra = [t for t in taps if t != "logits" and t not in self.outputs]
@@ -97,7 +163,7 @@ class PrecomputedTeacher:
         self.check_taps(taps)
         if "id" not in batch:
             return self.live(batch, taps)
-        ids = batch["id"]
+        ids = batch["id"].cpu()
         pos = torch.searchsorted(self.sorted_ids, ids).clamp_(max=len(self.sorted_ids) - 1)
         if not torch.equal(self.sorted_ids[pos], ids):
             missing = ids[self.sorted_ids[pos] != ids][:5].tolist()
@@ -159,6 +225,9 @@ class EnsembleTeacher:
         self.temperatures = [1.0] * n if temperatures is None else [float(t) for t in temperatures]
         if len(self.temperatures) != n or any(not math.isfinite(t) or t <= 0 for t in self.temperatures):
             raise DistilleryError(f"ensemble temperatures must be {n} numbers > 0, got {temperatures}.")
+
+    def fingerprint(self) -> str:
+        return ",".join(teacher_fingerprint(t) for t in self.teachers) + f":{self.weights}:{self.temperatures}"
 
     @property
     def needs_ids(self) -> bool:

@@ -38,7 +38,7 @@ transformers passes one (``num_items_in_batch``) and takes their mean otherwise;
 (the engine normalises by the kept count), which rescales the loss by 1 / k and changes nothing
 else under Adam. ``keep = 0.4`` is the fraction of the paper's main experiments.
 
-``AdaSPECData`` runs stage 2 through the engine: its batches carry the target's logits and a
+``AdaSPEC`` runs stage 2 through the engine (a step task): its batches carry the target's logits and a
 mask reduced to AdaSPEC's tokens (computed with the current draft), and ``BatchTeacher`` answers
 from them, so the target runs once per batch.
 """
@@ -122,32 +122,21 @@ def adaspec_mask(draft_logits: Tensor, ref_logits: Tensor, target_logits: Tensor
     return _top(delta.reshape(-1), mask.reshape(-1), keep).reshape(b, t)
 
 
-class AdaSPECData:
-    """Stage 2 as a data set: ``batch(index)`` is ``data``'s batch whose ``mask`` (and targets) keep
-    only the tokens ``adaspec_mask`` selects with the current ``draft``, the ``ref`` model and the
-    ``target``, and whose ``teacher_logits`` hold the target's logits (read by ``BatchTeacher``).
-    Everything else (ids, order, length) is ``data``'s."""
+class AdaSPEC:
+    """Stage 2 as a step of the engine (``fit(..., task=AdaSPEC(...))``): each micro-batch's ``mask`` (and
+    targets) keep only the tokens ``adaspec_mask`` selects with the current ``draft``, the ``ref`` model
+    and the ``target``, and its ``teacher_logits`` hold the target's logits (read by ``BatchTeacher``)."""
 
-    tokens = True
-
-    def __init__(self, data, draft, ref, target, keep: float = 0.4, per_row: bool = False):
+    def __init__(self, draft, ref, target, keep: float = 0.4, per_row: bool = False):
         if not 0.0 < keep <= 1.0:
             raise DistilleryError(f"AdaSPEC keep must lie in (0, 1], got {keep!r}; the paper uses 0.4.")
-        self.data, self.draft, self.ref, self.target = data, draft, ref, target
+        self.draft, self.ref, self.target = draft, ref, target
         self.keep, self.per_row = float(keep), bool(per_row)
         self.kept = self.valid = 0
 
-    def __len__(self) -> int:
-        return len(self.data)
-
-    def __getattr__(self, name: str):  # x, y, ids, num_classes, labelled, name ... of the data
-        if name == "data":
-            raise AttributeError(name)
-        return getattr(self.data, name)
-
     @torch.no_grad()
-    def batch(self, index: Tensor) -> dict[str, Tensor]:
-        out = self.data.batch(index)
+    def prepare(self, batch: dict[str, Tensor], *, epoch: int = 0) -> dict[str, Tensor]:
+        out = dict(batch)
         was = self.draft.training
         self.draft.eval()
         try:
@@ -163,11 +152,11 @@ class AdaSPECData:
 
 
 class BatchTeacher:
-    """The teacher protocol answered from ``batch["teacher_logits"]`` (``AdaSPECData`` puts them there)."""
+    """The teacher protocol answered from ``batch["teacher_logits"]`` (``AdaSPEC`` puts them there)."""
 
     def __call__(self, batch: dict[str, Tensor], taps=()) -> dict[str, Tensor]:
         if "teacher_logits" not in batch:
-            raise DistilleryError("BatchTeacher reads batch['teacher_logits']; train on AdaSPECData (or a data set "
+            raise DistilleryError("BatchTeacher reads batch['teacher_logits']; train with task=AdaSPEC(...) (or a data set "
                                   "whose batches carry the teacher's logits).")
         if [t for t in taps if t != "logits"]:
             raise DistilleryError("BatchTeacher holds the target's logits only; feature terms need the target model.")

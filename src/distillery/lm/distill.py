@@ -11,7 +11,7 @@
   teacher continues each prompt (several samples per prompt with ``samples``); the student is
   then trained on that text (``train`` for word-level CE on teacher outputs, or ``distil`` to add
   token KD on them). The sampling settings are recorded in ``TokenData.settings``.
-- ``OnPolicyData``: **on-policy KD** (GKD, Agarwal et al., ICLR 2024): with probability ``lam`` a
+- ``OnPolicy``: **on-policy KD** (GKD, Agarwal et al., ICLR 2024): with probability ``lam`` a
   batch's continuation is sampled from the *current* student (prompt kept), otherwise it is the
   data's; the teacher then scores whatever the batch holds and the loss (GKD: generalized JSD)
   runs on the continuation tokens. The choice and the sampling are seeded by the batch's ids and
@@ -32,7 +32,6 @@ from torch import Tensor
 
 from .. import engine
 from ..config import TrainConfig
-from ..data.core import epoch_order
 from ..errors import DistilleryError
 from ..objective import Objective, Term
 from ..teachers import ModuleTeacher, Teacher
@@ -57,7 +56,7 @@ def train(model: CausalLM, data: TokenData, cfg: TrainConfig, *, run_dir: str | 
 def distil(student: CausalLM, teacher: CausalLM | Teacher, data: TokenData, cfg: TrainConfig, *,
            loss: str = "kd", params: dict[str, Any] | None = None, ce_weight: float = 0.0,
            features: Sequence[Term] = (), chunk_size: int | None = 512, run_dir: str | Path | None = None,
-           seed: int = 0, progress: bool | None = None) -> dict[str, Any]:
+           seed: int = 0, progress: bool | None = None, task: Any = None) -> dict[str, Any]:
     """Token-level KD of ``student`` from ``teacher`` on ``data`` (see the module docstring)."""
     if loss not in TOKEN_LOSSES:
         raise DistilleryError(f"unknown token loss {loss!r}; use one of {', '.join(TOKEN_LOSSES)}.")
@@ -71,7 +70,7 @@ def distil(student: CausalLM, teacher: CausalLM | Teacher, data: TokenData, cfg:
     terms.extend(features)
     objective = Objective(terms, chunk_size=chunk_size)
     return engine.fit(student, objective, data, cfg, teacher=_as_teacher(teacher), run_dir=run_dir, phase="lm",
-                      seed=seed, progress=progress)
+                      seed=seed, progress=progress, task=task)
 
 
 @torch.no_grad()
@@ -156,40 +155,45 @@ def remote_texts(remote, prompts: Tensor, new_tokens: int, *, samples: int = 1, 
     return _rows(torch.tensor(rows), torch.tensor(done), prompts.shape[1], vocab, name, 0, settings)
 
 
-class OnPolicyData(TokenData):
-    """GKD's mixture: a batch is, with probability ``lam``, the prompts of ``data`` continued by the
-    current ``student`` (sampled at ``temperature``), else ``data`` itself (see the module docstring).
-    The first ``prompt`` tokens of each block are the prompt; their targets are not trained."""
+class OnPolicy:
+    """GKD's mixture as a step of the engine (``fit(..., task=OnPolicy(...))``): each micro-batch is, with
+    probability ``lam``, the prompts of the data continued by the current ``student`` (sampled at
+    ``temperature``), else the data itself (see the module docstring). The first ``prompt`` tokens of
+    each block are the prompt; their targets are never trained. The draw and the sampling are seeded
+    by (seed, epoch, the batch's ids), so a resumed run sees the same batches."""
 
-    def __init__(self, data: TokenData, student: CausalLM, *, lam: float = 0.5, prompt: int = 32,
-                 temperature: float = 1.0, top_p: float = 1.0, seed: int = 0):
+    def __init__(self, student: CausalLM, *, lam: float = 0.5, prompt: int = 32, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int = 0):
         if not 0.0 <= lam <= 1.0:
             raise DistilleryError(f"on-policy lambda must lie in [0, 1], got {lam}.")
-        if not 1 <= prompt < data.x.shape[1]:
-            raise DistilleryError(f"on-policy prompt must lie in [1, {data.x.shape[1]}) (the block length), got {prompt}.")
-        y = data.y.clone()
-        y[:, : prompt - 1] = -100
-        super().__init__(data.x, y, data.ids, data.num_classes, f"{data.name}+on-policy")
+        if prompt < 1:
+            raise DistilleryError(f"on-policy prompt must be at least 1 token, got {prompt}.")
         self.student, self.lam, self.prompt = student, float(lam), int(prompt)
         self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
-        self.epoch = 0
         self.generated = 0
 
-    def batch(self, index: Tensor) -> dict[str, Tensor]:
-        out = super().batch(index)
-        key = hashlib.sha256(f"{self.seed}:{self.epoch}:{out['id'].tolist()}".encode()).digest()
-        g = torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
-        if float(torch.rand((), generator=g)) >= self.lam:
-            return out
-        new = self.x.shape[1] + 1 - self.prompt  # continue to the block's full length
-        gen = sample(self.student, out["x"][:, : self.prompt], new, temperature=self.temperature, top_p=self.top_p,
-                     generator=g)
-        self.generated += 1
-        out["x"], out["y"] = gen.ids[:, :-1], gen.ids[:, 1:].clone()
+    def check(self, data: TokenData) -> None:
+        if not 1 <= self.prompt < data.x.shape[1]:
+            raise DistilleryError(f"on-policy prompt must lie in [1, {data.x.shape[1]}) (the block length), "
+                                  f"got {self.prompt}.")
+
+    def prepare(self, batch: dict[str, Tensor], *, epoch: int) -> dict[str, Tensor]:
+        out = dict(batch)
+        if not 1 <= self.prompt < out["x"].shape[1]:
+            raise DistilleryError(f"on-policy prompt must lie in [1, {out['x'].shape[1]}) (the block length), "
+                                  f"got {self.prompt}.")
+        out["y"] = out["y"].clone()
         out["y"][:, : self.prompt - 1] = -100
+        key = hashlib.sha256(f"{self.seed}:{epoch}:{out['id'].tolist()}".encode()).digest()
+        g = torch.Generator(device=out["x"].device).manual_seed(int.from_bytes(key[:8], "little"))
+        if float(torch.rand((), generator=g, device=out["x"].device)) < self.lam:
+            new = out["x"].shape[1] + 1 - self.prompt  # continue to the block's full length
+            was = self.student.training
+            gen = sample(self.student, out["x"][:, : self.prompt], new, temperature=self.temperature, top_p=self.top_p,
+                         generator=g)
+            self.student.train(was)
+            self.generated += 1
+            out["x"], out["y"] = gen.ids[:, :-1], gen.ids[:, 1:].clone()
+            out["y"][:, : self.prompt - 1] = -100
         out["mask"] = out["y"] != -100
         return out
-
-    def order(self, seed: int, epoch: int) -> Tensor:
-        self.epoch = epoch  # the draws depend on (seed, epoch, the batch's ids): exact resume
-        return epoch_order(len(self), seed, epoch)

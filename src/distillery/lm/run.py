@@ -141,16 +141,16 @@ def run_recipe(recipe: LMRecipe, out: str | Path, *, progress: bool | None = Non
                     chunk_size=recipe.chunk_size, **common)
         elif recipe.method == "on_policy":
             op = recipe.on_policy
-            data = D.OnPolicyData(splits["train"], model, lam=op.lam, prompt=op.prompt, temperature=op.temperature,
-                                  seed=recipe.seed)
-            D.distil(model, teacher, data, recipe.train, **kd, **common)
+            task = D.OnPolicy(model, lam=op.lam, prompt=op.prompt, temperature=op.temperature, seed=recipe.seed)
+            task.check(splits["train"])
+            D.distil(model, teacher, splits["train"], recipe.train, **kd, **common, task=task)
         elif recipe.method == "adaspec":
-            from .adaspec import AdaSPECData, BatchTeacher
+            from .adaspec import AdaSPEC, BatchTeacher
 
             ref, rtok = load_lm(recipe.reference)
             check_same_tokenizer(rtok, tok)
-            data = AdaSPECData(splits["train"], model, ref, teacher, recipe.keep)
-            D.distil(model, BatchTeacher(), data, recipe.train, **kd, **common)
+            task = AdaSPEC(model, ref, teacher, recipe.keep)
+            D.distil(model, BatchTeacher(), splits["train"], recipe.train, **kd, **common, task=task)
         else:  # topk
             folder = Path(recipe.store) if recipe.store is not None else out / f"store-top{recipe.top_k}"
             D.distil(model, _store(teacher, splits["train"], folder, recipe.top_k), splits["train"], recipe.train,
