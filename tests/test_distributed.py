@@ -1,5 +1,6 @@
 """Two gloo processes on CPU reach the weights of one process with the same global batch."""
 
+import dataclasses
 import json
 
 import pytest
@@ -166,3 +167,107 @@ def test_crd_banks_keep_every_ranks_samples(tmp_path):
         assert torch.equal(a[name], b[name])  # every rank holds the same banks
         moved = (a[name] - getattr(init, name)).abs().sum(1) > 1e-6
         assert torch.equal(moved.nonzero().flatten(), ids.sort().values)  # each sample's row, no other
+
+
+# --------------------------------------------------------------------------- FSDP2 and resume of each strategy
+
+
+class Block(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.lin = nn.Linear(width, width)
+
+    def forward(self, x):
+        return torch.relu(self.lin(x))
+
+
+class Blocks(nn.Module):
+    """A student with repeated blocks (FSDP2 shards each one, then the whole model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(12, 16)
+        self.blocks = nn.ModuleList([Block(16), Block(16)])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for b in self.blocks:
+            h = b(h)
+        return self.head(h)
+
+
+FEATURE_TERMS = [*TERMS, TermConfig(loss="hint", student="blocks.0", teacher="0", weight=0.1)]
+SCALE_CFG = TrainConfig(epochs=2, batch_size=16, lr=0.05, optimizer="adamw", log_every=1, grad_accum=2,
+                        clip_grad_norm=1.0, checkpoint_every_steps=1)
+
+
+def blocks_models():
+    torch.manual_seed(1)
+    student = Blocks()
+    torch.manual_seed(2)
+    teacher = nn.Sequential(nn.Linear(12, 32), nn.ReLU(), nn.Linear(32, 4))
+    return student, ModuleTeacher(teacher)
+
+
+def _scale_worker(rank, world, init_file, run_dir, out, strategy, fail_step):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    ok = False
+    try:
+        student, teacher = blocks_models()
+        objective = Objective(FEATURE_TERMS)
+
+        def boom(step):
+            if step == fail_step:
+                raise RuntimeError("killed on purpose")
+
+        cfg = dataclasses.replace(SCALE_CFG, strategy=strategy)
+        fit(student, objective, toy(), cfg, teacher=teacher, run_dir=run_dir, seed=3, progress=False, on_step=boom)
+        full = distributed.full_state_dict(student)
+        adapter = distributed.full_state_dict(objective.terms[2].adapter_module)
+        if rank == 0:
+            torch.save({"student": full, "adapter": adapter}, out)
+        ok = True
+    except RuntimeError as e:
+        if "killed on purpose" not in str(e):
+            raise
+    finally:
+        distributed.shutdown(ok)
+
+
+def _one_process(run_dir=None):
+    student, teacher = blocks_models()
+    objective = Objective(FEATURE_TERMS)
+    fit(student, objective, toy(), SCALE_CFG, teacher=teacher, run_dir=run_dir, seed=3, progress=False)
+    return student.state_dict(), objective.terms[2].adapter_module.state_dict()
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_each_strategy_equals_one_process_and_resumes_exactly(tmp_path, strategy):
+    want_s, want_a = _one_process()
+    run, out = tmp_path / "run", tmp_path / "w.pt"
+    # Killed in step 3 (after its update, before its checkpoint), then resumed: the weights of one process.
+    mp.spawn(_scale_worker, args=(2, str(tmp_path / "i1"), str(run), str(out), strategy, 3), nprocs=2, join=True)
+    assert not out.exists()
+    meta = json.loads((run / "checkpoints/distill/last.json").read_text())
+    assert meta["global_step"] == 2 and meta["strategy"] == strategy
+    assert meta["format"] == ("dcp" if strategy == "fsdp" else "safetensors")
+    mp.spawn(_scale_worker, args=(2, str(tmp_path / "i2"), str(run), str(out), strategy, -1), nprocs=2, join=True)
+    got = torch.load(out, weights_only=True)
+    for k, v in want_s.items():
+        assert torch.allclose(v, got["student"][k], atol=1e-5), k
+    for k, v in want_a.items():
+        assert torch.allclose(v, got["adapter"][k], atol=1e-5), k
+    names = sorted(p.name for p in (run / "checkpoints/distill").iterdir())
+    assert len([n for n in names if n.startswith("last-")]) == 1 + (strategy == "fsdp")  # + its RNG file
+
+
+def test_a_ddp_checkpoint_resumes_in_one_process(tmp_path):
+    """The global batch does not depend on the world size: a 2-process run resumes in one process."""
+    want_s, _ = _one_process()
+    run, out = tmp_path / "run", tmp_path / "w.pt"
+    mp.spawn(_scale_worker, args=(2, str(tmp_path / "i1"), str(run), str(out), "ddp", 3), nprocs=2, join=True)
+    got_s, _ = _one_process(run)
+    for k, v in want_s.items():
+        assert torch.allclose(v, got_s[k], atol=1e-5), k

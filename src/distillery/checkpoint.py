@@ -99,8 +99,8 @@ def clean(folder: Path, keep: str | None) -> None:
     if not folder.is_dir():
         return
     for p in folder.iterdir():
-        stale = (p.name.startswith("last-") or p.name.startswith(".last") or p.name == "last.safetensors") \
-            and p.name != keep
+        ours = keep is not None and (p.name == keep or p.name.startswith(keep + "."))  # the weights and their RNG
+        stale = (p.name.startswith("last-") or p.name.startswith(".last") or p.name == "last.safetensors") and not ours
         if stale:
             shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
 

@@ -42,9 +42,13 @@ def wrap_ddp(module: nn.Module, device: torch.device, find_unused_parameters: bo
     by the engine after each optimiser step (``broadcast_buffers``), not at every forward."""
     if not any(p.requires_grad for p in module.parameters()):
         raise DistilleryError("nothing to train: the student has no parameter with requires_grad=True.")
+    import inspect
+
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False,
-                                               find_unused_parameters=find_unused_parameters)
+    ddp = nn.parallel.DistributedDataParallel
+    sync = {"forward_sync_buffers": False} if "forward_sync_buffers" in inspect.signature(ddp).parameters \
+        else {"broadcast_buffers": False}  # the name changed in torch 2.13
+    return ddp(module, device_ids=ids, find_unused_parameters=find_unused_parameters, **sync)
 
 
 def blocks_of(model: nn.Module) -> list[nn.Module]:
