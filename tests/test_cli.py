@@ -232,3 +232,17 @@ def test_run_with_two_processes(tiny, tmp_path, capsys):
     assert any(r.get("world_size") == 2 for r in records if r["event"] == "train")
     assert main(["run", str(tiny), "--quiet", "--nproc", "2"]) == 2  # one run directory for all ranks
     assert "--out" in capsys.readouterr().err
+
+
+def test_run_with_two_processes_sharded_by_fsdp(tiny, tmp_path):
+    out = tmp_path / "fsdp"
+    rc = main(["run", str(tiny), "--out", str(out), "--quiet", "--nproc", "2", "baseline.enabled=false",
+               "distill.train.epochs=1", "distill.train.strategy=fsdp"])
+    assert rc == 0
+    assert json.loads((out / "summary.json").read_text())["status"] == "done"
+    meta = json.loads((out / "checkpoints/distill/last.json").read_text())
+    assert meta["format"] == "dcp" and meta["world_size"] == 2
+    from safetensors.torch import load_file
+
+    weights = load_file(str(out / "models/distilled.safetensors"))  # consolidated: whole tensors, no shards
+    assert all(v.dim() >= 1 for v in weights.values()) and "body.0.weight" in "".join(weights)

@@ -66,8 +66,10 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
 
 def shard_fsdp(model: nn.Module, *, reshard_after_forward: bool = True) -> nn.Module:
     """FSDP2 in place: ``fully_shard`` each block (``blocks_of``), then the whole model."""
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
+    if isinstance(model, FSDPModule):
+        return model  # sharded by an earlier stage of the same run
     if world()[1] < 2:
         raise DistilleryError("train.strategy=fsdp shards over processes, but this is one process; launch with "
                               "torchrun --nproc-per-node N (or --nproc N), or use strategy ddp.")

@@ -170,7 +170,10 @@ def build_model(spec, d: TensorData) -> nn.Module:
 
 def teacher_fingerprint(recipe: Recipe) -> str:
     """What decides the trained teacher: its model, training settings, data set and seed."""
-    key = {"model": to_dict(recipe.teacher.model), "train": to_dict(recipe.teacher.train),
+    from .config import RUNTIME_KEYS
+
+    train = {k: v for k, v in to_dict(recipe.teacher.train).items() if k not in RUNTIME_KEYS}
+    key = {"model": to_dict(recipe.teacher.model), "train": train,
            "data": to_dict(recipe.data), "seed": recipe.seed, "version": 1}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -250,7 +253,7 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
 
     # 1. Teacher: given weights, the cache, or trained now (and put in the cache).
     teacher_model = get_teacher(recipe, data, run_dir, resume, progress)
-    teacher = ModuleTeacher(teacher_model)
+    teacher = distilling_teacher(recipe, teacher_model)
     models_dir = run_dir / "models"
     save_weights(teacher_model, models_dir / "teacher.safetensors", {"model": to_dict(recipe.teacher.model)})
     trained: dict[str, nn.Module] = {"teacher": teacher_model}
@@ -261,6 +264,7 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
         baseline = build_model(recipe.student.model, data.train)
         fit(baseline, Objective(CE), data.train, recipe.baseline.train or recipe.distill.train, eval_data=data.test,
             run_dir=run_dir, phase="baseline", seed=seed, resume=resume, progress=progress)
+        baseline = unsharded(baseline, recipe.student.model, data)
         save_weights(baseline, models_dir / "baseline.safetensors", {"model": to_dict(recipe.student.model)})
         trained["baseline"] = baseline
 
@@ -286,6 +290,7 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
         with train_only(student, stage.trainable):
             fit(student, objective, distill_data, stage.train or recipe.distill.train, teacher=answers,
                 eval_data=data.test, run_dir=run_dir, phase=phase, seed=seed, resume=resume, progress=progress)
+    student = unsharded(student, recipe.student.model, data)
     save_weights(student, models_dir / "distilled.safetensors", {"model": to_dict(recipe.student.model)})
     trained["distilled"] = student
 
@@ -298,6 +303,33 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
     from .report import write_report
 
     return RunResult(run_dir, rows, write_report(run_dir))
+
+
+def distilling_teacher(recipe: Recipe, model: nn.Module) -> ModuleTeacher:
+    """The frozen teacher as distillation reads it: on ``teacher.device`` (default: the student's), in
+    ``teacher.dtype`` (a copy, so the measured teacher stays as trained), sharded under FSDP when asked."""
+    import copy
+
+    from .runtime import dtype_of, resolve_device
+
+    dtype = dtype_of(recipe.teacher.dtype, "teacher.dtype")
+    device = None if recipe.teacher.device is None else resolve_device(recipe.teacher.device, "teacher.device")
+    if recipe.teacher.shard and recipe.distill.train.strategy != "fsdp":
+        raise DistilleryError("teacher.shard shards the teacher with FSDP2; set distill.train.strategy: fsdp, or "
+                              "teacher.shard: false.")
+    teacher = ModuleTeacher(copy.deepcopy(model) if dtype != torch.float32 else model, device=device, dtype=dtype)
+    teacher.shard = recipe.teacher.shard
+    return teacher
+
+
+def unsharded(model: nn.Module, spec, data: Data) -> nn.Module:
+    """A model trained with FSDP as one plain module on every rank (all ranks gather); others as they are."""
+    if not distributed.is_sharded(model):
+        return model
+    full = distributed.full_state_dict(model)
+    fresh = build_model(spec, data.train)
+    fresh.load_state_dict(full)
+    return fresh
 
 
 def distill_set(recipe: Recipe, data: Data) -> TensorData:
