@@ -232,6 +232,7 @@ def _scale_worker(rank, world, init_file, run_dir, out, strategy, fail_step):
     except RuntimeError as e:
         if "killed on purpose" not in str(e):
             raise
+        ok = True  # every rank stops at the same step: leave the group together
     finally:
         distributed.shutdown(ok)
 

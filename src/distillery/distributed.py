@@ -193,6 +193,9 @@ def shutdown(ok: bool = True) -> None:
     """Leave the group: after a barrier when every rank finished (avoids aborts at exit with gloo),
     at once after an error (the other ranks may be waiting in a collective; torchrun stops them)."""
     if dist.is_available() and dist.is_initialized():
+        import gc
+
+        gc.collect()  # DDP reducers and FSDP states of finished runs go before their process group
         if ok:
             dist.barrier()
         dist.destroy_process_group()
