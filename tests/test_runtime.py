@@ -391,3 +391,52 @@ def test_evaluate_reports_perplexity_for_token_models():
     ev = evaluate(Bigram(), data)
     assert ev["perplexity"] == pytest.approx(torch.tensor(ev["loss"]).exp().item(), rel=1e-6)
     assert 0 <= ev["accuracy"] <= 1 and "logits" not in ev
+
+
+class LenStream(torch.utils.data.IterableDataset):
+    """A user's stream of (x, y) items that knows its length."""
+
+    def __init__(self, data):
+        self.data = data
+
+    def __len__(self):
+        return len(self.data)
+
+    def __iter__(self):
+        for i in range(len(self.data)):
+            yield self.data.x[i], self.data.y[i]
+
+
+def test_a_stream_trains_like_its_items_in_order_and_resumes_by_position(tmp_path):
+    from distillery.data.loader import plan
+
+    class InOrder(TensorData):  # the same samples, epochs in the stream's order
+        def order(self, seed, epoch):
+            return torch.arange(len(self))
+
+    d = toy()
+    ref, t = models()
+    fit(ref, Objective(KD_CE), InOrder(d.x, d.y, d.ids, 4, "in-order"), cfg(), teacher=t, progress=False)
+    for workers in (0, 2):
+        s, t = models()
+        fit(s, Objective(KD_CE), LenStream(d), cfg(num_workers=workers), teacher=t, progress=False)
+        for a, b in zip(ref.parameters(), s.parameters()):
+            assert torch.allclose(a, b, atol=1e-6)
+    # Killed in step 3 of 8, then resumed: the stream is read past the items of the two steps done.
+    def boom(step):
+        if step == 3:
+            raise RuntimeError("killed")
+
+    s, t = models()
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(s, Objective(KD_CE), LenStream(d), cfg(checkpoint_every_steps=1), teacher=t, run_dir=tmp_path,
+            progress=False, on_step=boom)
+    s, t = models()
+    out = fit(s, Objective(KD_CE), LenStream(d), cfg(checkpoint_every_steps=1), teacher=t, run_dir=tmp_path,
+              progress=False)
+    assert out["resumed"]
+    for a, b in zip(ref.parameters(), s.parameters()):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert len(plan(as_dataset(LenStream(d)), 0, 0, 16, 1)) == 4
+    with pytest.raises(DistilleryError, match="no length"):
+        as_dataset(Stream())

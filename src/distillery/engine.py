@@ -406,7 +406,8 @@ def fit(
             checkpoint.clean(ckpt.parent, None)  # leftovers of an interrupted first save
 
     teacher_pred = None
-    if eval_data is not None and teacher is not None and not getattr(teacher, "needs_ids", False):
+    live = not getattr(teacher, "needs_ids", False) and getattr(teacher, "answers_inputs", True)
+    if eval_data is not None and teacher is not None and live:
         with torch.no_grad():  # the teacher's class per sample (per token), never all its logits at once
             teacher_pred = torch.cat([runtime.logits_of(teacher({k: v for k, v in b.items() if k != "id"})["logits"])
                                       .argmax(-1).cpu() for b in iter_batches(eval_data, 256)])

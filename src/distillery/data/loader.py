@@ -167,10 +167,8 @@ def as_dataset(data: Any, name: str = "", pad_values: Mapping[str, int] | None =
     hf = mod.startswith("datasets.") and hasattr(data, "with_format")  # a Hugging Face datasets.Dataset
     if not hf and hasattr(data, "batch") and callable(data.batch) and hasattr(data, "__len__"):
         return data
-    if isinstance(data, IterableDataset):
-        raise DistilleryError(f"{name or type(data).__name__} is an IterableDataset: the engine needs positions for an "
-                              "exact resume and rank sharding; load the stream into a map-style Dataset (or a "
-                              "datasets.Dataset) first.")
+    if isinstance(data, IterableDataset) or (hf and not hasattr(data, "__getitem__")):
+        return StreamData(data, name=name, pad_values=pad_values)
     if hf:
         data = data.with_format("torch")
         name = name or str((getattr(data, "info", None) and data.info.dataset_name) or "hf-dataset")
@@ -178,6 +176,109 @@ def as_dataset(data: Any, name: str = "", pad_values: Mapping[str, int] | None =
         raise DistilleryError(f"{type(data).__name__} is not a data set; pass a torch Dataset (items: dicts of tensors or "
                               "(x, y) tuples), a datasets.Dataset or a TensorData.")
     return ItemData(data, name=name, pad_values=pad_values)
+
+
+class StreamData:
+    """An ``IterableDataset`` (or a streaming HF data set) as the engine's data: an epoch is one pass over
+    the stream in its own order (``set_epoch(epoch)`` is called when the stream has it, e.g. to reshuffle
+    a buffer); a sample's id is its item's ``id`` or its position in the pass. The stream must know its
+    length (``__len__``: items per pass), so that epochs, schedules and checkpoints have steps. Each rank
+    reads the stream and keeps its own share of every global batch; a resumed run skips the items of
+    the steps already done (resume by position, exact for a stream that repeats itself per epoch)."""
+
+    def __init__(self, stream: Any, *, name: str = "", pad_values: Mapping[str, int] | None = None):
+        self.stream, self.name = stream, name or type(stream).__name__
+        self.pad_values = dict(pad_values or {})
+        try:
+            self._len = len(stream)
+        except TypeError:
+            raise DistilleryError(f"{self.name}: the stream has no length; give it a __len__ (items per epoch) so that "
+                                  "epochs, schedules and checkpoints have steps.") from None
+        first = self._items(0, [0])
+        if not first:
+            raise DistilleryError(f"{self.name}: the stream is empty.")
+        self.labelled = "y" in first[0]
+        self.tokens = "mask" in first[0] or ("y" in first[0] and isinstance(first[0]["y"], Tensor)
+                                             and first[0]["y"].dim() >= 1)
+
+    def __len__(self) -> int:
+        return self._len
+
+    def order(self, seed: int, epoch: int) -> Tensor:
+        return torch.arange(self._len)  # the stream's own order
+
+    def _items(self, epoch: int, positions: Sequence[int]) -> list[dict[str, Any]]:
+        """The items at increasing ``positions`` of one pass."""
+        if hasattr(self.stream, "set_epoch"):
+            self.stream.set_epoch(epoch)
+        want, out = list(positions), []
+        if not want:
+            return out
+        k = 0
+        for pos, item in enumerate(self.stream):
+            if pos == want[k]:
+                out.append(as_item(item, pos, self.name))
+                k += 1
+                if k == len(want):
+                    break
+        return out
+
+    def batches(self, lists: Sequence[Sequence[int]], epoch: int, every: int = 1, offset: int = 0):
+        """One pass: the collated batch of each list of increasing positions (lists offset, offset + every, ...)."""
+        if hasattr(self.stream, "set_epoch"):
+            self.stream.set_epoch(epoch)
+        mine = list(lists)[offset::every]
+        if not mine:
+            return
+        it = enumerate(self.stream)
+        for want in mine:
+            items = []
+            for p in want:  # positions increase: read on to each one, dropping the others' items
+                while True:
+                    try:
+                        pos, item = next(it)
+                    except StopIteration:
+                        raise DistilleryError(f"{self.name}: the stream ended before position {p}; its __len__ "
+                                              f"({self._len}) is more than one pass yields.") from None
+                    if pos == p:
+                        items.append(as_item(item, pos, self.name))
+                        break
+            yield self._collate(items)
+
+    def _collate(self, items: list[dict]) -> dict[str, Any]:
+        out = collate(items, self.pad_values, self.name)
+        if self.tokens and "mask" not in out and "y" in out:
+            out["mask"] = out["y"] != -100
+        return out
+
+    def batch(self, index: Tensor | Sequence[int]) -> dict[str, Any]:
+        """The items at ``index`` (positions of the first pass; reads the stream up to the last one)."""
+        idx = index.tolist() if isinstance(index, Tensor) else [int(i) for i in index]
+        want = sorted(set(idx))
+        got = dict(zip(want, self._items(0, want)))
+        return self._collate([got[p] for p in idx])
+
+    def fingerprint(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256(f"stream:{self.name}:{self._len}".encode())
+        for k, v in sorted(self._items(0, [0])[0].items()):
+            if isinstance(v, Tensor):
+                h.update(f"{k}:{tuple(v.shape)}:{float(v.double().sum()) if v.numel() else 0:.10e}".encode())
+        return h.hexdigest()[:16]
+
+
+class _StreamBatches(IterableDataset):
+    """The DataLoader's view of a stream: the batches of the epoch's lists; worker w of W builds lists w, w + W,
+    ... (the DataLoader takes from the workers in turn, so the order is kept)."""
+
+    def __init__(self, data: StreamData):
+        self.data, self.lists, self.epoch = data, [], 0
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        every, offset = (1, 0) if info is None else (info.num_workers, info.id)
+        return iter(self.data.batches(self.lists, self.epoch, every, offset))
 
 
 # --------------------------------------------------------------------------- the order of an epoch
@@ -250,13 +351,26 @@ class Loader:
                       if "fork" in torch.multiprocessing.get_all_start_methods() else None)
             if prefetch_factor is not None:
                 kw["prefetch_factor"] = prefetch_factor
+        self.stream = _StreamBatches(data) if isinstance(data, StreamData) else None
+        if self.stream is not None:
+            if persistent_workers and num_workers > 0:
+                raise DistilleryError(f"{data.name}: a stream's workers start a new pass each epoch; set "
+                                      "train.persistent_workers=false.")
+            kw.pop("persistent_workers", None)
+            self.loader = DataLoader(self.stream, batch_size=None, collate_fn=_passthrough, num_workers=num_workers,
+                                     pin_memory=pin_memory, generator=self.generator, **kw)
+            return
         ds = data if hasattr(data, "__getitems__") else _Getitems(data)
         self.loader = DataLoader(ds, batch_sampler=self.indices, collate_fn=_passthrough, num_workers=num_workers,
                                  pin_memory=pin_memory, generator=self.generator, **kw)
 
     def epoch(self, steps: list[Step], start: int, epoch: int) -> Iterator[dict[str, Any]]:
-        self.indices.lists = [m.index.tolist() for st in steps[start:] for m in st.micro]
+        lists = [m.index.tolist() for st in steps[start:] for m in st.micro]
         self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        if self.stream is not None:
+            self.stream.lists, self.stream.epoch = lists, epoch
+        else:
+            self.indices.lists = lists
         return iter(self.loader)
 
 
@@ -282,6 +396,9 @@ def num_samples(data: Any) -> int:
 def iter_batches(data: Any, batch_size: int = 1024) -> Iterator[dict[str, Any]]:
     """Every sample of ``data`` in order, ``batch_size`` at a time."""
     n = num_samples(data)
+    if isinstance(data, StreamData):
+        yield from data.batches([list(range(lo, min(lo + batch_size, n))) for lo in range(0, n, batch_size)], 0)
+        return
     for lo in range(0, n, batch_size):
         yield data.batch(torch.arange(lo, min(lo + batch_size, n)))
 

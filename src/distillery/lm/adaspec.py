@@ -154,6 +154,8 @@ class AdaSPEC:
 class BatchTeacher:
     """The teacher protocol answered from ``batch["teacher_logits"]`` (``AdaSPEC`` puts them there)."""
 
+    answers_inputs = False  # it reads answers from training batches; it cannot score other inputs
+
     def __call__(self, batch: dict[str, Tensor], taps=()) -> dict[str, Tensor]:
         if "teacher_logits" not in batch:
             raise DistilleryError("BatchTeacher reads batch['teacher_logits']; train with task=AdaSPEC(...) (or a data set "

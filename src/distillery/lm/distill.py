@@ -47,17 +47,22 @@ def _as_teacher(teacher: CausalLM | Teacher) -> Teacher:
 
 
 def train(model: CausalLM, data: TokenData, cfg: TrainConfig, *, run_dir: str | Path | None = None, seed: int = 0,
-          chunk_size: int | None = None, progress: bool | None = None) -> dict[str, Any]:
-    """Next-token cross-entropy on ``data`` (its valid targets), through the engine."""
+          chunk_size: int | None = None, progress: bool | None = None, eval_data: TokenData | None = None
+          ) -> dict[str, Any]:
+    """Next-token cross-entropy on ``data`` (its valid targets), through the engine; ``eval_data`` (a
+    validation split) is scored every epoch: perplexity, token accuracy."""
     objective = Objective([Term("ce", teacher=None, targets="labels")], chunk_size=chunk_size)
-    return engine.fit(model, objective, data, cfg, run_dir=run_dir, phase="lm", seed=seed, progress=progress)
+    return engine.fit(model, objective, data, cfg, run_dir=run_dir, phase="lm", seed=seed, progress=progress,
+                      eval_data=eval_data)
 
 
 def distil(student: CausalLM, teacher: CausalLM | Teacher, data: TokenData, cfg: TrainConfig, *,
            loss: str = "kd", params: dict[str, Any] | None = None, ce_weight: float = 0.0,
            features: Sequence[Term] = (), chunk_size: int | None = 512, run_dir: str | Path | None = None,
-           seed: int = 0, progress: bool | None = None, task: Any = None) -> dict[str, Any]:
-    """Token-level KD of ``student`` from ``teacher`` on ``data`` (see the module docstring)."""
+           seed: int = 0, progress: bool | None = None, task: Any = None,
+           eval_data: TokenData | None = None) -> dict[str, Any]:
+    """Token-level KD of ``student`` from ``teacher`` on ``data`` (see the module docstring); ``eval_data``
+    (a validation split) is scored every epoch: perplexity, token accuracy and agreement with the teacher."""
     if loss not in TOKEN_LOSSES:
         raise DistilleryError(f"unknown token loss {loss!r}; use one of {', '.join(TOKEN_LOSSES)}.")
     if isinstance(teacher, CausalLM) and teacher.vocab_size != student.vocab_size:
@@ -70,7 +75,7 @@ def distil(student: CausalLM, teacher: CausalLM | Teacher, data: TokenData, cfg:
     terms.extend(features)
     objective = Objective(terms, chunk_size=chunk_size)
     return engine.fit(student, objective, data, cfg, teacher=_as_teacher(teacher), run_dir=run_dir, phase="lm",
-                      seed=seed, progress=progress, task=task)
+                      seed=seed, progress=progress, task=task, eval_data=eval_data)
 
 
 @torch.no_grad()

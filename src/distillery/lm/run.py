@@ -128,7 +128,7 @@ def run_recipe(recipe: LMRecipe, out: str | Path, *, progress: bool | None = Non
     splits, tok = load_data(recipe, ttok)
     model = build_model(recipe, tok)
     t0 = time.perf_counter()
-    common = {"run_dir": out / "run", "seed": recipe.seed, "progress": progress}
+    common = {"run_dir": out / "run", "seed": recipe.seed, "progress": progress, "eval_data": splits["validation"]}
     if teacher is None:
         D.train(model, splits["train"], recipe.train, chunk_size=recipe.chunk_size, **common)
     else:
