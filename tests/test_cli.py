@@ -3,6 +3,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from distillery.cli import main
 from distillery.engine import load_checkpoint
@@ -246,3 +247,12 @@ def test_run_with_two_processes_sharded_by_fsdp(tiny, tmp_path):
 
     weights = load_file(str(out / "models/distilled.safetensors"))  # consolidated: whole tensors, no shards
     assert all(v.dim() >= 1 for v in weights.values()) and "body.0.weight" in "".join(weights)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message of a machine without CUDA")
+def test_gpu_recipe_on_a_machine_without_cuda_is_one_line(tmp_path, capsys):
+    rc = main(["run", "mnist1d/kd_gpu", "--out", str(tmp_path / "g"), "--quiet", f"runs_dir={tmp_path}",
+               "transfer.size=100", "teacher.train.epochs=1"])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no CUDA device; available: cpu" in err[0]
