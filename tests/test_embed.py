@@ -217,9 +217,13 @@ def test_layer_student_trains_towards_the_teacher_and_resumes(teacher, tmp_path)
     student = cut_layers(teacher, [0])
     before = _agree(student, teacher, held)
     cfg = TrainConfig(epochs=4, batch_size=32, lr=1e-3, log_every=5)
-    train_student(student, teacher, sents, train=cfg, run_dir=tmp_path / "run")
+    train_student(student, teacher, sents, train=cfg, run_dir=tmp_path / "run", eval_sentences=held)
     after = _agree(student, teacher, held)
     assert after["cosine"] > before["cosine"] + 0.05
+    evals = [json.loads(line) for line in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in evals if r["event"] == "eval"]  # embedding agreement every epoch
+    assert len(evals) == 4 and evals[-1]["cosine"] == pytest.approx(after["cosine"], abs=1e-6)
+    assert evals[-1]["cosine"] > evals[0]["cosine"] and {"spearman", "recall_at_10"} <= set(evals[-1])
     # a finished run resumes to the same weights
     again = cut_layers(teacher, [0])
     train_student(again, teacher, sents, train=cfg, run_dir=tmp_path / "run")

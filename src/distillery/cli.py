@@ -299,7 +299,7 @@ def _cmd_embed_distill(args) -> int:
     if epochs:
         cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=lr, warmup_epochs=0.1 if args.method == "layers" else 0.0)
         train_student(student, teacher, train, train=cfg, run_dir=out / "run", seed=args.seed,
-                      progress=False if args.quiet else None)
+                      progress=False if args.quiet else None, eval_sentences=test[:1000])
     seconds = time.perf_counter() - t0
     folder = student.save(out / "model")
     speed = throughput({"teacher": teacher, "student": student}, test[:512], repeats=3)

@@ -153,13 +153,13 @@ def sum_counts(counts: list[int]) -> list[int]:
     return t.tolist()
 
 
-def step_totals(failed: bool, loss_sum: float, items: int) -> tuple[bool, float]:
-    """One all-reduce per step: (did any rank fail, the step's mean loss over all its items)."""
+def step_totals(failed: bool) -> bool:
+    """Did any rank fail this step (one all-reduce; DDP runs read it from the gradients instead)."""
     if world()[1] <= 1:
-        return failed, loss_sum / max(items, 1)
-    t = torch.tensor([float(failed), loss_sum, float(items)], dtype=torch.float64, device=_comm_device())
+        return failed
+    t = torch.tensor([float(failed)], dtype=torch.float32, device=_comm_device())
     dist.all_reduce(t)
-    return bool(t[0] > 0), float(t[1] / t[2].clamp(min=1e-12))
+    return bool(t[0] > 0)
 
 
 def weighted_mean(value: float, weight: float) -> float:

@@ -174,13 +174,28 @@ class _Step(nn.Module):
         self.extra = nn.ModuleDict({k.replace(".", "__"): m for k, m in extra.items()})
         self.objective, self.taps, self.precision, self.inputs = objective, taps, precision, inputs
         self._forward = (forward or student,)  # a tuple: not registered twice as a submodule
+        self.flag: nn.Parameter | None = None
+
+    def add_flag(self) -> None:
+        """Under DDP: a scalar parameter (never stepped) whose gradient is 1 on a rank whose loss is not
+        finite. DDP averages it with the other gradients, so after backward every rank knows whether any
+        rank failed, with no collective of its own."""
+        p = next(self.student.parameters())
+        self.flag = nn.Parameter(torch.zeros((), device=p.device))
+
+    def failed(self) -> bool:
+        return self.flag is not None and self.flag.grad is not None and bool(self.flag.grad > 0)
 
     def forward(self, batch: dict[str, Any], t_out: dict[str, Any] | None, factors: list[float]) -> dict[str, Any]:
         self.taps.clear()
         with self.precision.autocast():
             out = runtime.call_model(self._forward[0], batch, self.inputs)
         s_out = runtime.as_float({"logits": runtime.logits_of(out, "the student"), **self.taps.outputs})
-        return self.objective(s_out, runtime.as_float(t_out), batch, factors)
+        result = self.objective(s_out, runtime.as_float(t_out), batch, factors)
+        if self.flag is not None:  # no sync: the flag's gradient is (total is not finite)
+            bad = (~torch.isfinite(result["total"].detach())).to(self.flag.dtype)
+            result["total"] = result["total"] + self.flag * bad
+        return result
 
 
 def _signature(cfg: TrainConfig, objective: Objective, trainable: dict[str, nn.Module], data, teacher,
@@ -289,6 +304,7 @@ def fit(
     on_epoch: Callable[[int], None] | None = None,
     task: Any = None,
     callbacks: Sequence[Callback] = (),
+    evaluator: Callable[[nn.Module], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Train ``student`` (and the trainable ``modules``, e.g. adapters) on ``data`` with ``objective``.
 
@@ -300,7 +316,8 @@ def fit(
     last one and ends with the same weights as an uninterrupted run, and a run directory of another
     run (other terms, data, teacher, models or settings) is refused; ``resume=False`` refuses a
     directory that already holds this phase. ``callbacks`` (``distillery.callbacks.Callback``) run on
-    step, evaluation, epoch and checkpoint and may stop the run; ``on_step(global_step)`` and
+    step, evaluation, epoch and checkpoint and may stop the run; ``evaluator(student) -> metrics`` replaces the
+    per-family ``evaluate`` on ``eval_data`` (embedding agreement, ...); ``on_step(global_step)`` and
     ``on_epoch(epoch)`` are shorthands. Under FSDP the student stays sharded after the run
     (``distributed.full_state_dict`` gathers it). Returns the last evaluation and the history.
     """
@@ -352,6 +369,7 @@ def fit(
         wrapped: nn.Module = step_module
     elif size > 1:
         roots = []
+        step_module.add_flag()
         wrapped = distributed.wrap_ddp(step_module, device, cfg.find_unused_parameters)
     else:
         roots, wrapped = [], step_module
@@ -506,7 +524,11 @@ def fit(
                             n_local += len(mb.index)
                             loss_sum += float(result["batch_total"]) * len(mb.index)
                         del t_out
-                    failed, step_loss = distributed.step_totals(bad is not None, loss_sum, n_local)
+                    if step_module.flag is not None:  # DDP: read from the averaged gradients (no collective)
+                        failed = bad is not None or step_module.failed()
+                        step_module.flag.grad = None
+                    else:
+                        failed = distributed.step_totals(bad is not None)
                     if failed:
                         if bad is not None:
                             check_finite(bad, where)
@@ -532,6 +554,7 @@ def fit(
                         now = time.perf_counter()
                         terms = {k: float(v.detach()) for k, v in shown["terms"].items()} if shown else {}
                         rate = window_n / max(now - window_t, 1e-9)
+                        step_loss = distributed.weighted_mean(loss_sum / max(n_local, 1), n_local)
                         record = {"event": "train", "phase": phase, "epoch": epoch + 1, "step": global_step,
                                   "lr": sched.get_last_lr()[0], "loss": step_loss, "terms": terms,
                                   "samples_per_s": rate, **({"world_size": size} if size > 1 else {})}
@@ -546,12 +569,14 @@ def fit(
                         save(epoch, step_in_epoch + 1)
                 del batches
                 record = {"event": "eval", "phase": phase, "epoch": epoch + 1, "step": global_step, "split": "test"}
-                if eval_data is not None:
-                    ev = evaluate(student, eval_data, teacher_pred, inputs=cfg.inputs)
+                if eval_data is not None or evaluator is not None:
+                    ev = evaluator(student) if evaluator is not None else \
+                        evaluate(student, eval_data, teacher_pred, inputs=cfg.inputs)
                     record.update({k: v for k, v in ev.items() if k != "logits"})
                     emit(record)
                     shown = (f"test acc {100 * ev['accuracy']:.2f}%" if "perplexity" not in ev
-                             else f"test ppl {ev['perplexity']:.3g}") if ev.get("accuracy") is not None else ""
+                             else f"test ppl {ev['perplexity']:.3g}") if ev.get("accuracy") is not None else \
+                        " ".join(f"{k} {v:.4g}" for k, v in ev.items() if isinstance(v, float))
                     bar.epoch(epoch + 1, cfg.epochs, shown)
                     for h in hooks:
                         h.on_eval(state, record)

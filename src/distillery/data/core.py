@@ -43,9 +43,9 @@ class TensorData:
             out["y"] = self.y[index]
         return out
 
-    def __getitems__(self, index: list[int]) -> dict[str, Tensor]:
+    def __getitems__(self, index: list[int] | Tensor) -> dict[str, Tensor]:
         """A whole batch in one call (the DataLoader's fetch): no per-item collation."""
-        return self.batch(torch.as_tensor(index, dtype=torch.long))
+        return self.batch(index if isinstance(index, Tensor) else torch.as_tensor(index, dtype=torch.long))
 
     def __getitem__(self, i: int) -> dict[str, Tensor]:
         return {k: v[0] for k, v in self.batch(torch.tensor([int(i)])).items() if isinstance(v, Tensor)}

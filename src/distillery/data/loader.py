@@ -320,9 +320,9 @@ class _Indices:
     """The DataLoader's batch sampler: the positions of the micro-batches still to load this epoch."""
 
     def __init__(self) -> None:
-        self.lists: list[list[int]] = []
+        self.lists: list = []  # index tensors, or lists of ints for worker processes
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator:
         return iter(self.lists)
 
     def __len__(self) -> int:
@@ -343,6 +343,7 @@ class Loader:
                                   "length buckets), which persistent workers would not see; set "
                                   "train.persistent_workers=false.")
         self.indices = _Indices()
+        self.in_process = num_workers == 0
         self.generator = torch.Generator()  # the loader never draws from the global RNG (exact resume)
         self.seed = seed
         kw: dict[str, Any] = {}
@@ -365,12 +366,13 @@ class Loader:
                                  pin_memory=pin_memory, generator=self.generator, **kw)
 
     def epoch(self, steps: list[Step], start: int, epoch: int) -> Iterator[dict[str, Any]]:
-        lists = [m.index.tolist() for st in steps[start:] for m in st.micro]
         self.generator.manual_seed(self.seed * 1_000_003 + epoch)
         if self.stream is not None:
-            self.stream.lists, self.stream.epoch = lists, epoch
-        else:
-            self.indices.lists = lists
+            self.stream.lists = [m.index.tolist() for st in steps[start:] for m in st.micro]
+            self.stream.epoch = epoch
+        else:  # index tensors in this process (no list round trip); lists travel lighter to workers
+            self.indices.lists = [m.index if self.in_process else m.index.tolist() for st in steps[start:]
+                                  for m in st.micro]
         return iter(self.loader)
 
 
@@ -383,8 +385,8 @@ class _Getitems(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitems__(self, index: list[int]) -> dict[str, Any]:
-        return self.data.batch(torch.as_tensor(index, dtype=torch.long))
+    def __getitems__(self, index: list[int] | Tensor) -> dict[str, Any]:
+        return self.data.batch(index if isinstance(index, Tensor) else torch.as_tensor(index, dtype=torch.long))
 
 
 def num_samples(data: Any) -> int:

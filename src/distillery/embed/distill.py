@@ -89,11 +89,14 @@ def train_student(
     run_dir: str | Path | None = None,
     seed: int = 0,
     progress: bool | None = False,
+    eval_sentences: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """Train ``student`` (in place) to embed ``sentences`` as ``teacher`` does. The student and the
     teacher each tokenize the sentences their own way (static students without special tokens);
     samples are keyed by their position in ``sentences`` (``answers`` from ``teacher_answers``
-    on the same list, or computed here). Returns the engine's result."""
+    on the same list, or computed here). With ``eval_sentences`` (held out) every epoch logs the
+    embedding agreement with the teacher (``embed.evaluate.agreement``: cosine, Spearman, recall@10).
+    Returns the engine's result."""
     from ..engine import fit
 
     sentences = _corpus(sentences)
@@ -112,9 +115,32 @@ def train_student(
     objective = Objective(list(terms) if terms is not None else default_terms(student, teacher))
     try:
         return fit(student.model, objective, data, cfg, teacher=answers, run_dir=run_dir, phase="embed",
-                   seed=seed, progress=progress)
+                   seed=seed, progress=progress,
+                   evaluator=None if eval_sentences is None else embedding_agreement(student, teacher, eval_sentences))
     finally:
         student.model.eval()
+
+
+def embedding_agreement(student: Embedder, teacher: Embedder, sentences: Sequence[str]):
+    """The engine's evaluator for embedding students: agreement with the teacher on held-out ``sentences``
+    (the teacher's embeddings computed once)."""
+    from .evaluate import agreement
+
+    sentences = _corpus(sentences)
+    if len(sentences) <= 10:
+        raise DistilleryError(f"embedding agreement needs more than 10 held-out sentences, got {len(sentences)}.")
+    target = teacher.encode(sentences)
+
+    def evaluator(model: torch.nn.Module) -> dict[str, Any]:
+        was = model.training
+        try:
+            got = student.encode(sentences)
+        finally:
+            model.train(was)
+        return {k: v for k, v in agreement(got, target, pairs=2000, queries=min(100, len(sentences) - 1)).items()
+                if isinstance(v, float) or v is None}
+
+    return evaluator
 
 
 # --------------------------------------------------------------------------- static (model2vec)

@@ -97,8 +97,9 @@ class StaticEncoder(nn.Module):
 
     def embed_lists(self, ids: list[list[int]]) -> Tensor:
         """Unpadded token lists -> unit vectors, with one ``embedding_bag`` (no padding)."""
-        flat = torch.tensor([i for row in ids for i in row], dtype=torch.long)
-        lengths = torch.tensor([len(row) for row in ids], dtype=torch.long)
+        dev = self.table.weight.device
+        flat = torch.tensor([i for row in ids for i in row], dtype=torch.long, device=dev)
+        lengths = torch.tensor([len(row) for row in ids], dtype=torch.long, device=dev)
         offsets = torch.cumsum(lengths, 0) - lengths
         out = F.embedding_bag(flat, self.table.weight, offsets, mode="sum") / lengths.clamp_min(1).unsqueeze(1)
         return F.normalize(out, dim=-1, eps=1e-12)
@@ -173,9 +174,10 @@ class Embedder:
                 pick = order[start : start + batch_size]
                 part = [rows[i] for i in pick]
                 if self.kind == "static":
-                    out[pick] = self.model.embed_lists(part)
-                else:
-                    out[pick] = self.model(self.pad(part)).float()
+                    out[pick] = self.model.embed_lists(part).cpu()
+                else:  # the inputs follow the model (a student being trained on a GPU)
+                    dev = next(self.model.parameters()).device
+                    out[pick] = self.model(self.pad(part).to(dev)).float().cpu()
             return out
         finally:
             self.model.train(was)
