@@ -176,7 +176,7 @@ def test_bad_items_are_one_line_errors():
 
     with pytest.raises(DistilleryError, match="items must be dicts"):
         ItemData(Strings())
-    with pytest.raises(DistilleryError, match="IterableDataset"):
+    with pytest.raises(DistilleryError, match="no length"):
         as_dataset(Stream())
     s, t = models()
     with pytest.raises(DistilleryError, match="no input key"):
