@@ -440,3 +440,20 @@ def test_a_stream_trains_like_its_items_in_order_and_resumes_by_position(tmp_pat
     assert len(plan(as_dataset(LenStream(d)), 0, 0, 16, 1)) == 4
     with pytest.raises(DistilleryError, match="no length"):
         as_dataset(Stream())
+
+
+def test_mlflow_and_wandb_log_offline_into_the_run_directory(tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    s, t = models()
+    fit(s, Objective(KD_CE), toy(), cfg(loggers=["mlflow", "wandb"]), teacher=t, run_dir=tmp_path, progress=False)
+    import mlflow
+
+    mlflow.set_tracking_uri((tmp_path / "mlruns").as_uri())
+    runs = mlflow.search_runs(search_all_experiments=True)
+    assert len(runs) == 1 and "metrics.distill/terms/kd" in runs.columns
+    assert list((tmp_path / "wandb").glob("offline-run-*"))

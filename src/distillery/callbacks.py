@@ -134,7 +134,8 @@ class TensorBoardLogger:
 
 
 class MLflowLogger:
-    """MLflow; without ``MLFLOW_TRACKING_URI`` it writes to ``<run_dir>/mlruns`` (a local file store)."""
+    """MLflow; without ``MLFLOW_TRACKING_URI`` it writes to ``<run_dir>/mlruns``, MLflow's local file store
+    (which needs no server and works with ``mlflow-skinny``; ``mlflow ui --backend-store-uri`` reads it)."""
 
     def __init__(self, folder: Path, name: str):
         import os
@@ -146,7 +147,8 @@ class MLflowLogger:
                                   "pip install 'distillery[mlflow]'.") from None
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
-            mlflow.set_tracking_uri(folder.resolve().as_uri())
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 asks for this opt-in
+            mlflow.set_tracking_uri((folder / "mlruns").resolve().as_uri())
         self.run = mlflow.start_run(run_name=name)
 
     def log(self, record: dict) -> None:
@@ -195,7 +197,7 @@ def make_trackers(names: list[str], run_dir: Path | None, phase: str) -> list[An
         if n == "tensorboard":
             out.append(TensorBoardLogger(run_dir / "tensorboard" / phase))
         elif n == "mlflow":
-            out.append(MLflowLogger(run_dir / "mlruns", f"{run_dir.name}/{phase}"))
+            out.append(MLflowLogger(run_dir, f"{run_dir.name}/{phase}"))
         else:
             out.append(WandbLogger(run_dir, f"{run_dir.name}/{phase}"))
     return out
