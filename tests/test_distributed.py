@@ -272,3 +272,30 @@ def test_a_ddp_checkpoint_resumes_in_one_process(tmp_path):
     got_s, _ = _one_process(run)
     for k, v in want_s.items():
         assert torch.allclose(v, got_s[k], atol=1e-5), k
+
+
+def _stages_worker(rank, world, init_file, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        out_w = _two_stages()
+        if rank == 0:
+            torch.save(out_w, out)
+    finally:
+        distributed.shutdown()
+
+
+def _two_stages():
+    """Two fits on one student (a staged recipe): the second wraps it anew."""
+    student, teacher = models()
+    fit(student, Objective([TermConfig(loss="ce", teacher=None)]), toy(), CFG, seed=3, progress=False, phase="a")
+    fit(student, Objective(TERMS), toy(), CFG, teacher=teacher, seed=3, progress=False, phase="b")
+    return student.state_dict()
+
+
+def test_stages_rewrap_the_student_and_still_match_one_process(tmp_path):
+    want = _two_stages()
+    mp.spawn(_stages_worker, args=(2, str(tmp_path / "init"), str(tmp_path / "w.pt")), nprocs=2, join=True)
+    got = torch.load(tmp_path / "w.pt", weights_only=True)
+    for k, v in want.items():
+        assert torch.allclose(v, got[k], atol=1e-6), k

@@ -604,6 +604,11 @@ def fit(
         log.flush()
         for t in trackers:
             t.close()
+        if size > 1:  # free this run's DDP reducer now: its gradient hooks must not reach a later fit
+            del wrapped, sync
+            import gc
+
+            gc.collect()
     return _result(history, best, cfg, resumed=start_epoch > 0 or start_step > 0)
 
 
