@@ -630,3 +630,34 @@ def test_dist_one_valid_row_has_intra_one():
     mask = torch.tensor([False, True, False])
     inter = L.dist(s, t, mask=mask, gamma=0.0).item()
     assert L.dist(s, t, mask=mask).item() == pytest.approx(inter + 1.0)
+
+
+@pytest.mark.parametrize("name", ["generalized_jsd", "skew_kl", "skew_reverse_kl", "kd", "reverse_kl", "tvd"])
+def test_classes_masked_with_minus_inf_in_both_models_give_finite_gradients(name):
+    """A padded vocabulary: both models hold -inf on the same classes. logaddexp's backward is NaN at
+    (-inf, -inf); the mixture losses must keep every gradient finite (and zero on those classes)."""
+    from distillery.losses import get
+
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 7, generator=g), torch.randn(4, 7, generator=g)
+    s[:, 5:], t[:, 5:] = float("-inf"), float("-inf")
+    s.requires_grad_(True)
+    loss = get(name)(s, t)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(s.grad[:, :5]).all() and (s.grad[:, 5:] == 0).all()
+    ref = get(name)(s.detach()[:, :5].clone().requires_grad_(True), t[:, :5])  # the same loss without them
+    assert torch.allclose(loss.detach(), ref, atol=1e-6)
+
+
+def test_sparse_kd_keeps_float64():
+    from distillery.losses import get
+    from distillery.losses.sparse import TopK
+
+    g = torch.Generator().manual_seed(1)
+    s = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    t = torch.randn(3, 6, generator=g, dtype=torch.float64)
+    lp = torch.log_softmax(t, -1)
+    top = TopK(lp, torch.arange(6).expand(3, 6).clone(), None, 6)  # every class kept: exact
+    got = get("kd")(s, top, temperature=1.0)
+    want = get("kd")(s, t, temperature=1.0)
+    assert got.dtype == torch.float64 and abs(float(got - want)) < 1e-12

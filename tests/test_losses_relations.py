@@ -672,3 +672,15 @@ def test_cosine_gram_is_zero_for_one_sample_and_for_a_rotated_copy_and_scale_fre
     assert R.cosine_gram(x * scale, t).item() == pytest.approx(R.cosine_gram(x, t).item(), rel=1e-9)
     with pytest.raises(LossInputError, match="Pool tokens"):
         R.cosine_gram(torch.randn(2, 3, 4), torch.randn(2, 3, 4))
+
+
+def test_rkd_with_two_identical_samples_has_bounded_gradients():
+    """A zero-length edge (two identical samples) contributes nothing: F.normalize's eps sent ~1e10 back."""
+    from distillery.losses import get
+
+    g = torch.Generator().manual_seed(0)
+    x, t = torch.randn(5, 8, generator=g), torch.randn(5, 6, generator=g)
+    x[3] = x[1]
+    x.requires_grad_(True)
+    get("rkd")(x, t).backward()
+    assert torch.isfinite(x.grad).all() and float(x.grad.abs().max()) < 100

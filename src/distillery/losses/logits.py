@@ -190,12 +190,17 @@ def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
 
 
 def _log_mix(log_p: Tensor, log_q: Tensor, w: float) -> Tensor:
-    """log(w * p + (1 - w) * q) in log space, w in [0, 1]."""
+    """log(w * p + (1 - w) * q) in log space, w in [0, 1]. Classes where both are -inf (a padded
+    vocabulary masked in both models) give -inf with a zero gradient: ``logaddexp``'s own backward is
+    NaN at (-inf, -inf), and that NaN would reach every class through the softmax."""
     if w == 0.0:
         return log_q
     if w == 1.0:
         return log_p
-    return torch.logaddexp(log_p + math.log(w), log_q + math.log1p(-w))
+    a, b = log_p + math.log(w), log_q + math.log1p(-w)
+    both = torch.isneginf(a) & torch.isneginf(b)  # no host sync: the masked form always
+    out = torch.logaddexp(torch.where(both, 0.0, a), torch.where(both, 0.0, b))
+    return torch.where(both, float("-inf"), out)
 
 
 def _non_target_index(targets: Tensor, c: int) -> Tensor:

@@ -139,14 +139,18 @@ def _rkd_geometry(x: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
 
     d_ij = sqrt(max(|x_i - x_j|^2, eps)) off the diagonal, 0 on it, divided by the mean over the
     N (N - 1) off-diagonal pairs; cos[i, j, k] = <e_ij, e_ik> with e_ij = (x_j - x_i) / |x_j - x_i|
-    (a zero vector when j = i, as F.normalize gives).
+    (a zero vector when j = i or x_j = x_i, with no gradient).
     """
     n = x.shape[0]
     diff = x.unsqueeze(0) - x.unsqueeze(1)  # (N, N, D), diff[i, j] = x_j - x_i
     off = ~torch.eye(n, dtype=torch.bool, device=x.device)
     d = torch.where(off, diff.pow(2).sum(-1).clamp_min(eps).sqrt(), 0.0)
     d = d / (d.sum() / (n * (n - 1)))  # mean over off-diagonal pairs (>= sqrt(eps) > 0: no 0/0)
-    e = F.normalize(diff, p=2, dim=-1, eps=eps)
+    # Unit edges; a degenerate edge (j = i, or two identical samples) is a zero vector with a zero
+    # gradient: F.normalize would divide it by eps and send gradients of ~1/eps back.
+    sq = diff.pow(2).sum(-1, keepdim=True)
+    ok = sq > eps
+    e = torch.where(ok, diff / torch.where(ok, sq, 1.0).sqrt(), 0.0)
     return d, e @ e.transpose(1, 2)
 
 
@@ -166,7 +170,9 @@ def rkd(
     beta = 1) averaged over all N^2 resp. N^3 entries. Defaults 25 / 50 are the paper's and
     RepDistiller ``RKDLoss``'s; RepDistiller's CIFAR-100 recipe weights the whole term by 1.
     Follows RepDistiller's code (eps = 1e-12 on squared distances, diagonal zeroed, degenerate
-    triplets j = i or k = i giving cos 0 on both sides) with two numerical differences: distances
+    triplets j = i or k = i giving cos 0 on both sides) with three numerical differences: an edge
+    between two identical samples is degenerate too (cos 0, no gradient; RepDistiller's
+    ``F.normalize`` sends back gradients of about 1e10 through it); distances
     come from the differences x_j - x_i (no |a|^2 + |b|^2 - 2ab cancellation), and each input is
     first divided by its detached largest magnitude, which changes nothing (both terms are
     invariant to a positive scale) except where eps binds, and keeps |x| up to float max finite.

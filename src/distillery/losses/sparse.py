@@ -73,12 +73,13 @@ class TopK:
             raise DistilleryError(f"TopK.{what} works on (N, k) rows; call .flat() on a (B, T, k) TopK first.")
 
     def buckets(self) -> Tensor:
-        """(N, k) or (N, k + 1) float32 log-probabilities: the kept entries, then the tail bucket."""
+        """(N, k) or (N, k + 1) log-probabilities (float32, or float64 when stored so): the kept entries,
+        then the tail bucket."""
         self._rows("buckets")
-        lp = self.log_probs.float()
+        lp = _up(self.log_probs)
         if self.tail is None:
             return lp - lp.logsumexp(1, keepdim=True)
-        return torch.cat([lp, self.tail.float().unsqueeze(1)], 1)
+        return torch.cat([lp, _up(self.tail).to(lp.dtype).unsqueeze(1)], 1)
 
     def retemper(self, temperature: float) -> TopK:
         """The same rows at another temperature: p^(T_store / T) renormalised over the buckets."""
@@ -90,7 +91,7 @@ class TopK:
         b = self.buckets() * r
         if self.tail is not None and self.num_classes > k:  # the tail as C - k equal classes, each tempered
             log_rest = math.log(self.num_classes - k)
-            b[:, k] = log_rest + r * (self.tail.float() - log_rest)
+            b[:, k] = log_rest + r * (_up(self.tail) - log_rest)
         b = b - b.logsumexp(1, keepdim=True)
         return TopK(b[:, :k], self.indices, b[:, k] if self.tail is not None else None, self.num_classes,
                     float(temperature))
@@ -108,11 +109,16 @@ class TopK:
         return out.scatter(1, self.indices.long(), b[:, :k])
 
 
+def _up(x: Tensor) -> Tensor:
+    """At least float32: half precision is upcast, float64 is kept."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def student_buckets(student_logits: Tensor, t: TopK, temperature: float) -> Tensor:
     """The student's log-probabilities in the teacher's buckets: at the kept indices (of its softmax
     over all C classes, not renormalised: mass outside the kept classes is penalised), and with a
     tail log(1 - sum of them) for the rest, computed stably as a logsumexp over the other classes."""
-    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1)
+    log_s = F.log_softmax(_up(student_logits) / temperature, dim=-1)  # float64 logits stay float64
     idx = t.indices.long()
     kept = log_s.gather(1, idx)
     if t.tail is None:
