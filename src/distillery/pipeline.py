@@ -220,6 +220,9 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: bool = Fal
     if rank != 0:
         progress = False
     run_dir = Path(run_dir) if run_dir is not None else new_run_dir(recipe)
+    if resume and not (run_dir / "config.yaml").is_file():
+        raise DistilleryError(f"{str(run_dir)!r} holds no run to resume (no config.yaml); start one there with "
+                              f"--out {run_dir} instead of --resume.")
     if not resume and (run_dir / "config.yaml").exists():
         raise DistilleryError(f"{str(run_dir)!r} already holds a run; continue it with --resume {run_dir}, "
                               "or choose another --out.")
@@ -360,7 +363,7 @@ def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, 
     else:
         cache = Path(recipe.cache_dir or Path(recipe.runs_dir) / "cache") / "teachers" / teacher_fingerprint(recipe)[:16]
         weights = cache / "teacher.safetensors"
-        if weights.is_file():
+        if _cached(weights):
             meta = load_weights(teacher_model, weights)
             _say(progress, f"teacher: reused from the cache {cache}")
             if run_dir is not None and _writer():
@@ -372,6 +375,18 @@ def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, 
             save_weights(teacher_model, weights, {"model": to_dict(recipe.teacher.model),
                                                   "fingerprint": teacher_fingerprint(recipe), "history": out["history"]})
     return teacher_model
+
+
+def _cached(weights: Path) -> bool:
+    """A cached teacher counts only with its checksum record and a matching checksum: a write cut between
+    the weights and their record (or a damaged file) is trained again, never loaded unchecked."""
+    side = weights.with_suffix(".json")
+    if not (weights.is_file() and side.is_file()):
+        return False
+    try:
+        return json.loads(side.read_text(encoding="utf-8")).get("sha256") == sha256_file(weights)
+    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return False
 
 
 def write_teacher_store(recipe: Recipe, which: str, out: str | Path, *, top_k: int | None = None,
