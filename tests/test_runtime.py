@@ -457,3 +457,29 @@ def test_mlflow_and_wandb_log_offline_into_the_run_directory(tmp_path, monkeypat
     runs = mlflow.search_runs(search_all_experiments=True)
     assert len(runs) == 1 and "metrics.distill/terms/kd" in runs.columns
     assert list((tmp_path / "wandb").glob("offline-run-*"))
+
+
+def test_a_bare_module_teacher_is_frozen_and_used():
+    s, t = models()
+    s2, _ = models()
+    fit(s, Objective(KD_CE), toy(), cfg(), teacher=t, progress=False)
+    fit(s2, Objective(KD_CE), toy(), cfg(), teacher=t.model, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(s.parameters(), s2.parameters()))
+    assert not any(p.requires_grad for p in t.model.parameters())
+
+
+def test_empty_sets_and_bad_numbers_are_refused():
+    s, t = models()
+    empty = TensorData(torch.zeros(0, 12), torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long), 4, "e")
+    with pytest.raises(DistilleryError, match="training set e is empty"):
+        fit(s, Objective(KD_CE), empty, cfg(), teacher=t, progress=False)
+    with pytest.raises(DistilleryError, match="evaluation set e is empty"):
+        fit(s, Objective(KD_CE), toy(), cfg(), teacher=t, eval_data=empty, progress=False)
+    from distillery.config import safe_load
+
+    assert safe_load("lr: 1e-3")["lr"] == 0.001  # YAML 1.1 would read a string
+    for bad, match in ((dict(lr=float("nan")), "finite"), (dict(min_lr=1.0, lr=0.1), "above"),
+                       (dict(warmup_epochs=-1.0), ">= 0"), (dict(weight_decay=-0.1), ">= 0"),
+                       (dict(step_epochs=0), ">= 1"), (dict(momentum=1.5), r"\[0, 1\)")):
+        with pytest.raises(DistilleryError, match=match):
+            TrainConfig(**bad)

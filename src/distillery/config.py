@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import inspect
+import math
 import re
 import types
 import typing
@@ -76,15 +77,32 @@ class TrainConfig:
     """Stop after this many epochs without an evaluation accuracy at least as high as the best (early stopping)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "batch_size", "grad_accum", "log_every")
+        _positive(self, "epochs", "batch_size", "grad_accum", "log_every", "step_epochs", "checkpoint_every_steps")
+        for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "min_lr", "gamma"):
+            v = getattr(self, name)
+            if not math.isfinite(v):
+                raise DistilleryError(f"train.{name} must be a finite number, got {v}.")
+        for name in ("weight_decay", "warmup_epochs", "min_lr"):
+            if getattr(self, name) < 0:
+                raise DistilleryError(f"train.{name} must be >= 0, got {getattr(self, name)}.")
+        if not 0 <= self.momentum < 1:
+            raise DistilleryError(f"train.momentum must lie in [0, 1), got {self.momentum}.")
+        if self.gamma <= 0:
+            raise DistilleryError(f"train.gamma must be > 0, got {self.gamma}.")
+        if self.min_lr > self.lr:
+            raise DistilleryError(f"train.min_lr ({self.min_lr}) is above train.lr ({self.lr}); the cosine floor "
+                                  "must not exceed the rate.")
+        if self.warmup_epochs > self.epochs:
+            raise DistilleryError(f"train.warmup_epochs ({self.warmup_epochs}) is longer than the run "
+                                  f"({self.epochs} epochs).")
         if self.select not in ("last", "best"):
             raise DistilleryError(f"train.select must be last or best, got {self.select!r}.")
         if self.patience is not None and self.patience < 1:
             raise DistilleryError(f"train.patience must be >= 1 or null, got {self.patience}.")
         if self.lr <= 0:
             raise DistilleryError(f"train.lr must be > 0, got {self.lr}.")
-        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
-            raise DistilleryError("train.clip_grad_norm must be > 0 or null.")
+        if self.clip_grad_norm is not None and not (self.clip_grad_norm > 0 and math.isfinite(self.clip_grad_norm)):
+            raise DistilleryError("train.clip_grad_norm must be a finite number > 0, or null.")
         if self.num_workers < 0:
             raise DistilleryError(f"train.num_workers must be >= 0, got {self.num_workers}.")
         if self.prefetch_factor is not None and (self.prefetch_factor < 1 or self.num_workers == 0):
@@ -375,7 +393,7 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
             raise DistilleryError(f"override {item!r} is not of the form key.path=value.")
         key, _, text = item.partition("=")
         try:
-            value = yaml.safe_load(text) if text.strip() else None
+            value = safe_load(text) if text.strip() else None
         except yaml.YAMLError as e:
             raise DistilleryError(f"override {item!r}: the value is not valid YAML ({e}).") from None
         parts = key.strip().split(".")
@@ -403,10 +421,29 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
     return raw
 
 
+class _SafeLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` (no tags that build objects or run code) that also reads ``1e-3`` as a float:
+    YAML 1.1 needs a dot in a float, so the bare form would arrive as the string '1e-3'."""
+
+
+_SafeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+                  |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+                  |\.[0-9_]+(?:[eE][-+]?[0-9]+)?
+                  |[-+]?\.(?:inf|Inf|INF)
+                  |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."))
+
+
+def safe_load(text: str) -> Any:
+    return yaml.load(text, Loader=_SafeLoader)  # a SafeLoader subclass: builds no objects, runs no code
+
+
 def load_yaml(path: str | Path) -> dict:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
         raise DistilleryError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
     except OSError as e:

@@ -324,6 +324,14 @@ def fit(
     run_dir = Path(run_dir) if run_dir is not None else None
     data = as_dataset(data)
     eval_data = as_dataset(eval_data) if eval_data is not None else None
+    for what, d in (("training", data), ("evaluation", eval_data)):
+        if d is not None and (len(d) == 0 or num_samples(d) == 0):
+            raise DistilleryError(f"phase {phase!r}: the {what} set {getattr(d, 'name', '') or ''} is empty; give it "
+                                  "samples.".replace("set  is", "set is"))
+    if isinstance(teacher, nn.Module):  # a bare module: frozen here, visibly (ModuleTeacher asserts it stays so)
+        from .teachers import ModuleTeacher
+
+        teacher = ModuleTeacher(teacher, inputs=cfg.inputs)
     rank, size = distributed.world()
     device = runtime.resolve_device(cfg.device)
     runtime.setup_device(device)
