@@ -216,6 +216,7 @@ def _scale_worker(rank, world, init_file, run_dir, out, strategy, fail_step):
     ok = False
     try:
         student, teacher = blocks_models()
+        teacher.shard = strategy == "fsdp"  # a live teacher sharded like the student
         objective = Objective(FEATURE_TERMS)
 
         def boom(step):

@@ -64,8 +64,9 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
     return best
 
 
-def shard_fsdp(model: nn.Module, *, reshard_after_forward: bool = True) -> nn.Module:
-    """FSDP2 in place: ``fully_shard`` each block (``blocks_of``), then the whole model."""
+def shard_fsdp(model: nn.Module, *, reshard_after_forward: bool | None = None) -> nn.Module:
+    """FSDP2 in place: ``fully_shard`` each block (``blocks_of``), then the whole model. ``reshard_after_forward``
+    None is FSDP2's default: blocks reshard after forward, the root keeps its parameters for backward."""
     from torch.distributed.fsdp import FSDPModule, fully_shard
 
     if isinstance(model, FSDPModule):
@@ -153,13 +154,19 @@ def sum_counts(counts: list[int]) -> list[int]:
     return t.tolist()
 
 
-def step_totals(failed: bool) -> bool:
-    """Did any rank fail this step (one all-reduce; DDP runs read it from the gradients instead)."""
+def any_failed(failed: bool):
+    """Did any rank fail this step? Starts one asynchronous all-reduce and returns the function that waits
+    for it, so the caller can overlap it with the backward pass (DDP runs read it from the gradients)."""
     if world()[1] <= 1:
-        return failed
+        return lambda: failed
     t = torch.tensor([float(failed)], dtype=torch.float32, device=_comm_device())
-    dist.all_reduce(t)
-    return bool(t[0] > 0)
+    work = dist.all_reduce(t, async_op=True)
+
+    def wait() -> bool:
+        work.wait()
+        return bool(t[0] > 0)
+
+    return wait
 
 
 def weighted_mean(value: float, weight: float) -> float:

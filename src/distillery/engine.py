@@ -525,6 +525,8 @@ def fit(
                                 check_finite(result, where)
                             elif bad is None and not mb.dummy and not bool(torch.isfinite(result["total"].detach()).all()):
                                 bad = result  # told to every rank below, then raised everywhere
+                            if sharded and j == len(st.micro) - 1:  # FSDP: the flag's all-reduce overlaps backward
+                                any_failed = distributed.any_failed(bad is not None)
                             loss = result["total"]
                             (scaler.scale(loss) if scaler is not None else loss).backward()
                         if not mb.dummy:
@@ -536,7 +538,7 @@ def fit(
                         failed = bad is not None or step_module.failed()
                         step_module.flag.grad = None
                     else:
-                        failed = distributed.step_totals(bad is not None)
+                        failed = any_failed() if sharded else bad is not None
                     if failed:
                         if bad is not None:
                             check_finite(bad, where)
