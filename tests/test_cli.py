@@ -256,3 +256,14 @@ def test_gpu_recipe_on_a_machine_without_cuda_is_one_line(tmp_path, capsys):
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no CUDA device; available: cpu" in err[0]
+
+
+def test_eval_refuses_weights_without_their_checksum_record(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(tiny), "--out", str(out), "--quiet", "baseline.enabled=false", "distill.train.epochs=1"]) == 0
+    (out / "models" / "distilled.json").unlink()
+    capsys.readouterr()
+    assert main(["eval", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no checksum record" in err[0] and "--unverified" in err[0]
+    assert main(["eval", str(out), "--unverified"]) == 0

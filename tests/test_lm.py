@@ -64,6 +64,25 @@ def test_save_load_round_trip_and_damage(tmp_path, tok):
         load_lm(tmp_path / "c")
 
 
+def test_a_folder_without_its_checksum_record_is_refused_unless_asked(tmp_path, tok):
+    m = llama("tiny", vocab_size=tok.get_vocab_size(), seed=3)
+    save_lm(m, tok, tmp_path / "m")
+    record = tmp_path / "m" / "distillery_lm.json"
+    meta = json.loads(record.read_text())
+    record.unlink()  # the record gone: flipped weights would load silently
+    with pytest.raises(DistilleryError, match=r"no checksum record.*--unverified"):
+        load_lm(tmp_path / "m")
+    x = torch.randint(0, tok.get_vocab_size(), (1, 5))
+    m2, _ = load_lm(tmp_path / "m", verify=False)  # a folder from elsewhere, knowingly
+    assert m2(x).shape[-1] >= tok.get_vocab_size()
+    record.write_text(json.dumps({**meta, "files": {}}))  # an emptied list is no record either
+    with pytest.raises(DistilleryError, match="no checksum record"):
+        load_lm(tmp_path / "m")
+    record.write_text(json.dumps({**meta, "files": {"../../etc/passwd": "0" * 64}}))
+    with pytest.raises(DistilleryError, match="outside the folder"):
+        load_lm(tmp_path / "m")
+
+
 def test_different_tokenizers_are_refused(tok):
     other = corpus.train_tokenizer(["completely different words here " * 20], vocab_size=280)
     with pytest.raises(DistilleryError, match="different tokenizers"):

@@ -214,7 +214,7 @@ def _cmd_eval(args) -> int:
         if name == "baseline" and not path.exists():
             continue
         model = pipeline.build_model(spec, data.train)
-        pipeline.load_weights(model, _need(path, f"{name} weights"))
+        pipeline.load_weights(model, _need(path, f"{name} weights"), verify=not args.unverified)
         trained[name] = model
     print(pipeline.format_rows(pipeline.measure(trained, data.test, None)))
     return 0
@@ -244,7 +244,7 @@ def _cmd_embed(args) -> int:
     from .embed import Embedder, read_sentences
     from .io import atomic_write_bytes
 
-    model = Embedder.load(args.model_dir)
+    model = Embedder.load(args.model_dir, verify=not args.unverified)
     sentences = read_sentences(args.input)
     emb = model.encode(sentences, batch_size=args.batch_size).numpy()
     out = Path(args.output) if args.output else Path(args.input).with_suffix(".npy")
@@ -279,7 +279,7 @@ def _cmd_embed_distill(args) -> int:
     )
     from .io import atomic_write_json
 
-    teacher = load_teacher(args.teacher)
+    teacher = load_teacher(args.teacher, verify=not args.unverified)
     sentences = read_sentences(args.corpus) if args.corpus else stdlib_sentences()
     train, test = split(sentences, held_out=args.held_out)
     out = Path(args.out)
@@ -363,6 +363,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--archs", default=None, help="synthetic sets: networks to train, e.g. convnet,mlp")
     s.add_argument("--nets", type=int, default=5, help="synthetic sets: networks per set")
     s.add_argument("--epochs", type=int, default=500, help="synthetic sets: training epochs per network")
+    s.add_argument("--unverified", action="store_true",
+                   help="load model files that have no distillery checksum record (from elsewhere), knowingly")
     s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("report", help="(re)write report.html of a run directory")
@@ -380,6 +382,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--input", required=True, help="text file, one sentence per line, or .jsonl with a 'text' field")
     s.add_argument("--output", default=None, help="output .npy (default: the input path with .npy)")
     s.add_argument("--batch-size", type=int, default=64)
+    s.add_argument("--unverified", action="store_true",
+                   help="load model files that have no distillery checksum record (from elsewhere), knowingly")
     s.set_defaults(fn=_cmd_embed)
     s = sub.add_parser("embed-distill", help="distil a sentence encoder into a layer-reduced or static student")
     s.add_argument("method", choices=["layers", "static"])
@@ -395,6 +399,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=None)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--quiet", action="store_true")
+    s.add_argument("--unverified", action="store_true",
+                   help="load model files that have no distillery checksum record (from elsewhere), knowingly")
     s.set_defaults(fn=_cmd_embed_distill)
     s = sub.add_parser("lm", help="train or distil a causal language model from a recipe (kind: lm)")
     s.add_argument("recipe")

@@ -160,6 +160,9 @@ class TeacherConfig:
     checkpoint: str | None = None
     """A safetensors file of teacher weights; when null the teacher is trained (or reused from the cache)."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-3))
+    verify: bool = True
+    """Check ``checkpoint`` against its checksum record (``.json`` beside it, written by distillery); false
+    loads a file from elsewhere unverified, knowingly."""
     device: str | None = None
     """Where the frozen teacher runs while distilling; null: the student's device. Its answers move to the student's."""
     dtype: Literal["fp32", "bf16", "fp16"] = "fp32"

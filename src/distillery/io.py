@@ -141,3 +141,26 @@ def atomic_folder(path: str | os.PathLike, write) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+UNVERIFIED_HINT = ("if you trust the files (a folder from elsewhere), load them unverified: verify=False in Python, "
+                   "--unverified on the command line, verify: false in a recipe")
+
+
+def check_files(folder: str | os.PathLike, record: dict | None, where: str, *, verify: bool = True) -> None:
+    """Verify the files a checksum record lists (``record["files"]``: name -> sha256) inside ``folder``. A
+    missing record or an empty list is an error unless ``verify`` is off: an unchecked load is never silent."""
+    if not verify:
+        return
+    folder = Path(folder)
+    files = (record or {}).get("files")
+    if not isinstance(files, dict) or not files:
+        raise DistilleryError(f"{where} has no checksum record of its files, so its weights cannot be verified; "
+                              f"{UNVERIFIED_HINT}.")
+    for name, digest in files.items():
+        target = (folder / str(name)).resolve()
+        if folder.resolve() not in target.parents:
+            raise DistilleryError(f"{where}: its checksum record names {name!r}, outside the folder; it was altered.")
+        if not target.is_file() or sha256_file(target) != digest:
+            raise DistilleryError(f"{folder / name} is missing or does not match its checksum in {where}; the "
+                                  "folder is damaged: save the model again.")

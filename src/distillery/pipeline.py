@@ -80,13 +80,20 @@ def save_weights(model: nn.Module, path: Path, meta: dict) -> None:
 
 
 def load_weights(model: nn.Module, path: Path, *, verify: bool = True) -> dict:
-    """Load safetensors weights into ``model``; checks the sidecar checksum when there is one."""
+    """Load safetensors weights into ``model``, verified against the checksum record beside them
+    (``path``.json, which ``save_weights`` writes). A missing record is an error unless ``verify`` is off
+    (files from elsewhere, loaded knowingly)."""
+    from .io import UNVERIFIED_HINT
+
     path = Path(path)
     if not path.is_file():
         raise DistilleryError(f"weights file {str(path)!r} does not exist.")
     meta: dict = {}
     side = path.with_suffix(".json")
-    if verify and side.is_file():
+    if verify:
+        if not side.is_file():
+            raise DistilleryError(f"weights file {str(path)!r} has no checksum record ({side.name}), so it cannot be "
+                                  f"verified; {UNVERIFIED_HINT}.")
         meta = read_json(side, "weights metadata")
         if meta.get("sha256") != sha256_file(path):
             raise DistilleryError(f"weights file {str(path)!r} is corrupted (checksum mismatch); delete it and rerun.")
@@ -358,7 +365,7 @@ def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, 
     teacher_model = build_model(recipe.teacher.model, data.train)
     check_module_paths(recipe, build_model(recipe.student.model, data.train), teacher_model)
     if recipe.teacher.checkpoint:
-        load_weights(teacher_model, Path(recipe.teacher.checkpoint))
+        load_weights(teacher_model, Path(recipe.teacher.checkpoint), verify=recipe.teacher.verify)
         _say(progress, f"teacher: loaded {recipe.teacher.checkpoint}")
     else:
         cache = Path(recipe.cache_dir or Path(recipe.runs_dir) / "cache") / "teachers" / teacher_fingerprint(recipe)[:16]

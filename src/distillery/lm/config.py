@@ -56,6 +56,9 @@ class LMRecipe:
     """Train on the first N blocks of the train split (null: all)."""
     teacher: str | None = None
     """A model folder (null: train on the data alone)."""
+    verify: bool = True
+    """Check every model folder the recipe names (model, teacher, reference) against its distillery checksum
+    record; false loads folders from elsewhere (plain transformers folders) unverified, knowingly."""
     method: Literal["kd", "seq_kd", "on_policy", "topk", "adaspec"] = "kd"
     loss: str = "kd"
     params: dict[str, Any] = field(default_factory=dict)

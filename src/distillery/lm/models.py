@@ -27,7 +27,7 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import DistilleryError, unknown
-from ..io import atomic_folder, atomic_write_json, read_json, sha256_file
+from ..io import atomic_folder, atomic_write_json, check_files, read_json, sha256_file
 
 CONFIG = "distillery_lm.json"
 FORMAT = 1
@@ -153,10 +153,11 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def load_lm(path: str | Path) -> tuple[CausalLM, Any]:
-    """(model, tokenizer) from a folder written by ``save_lm``, or any local transformers causal-LM
-    folder with ``config.json``, safetensors weights and ``tokenizer.json``; checksums are verified
-    when ``distillery_lm.json`` is there. Nothing is downloaded."""
+def load_lm(path: str | Path, *, verify: bool = True) -> tuple[CausalLM, Any]:
+    """(model, tokenizer) from a folder written by ``save_lm`` (its checksums verified), or, with
+    ``verify=False``, any local transformers causal-LM folder with ``config.json``, safetensors weights and
+    ``tokenizer.json``. A folder without its checksum record is refused unless ``verify`` is off.
+    Nothing is downloaded."""
     transformers = require_transformers()
     path = Path(path)
     if not (path / "config.json").is_file():
@@ -164,14 +165,11 @@ def load_lm(path: str | Path) -> tuple[CausalLM, Any]:
                               "distillery (save_lm, `distillery lm`) or by transformers' save_pretrained.")
     tok = load_tokenizer(path)
     vocab = tok.get_vocab_size()
-    if (path / CONFIG).is_file():
-        meta = read_json(path / CONFIG, "language-model config")
-        if meta.get("format") != FORMAT:
-            raise DistilleryError(f"{path / CONFIG} is not a distillery language-model config of format {FORMAT}.")
-        for name, digest in meta.get("files", {}).items():
-            if not (path / name).is_file() or sha256_file(path / name) != digest:
-                raise DistilleryError(f"{path / name} is missing or does not match its checksum in {CONFIG}; "
-                                      "the folder is damaged: save the model again.")
+    meta = read_json(path / CONFIG, "language-model config") if (path / CONFIG).is_file() else None
+    if meta is not None and meta.get("format") != FORMAT:
+        raise DistilleryError(f"{path / CONFIG} is not a distillery language-model config of format {FORMAT}.")
+    check_files(path, meta, f"model folder {str(path)!r} ({CONFIG})", verify=verify)
+    if meta is not None:
         vocab = int(meta["vocab_size"])
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers.utils.logging.disable_progress_bar()

@@ -57,7 +57,7 @@ def load_data(recipe: LMRecipe, tokenizer=None) -> tuple[dict[str, corpus.TokenD
 def build_model(recipe: LMRecipe, tok) -> CausalLM:
     if recipe.model in PRESETS:
         return llama(recipe.model, vocab_size=tok.get_vocab_size(), seed=recipe.seed, max_length=max(512, recipe.block + 1))
-    model, mtok = load_lm(recipe.model)
+    model, mtok = load_lm(recipe.model, verify=recipe.verify)
     check_same_tokenizer(mtok, tok)
     return model
 
@@ -124,7 +124,7 @@ def run_recipe(recipe: LMRecipe, out: str | Path, *, progress: bool | None = Non
     out.mkdir(parents=True, exist_ok=True)
     _same_recipe(recipe, out)
     torch.set_num_threads(recipe.threads)
-    teacher, ttok = (None, None) if recipe.teacher is None else load_lm(recipe.teacher)
+    teacher, ttok = (None, None) if recipe.teacher is None else load_lm(recipe.teacher, verify=recipe.verify)
     splits, tok = load_data(recipe, ttok)
     model = build_model(recipe, tok)
     t0 = time.perf_counter()
@@ -147,7 +147,7 @@ def run_recipe(recipe: LMRecipe, out: str | Path, *, progress: bool | None = Non
         elif recipe.method == "adaspec":
             from .adaspec import AdaSPEC, BatchTeacher
 
-            ref, rtok = load_lm(recipe.reference)
+            ref, rtok = load_lm(recipe.reference, verify=recipe.verify)
             check_same_tokenizer(rtok, tok)
             task = AdaSPEC(model, ref, teacher, recipe.keep)
             D.distil(model, BatchTeacher(), splits["train"], recipe.train, **kd, **common, task=task)

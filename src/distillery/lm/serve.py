@@ -537,6 +537,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                         "unset = no key needed)")
     s.add_argument("--max-logprobs", type=int, default=20, help="the most top log-probabilities per token (default 20)")
     s.add_argument("--quiet", action="store_true", help="no line per request")
+    s.add_argument("--unverified", action="store_true",
+                   help="serve a folder without a distillery checksum record (from elsewhere), knowingly")
     s.set_defaults(fn=run)
     return s
 
@@ -545,7 +547,7 @@ def run(args) -> int:
     """``distillery serve``: load the folder and serve it until interrupted."""
     from .models import load_lm
 
-    model, tokenizer = load_lm(args.model_dir)
+    model, tokenizer = load_lm(args.model_dir, verify=not args.unverified)
     name = args.name or Path(args.model_dir).resolve().name
     key = os.environ.get(args.api_key_env) or None
     server = CompletionServer(model, tokenizer, name, args.host, args.port, key, max_logprobs=args.max_logprobs,
