@@ -232,3 +232,22 @@ def test_sparse_kd_ignores_garbage_in_masked_rows():
     assert torch.isfinite(out)
     out.backward()
     assert torch.isfinite(s.grad).all()
+
+
+def test_the_manifest_is_sealed_and_confined_to_the_store(tmp_path):
+    data, _model, teacher = setup()
+    write_store(teacher, data, tmp_path, teacher_fingerprint="abc", shard_size=100)
+    path = tmp_path / "manifest.json"
+    good = json.loads(path.read_text())
+    path.write_text(json.dumps({**good, "temperature": 2.0}))  # an edit would silently change training
+    with pytest.raises(DistilleryError, match="does not match its checksum"):
+        TeacherStore(tmp_path)
+    escaped = {**good, "shards": [{**good["shards"][0], "file": "../elsewhere"}, *good["shards"][1:]]}
+    from distillery.store import _seal
+
+    escaped["sha256"] = _seal(escaped)  # even a consistent manifest may not point outside the store
+    path.write_text(json.dumps(escaped))
+    with pytest.raises(DistilleryError, match="not a shard of this store"):
+        TeacherStore(tmp_path)
+    path.write_text(json.dumps(good))
+    assert len(TeacherStore(tmp_path)) == len(data)

@@ -25,6 +25,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -170,7 +171,7 @@ def write_store(
     manifest_path = out / "manifest.json"
     shards: list[dict] = []
     if manifest_path.is_file():
-        old = read_json(manifest_path, "store manifest")
+        old = read_manifest(manifest_path)
         differs = [k for k in settings if old.get(k) != settings[k]]
         if differs:
             raise DistilleryError(f"{out} holds a store written with other settings ({', '.join(differs)} differ); "
@@ -206,12 +207,36 @@ def write_store(
         shutil.rmtree(final, ignore_errors=True)  # a shard cut mid-write, or one that failed its checksum
         os.replace(tmp, final)
         shards.append({"file": name, "rows": hi - lo, "sha256": _shard_sha(final)})
-        atomic_write_json(manifest_path, {**settings, "shards": shards, "complete": i + 1 == n_shards})
+        _write_manifest(manifest_path, {**settings, "shards": shards, "complete": i + 1 == n_shards})
         if progress:
             print(f"store: shard {i + 1}/{n_shards} ({hi} of {len(data)} samples)", flush=True)
-    if not shards or not read_json(manifest_path, "store manifest").get("complete"):
-        atomic_write_json(manifest_path, {**settings, "shards": shards, "complete": True})
+    if not shards or not read_manifest(manifest_path).get("complete"):
+        _write_manifest(manifest_path, {**settings, "shards": shards, "complete": True})
     return out
+
+
+def _seal(manifest: dict) -> str:
+    body = {k: v for k, v in manifest.items() if k != "sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _write_manifest(path: Path, manifest: dict) -> None:
+    """The manifest with a checksum over every field (temperature, k, fingerprints, shard list)."""
+    atomic_write_json(path, {**manifest, "sha256": _seal(manifest)})
+
+
+def read_manifest(path: Path) -> dict:
+    """A store's manifest, verified: an edited field (a temperature changed by hand) or a shard entry that
+    names a path outside the store is refused."""
+    m = read_json(path, "store manifest")
+    if not isinstance(m, dict) or m.get("sha256") != _seal(m):
+        raise DistilleryError(f"{path}: the manifest does not match its checksum (edited, damaged, or written by an "
+                              "older distillery); write the store again with `distillery cache`.")
+    for sh in m.get("shards", []):
+        name = str(sh.get("file", ""))
+        if not re.fullmatch(r"shard-\d{5}", name):
+            raise DistilleryError(f"{path}: shard entry {name!r} is not a shard of this store; the manifest was altered.")
+    return m
 
 
 def _describe(augment) -> Any:
@@ -262,7 +287,7 @@ class TeacherStore:
         if not mpath.is_file():
             raise DistilleryError(f"{self.path} is not a teacher-output store (no manifest.json); "
                                   "write one with `distillery cache` or distillery.store.write_store.")
-        self.manifest = m = read_json(mpath, "store manifest")
+        self.manifest = m = read_manifest(mpath)
         if m.get("format") != FORMAT or m.get("version") != VERSION:
             raise DistilleryError(f"{mpath}: not a {FORMAT} v{VERSION} manifest.")
         if not m.get("complete"):
