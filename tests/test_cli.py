@@ -267,3 +267,21 @@ def test_eval_refuses_weights_without_their_checksum_record(tiny, tmp_path, caps
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no checksum record" in err[0] and "--unverified" in err[0]
     assert main(["eval", str(out), "--unverified"]) == 0
+
+
+def test_latency_is_timed_at_one_thread_with_its_spread():
+    from torch import nn
+
+    from distillery.pipeline import latency
+
+    before = torch.get_num_threads()
+    seen = []
+
+    class Probe(nn.Module):
+        def forward(self, x):
+            seen.append(torch.get_num_threads())
+            return x
+
+    out = latency(Probe(), torch.zeros(4, 3), repeats=3, rounds=2)
+    assert set(seen) == {1} and len(seen) == 5 + 3 * 2 and torch.get_num_threads() == before
+    assert out["ms"] >= 0 and out["spread_ms"] >= 0 and out["threads"] == 1

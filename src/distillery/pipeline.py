@@ -113,18 +113,34 @@ def load_weights(model: nn.Module, path: Path, *, verify: bool = True) -> dict:
 
 
 @torch.no_grad()
-def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50) -> float:
-    """Median wall time of one forward pass on a single sample (CPU, current thread count)."""
+def latency(model: nn.Module, example: torch.Tensor, repeats: int = 50, rounds: int = 5) -> dict[str, float]:
+    """Wall time of one forward pass on a single sample at one CPU thread: ``rounds`` rounds of ``repeats``
+    timed calls after a warm-up; ``ms`` is the median of the round medians, ``spread_ms`` their range
+    (max - min). One thread and medians keep the figure stable on a shared machine, where a single
+    timing at several threads varied a hundredfold between identical runs."""
     model.eval()
     x = example[:1]
-    for _ in range(5):
-        model(x)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        model(x)
-        times.append(time.perf_counter() - t)
-    return 1000 * statistics.median(times)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for _ in range(5):
+            model(x)
+        medians = []
+        for _ in range(rounds):
+            times = []
+            for _ in range(repeats):
+                t = time.perf_counter()
+                model(x)
+                times.append(time.perf_counter() - t)
+            medians.append(1000 * statistics.median(times))
+    finally:
+        torch.set_num_threads(threads)
+    return {"ms": statistics.median(medians), "spread_ms": max(medians) - min(medians), "threads": 1}
+
+
+def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50) -> float:
+    """The median batch-1 latency in milliseconds (``latency``)."""
+    return latency(model, example, repeats)["ms"]
 
 
 def _ece(probs: torch.Tensor, targets: torch.Tensor) -> float:
@@ -482,8 +498,9 @@ def measure(trained: dict[str, nn.Module], test: TensorData, run_dir: Path | Non
         if run_dir is not None:
             atomic_save_safetensors(run_dir / "predictions" / f"{PHASE.get(name, name)}.safetensors",
                                     {"probs": probs, "targets": test.y})
+        lat = latency(model, test.x)
         rows.append({"model": name, "phase": PHASE.get(name, name), "accuracy": ev["accuracy"],
-                     "params": models.num_params(model), "latency_ms": latency_ms(model, test.x),
+                     "params": models.num_params(model), "latency_ms": lat["ms"], "latency_spread_ms": lat["spread_ms"],
                      "agreement": ev["agreement"], "ece": _ece(probs, test.y)})
     return rows
 
@@ -496,9 +513,11 @@ def _index(recipe: Recipe, run_dir: Path, summary: dict) -> None:
 
 def format_rows(rows: list[dict]) -> str:
     """The table printed at the end of a run."""
-    head = f"{'model':<10} {'accuracy':>9} {'params':>9} {'latency/sample':>15} {'agreement':>10}"
+    head = f"{'model':<10} {'accuracy':>9} {'params':>9} {'latency/sample (1 thread)':>26} {'agreement':>10}"
     lines = [head, "-" * len(head)]
     for r in rows:
         agree = "-" if r["agreement"] is None else f"{100 * r['agreement']:.1f}%"
-        lines.append(f"{r['model']:<10} {100 * r['accuracy']:>8.2f}% {r['params']:>9,} {r['latency_ms']:>12.3f} ms {agree:>10}")
+        spread = r.get("latency_spread_ms")
+        lat = f"{r['latency_ms']:.3f} ms" + ("" if spread is None else f" ± {spread / 2:.3f}")
+        lines.append(f"{r['model']:<10} {100 * r['accuracy']:>8.2f}% {r['params']:>9,} {lat:>26} {agree:>10}")
     return "\n".join(lines)

@@ -72,7 +72,8 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
 def _summary_table(rows: list[Any], predictions: dict[str, tuple[Any, Any]]) -> str:
     head = "".join(
         f"<th>{h}</th>"
-        for h in ("model", "phase", "accuracy %", "params", "latency ms", "agreement %", "ECE")
+        for h in ("model", "phase", "accuracy %", "params", "latency ms (1 thread, median ± half-range)", "agreement %",
+                  "ECE")
     )
     body = []
     for row in rows:
@@ -87,7 +88,8 @@ def _summary_table(rows: list[Any], predictions: dict[str, tuple[Any, Any]]) -> 
             f"<td>{_e(row.get('phase', DASH))}</td>",
             f'<td class="num">{_pct(row.get("accuracy"))}</td>',
             f'<td class="num">{_fmt(row.get("params"), ",")}</td>',
-            f'<td class="num">{_fmt(row.get("latency_ms"), ".3f")}</td>',
+            f'<td class="num">{_fmt(row.get("latency_ms"), ".3f")}'
+            + (f' ± {row["latency_spread_ms"] / 2:.3f}' if _is_num(row.get("latency_spread_ms")) else "") + "</td>",
             f'<td class="num">{_pct(row.get("agreement"))}</td>',
             f'<td class="num">{_fmt(ece_value, ".4f")}</td>',
         ]
