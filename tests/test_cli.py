@@ -110,9 +110,9 @@ def test_missing_and_corrupted_weights(tiny, tmp_path, capsys):
 def test_validate_and_ls(capsys):
     assert main(["validate"]) == 0
     assert "ok      mnist1d/kd" in capsys.readouterr().out
-    assert main(["validate", "mnist1d/kd", "nope.yaml"]) == 1
-    out = capsys.readouterr().out
-    assert "ok      mnist1d/kd" in out and "invalid nope.yaml: recipe file 'nope.yaml' does not exist" in out
+    assert main(["validate", "mnist1d/kd", "nope.yaml"]) == 2
+    got = capsys.readouterr()
+    assert "ok      mnist1d/kd" in got.out and "invalid nope.yaml: recipe file 'nope.yaml' does not exist" in got.err
     assert main(["ls"]) == 0
     listing = capsys.readouterr().out
     for name in ("mnist1d/kd", "kd", "dkd", "mlp", "cnn1d", "mnist1d_transfer", "digits"):

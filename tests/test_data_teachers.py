@@ -30,7 +30,7 @@ def test_transfer_set_is_unlabelled_and_differs_from_the_standard_set():
     assert t.y is None and len(t) == 205 and t.input_shape == (40,)
     std = data.build("mnist1d", {"num_samples": 500})["train"]
     assert not torch.allclose(t.x[:50], std.x[:50])
-    with pytest.raises(ValueError, match="seed 42"):
+    with pytest.raises(DistilleryError, match="seed 42"):
         data.build("mnist1d_transfer", {"seed": 42})
 
 

@@ -77,6 +77,12 @@ def _cmd_run(args) -> int:
 def _cmd_cache(args) -> int:
     from . import pipeline, recipes
 
+    _positive_flags(args, "top_k", "temperature", "shard_size")
+    if args.temperature != args.temperature or args.temperature == float("inf"):
+        raise DistilleryError(f"--temperature must be a finite number > 0, got {args.temperature}.")
+    choices = ("train", "transfer", "train+transfer", "test")
+    if args.data is not None and args.data not in choices:
+        raise DistilleryError(f"--data must be one of {', '.join(choices)}, got {args.data!r}.")
     recipe = recipes.load(args.recipe, args.overrides)
     out = pipeline.write_teacher_store(recipe, args.data or recipe.distill.data, args.out, top_k=args.top_k, temperature=args.temperature,
                                        tail=args.tail, dtype=args.dtype, shard_size=args.shard_size,
@@ -102,8 +108,8 @@ def _cmd_validate(args) -> int:
             print(f"ok      {name}")
         except DistilleryError as e:
             failed += 1
-            print(f"invalid {name}: {e}")
-    return 1 if failed else 0
+            print(f"invalid {name}: {e}", file=sys.stderr)
+    return 2 if failed else 0
 
 
 def _condense_table(results: list[dict]) -> str:
@@ -244,10 +250,12 @@ def _cmd_embed(args) -> int:
     from .embed import Embedder, read_sentences
     from .io import atomic_write_bytes
 
+    out = Path(args.output) if args.output else Path(args.input).with_suffix(".npy")
+    _positive_flags(args, "batch_size")
+    _output_path(out, [Path(args.input), Path(args.model_dir)], "--output")
     model = Embedder.load(args.model_dir, verify=not args.unverified)
     sentences = read_sentences(args.input)
     emb = model.encode(sentences, batch_size=args.batch_size).numpy()
-    out = Path(args.output) if args.output else Path(args.input).with_suffix(".npy")
     import io as _io
 
     buf = _io.BytesIO()
@@ -279,6 +287,12 @@ def _cmd_embed_distill(args) -> int:
     )
     from .io import atomic_write_json
 
+    _positive_flags(args, "batch_size", "held_out", "epochs", "out_dim", "pca", "lr")
+    try:
+        layers = [int(v) for v in args.layers.split(",")] if args.layers else None
+    except ValueError:
+        raise DistilleryError(f"--layers takes comma-separated layer indices like 0,5, got {args.layers!r}.") from None
+    _output_path(Path(args.out), [Path(p) for p in (args.teacher, args.corpus) if p], "--out")
     teacher = load_teacher(args.teacher, verify=not args.unverified)
     sentences = read_sentences(args.corpus) if args.corpus else stdlib_sentences()
     train, test = split(sentences, held_out=args.held_out)
@@ -286,10 +300,7 @@ def _cmd_embed_distill(args) -> int:
     t0 = time.perf_counter()
     if args.method == "layers":
         n = teacher.model.backbone.config.num_hidden_layers
-        try:
-            layers = [int(v) for v in args.layers.split(",")] if args.layers else default_layers(n, 2)
-        except ValueError:
-            raise DistilleryError(f"--layers takes comma-separated layer indices like 0,5, got {args.layers!r}.") from None
+        layers = layers if layers is not None else default_layers(n, 2)
         student = cut_layers(teacher, layers, args.out_dim)
         init_head(student, train[:2048])  # a projection (--out-dim) starts at the principal directions
         epochs, lr, batch = args.epochs or 3, args.lr or 1e-4, args.batch_size or 64
@@ -315,14 +326,37 @@ def _cmd_embed_distill(args) -> int:
     return 0
 
 
+def _positive_flags(args, *names: str) -> None:
+    """Numeric flags that must be > 0 when given (a negative batch size once wrote uninitialised memory)."""
+    for n in names:
+        v = getattr(args, n, None)
+        if v is not None and not v > 0:
+            raise DistilleryError(f"--{n.replace('_', '-')} must be > 0, got {v}.")
+
+
+def _output_path(out: Path, inputs: list[Path], flag: str) -> None:
+    """An output may not be one of the inputs, nor inside a model folder it reads."""
+    for p in inputs:
+        if p.exists() and out.resolve() == p.resolve():
+            raise DistilleryError(f"{flag} {str(out)!r} is an input of this command; write somewhere else.")
+
+
 def _need(path: Path, what: str) -> Path:
     if not path.exists():
         raise DistilleryError(f"{what} {str(path)!r} is missing; is this a run directory written by `distillery run`?")
     return path
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage stays in --help)."""
+
+    def error(self, message: str):
+        print(f"error: {message} (see `{self.prog} --help`)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="distillery", description="Knowledge distillation for PyTorch.")
+    p = _Parser(prog="distillery", description="Knowledge distillation for PyTorch.")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("ls", help="list recipes, losses, models and data sets")
@@ -432,6 +466,13 @@ def main(argv: list[str] | None = None) -> int:
     except DistilleryError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Exception:  # not the user's input: show where, and say so
+        import traceback
+
+        traceback.print_exc()
+        print("error: an unexpected failure (a bug in distillery, not in your input); please report it with the "
+              "traceback above.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         hint = ""
         if getattr(args, "command", "") == "run":

@@ -103,6 +103,8 @@ class TrainConfig:
             raise DistilleryError(f"train.lr must be > 0, got {self.lr}.")
         if self.clip_grad_norm is not None and not (self.clip_grad_norm > 0 and math.isfinite(self.clip_grad_norm)):
             raise DistilleryError("train.clip_grad_norm must be a finite number > 0, or null.")
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", str(self.device)):
+            raise DistilleryError(f"train.device: {self.device!r} is not a device; use auto, cpu, cuda, cuda:N or mps.")
         if self.num_workers < 0:
             raise DistilleryError(f"train.num_workers must be >= 0, got {self.num_workers}.")
         if self.prefetch_factor is not None and (self.prefetch_factor < 1 or self.num_workers == 0):
@@ -240,6 +242,9 @@ class Recipe:
     """Where trained teachers are kept for reuse; default ``<runs_dir>/cache``."""
 
     def __post_init__(self) -> None:
+        share = self.distill.labelled_share
+        if share is not None and not 0 <= share <= 1:
+            raise DistilleryError(f"distill.labelled_share must lie in [0, 1] (a share of every batch), got {share}.")
         if "transfer" in self.distill.data and self.transfer is None:
             raise DistilleryError(
                 f"distill.data is {self.distill.data!r} but the recipe has no 'transfer' data set; "
@@ -398,7 +403,8 @@ def apply_overrides(raw: dict, overrides: list[str]) -> dict:
         try:
             value = safe_load(text) if text.strip() else None
         except yaml.YAMLError as e:
-            raise DistilleryError(f"override {item!r}: the value is not valid YAML ({e}).") from None
+            problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+            raise DistilleryError(f"override {item!r}: the value is not valid YAML ({problem}).") from None
         parts = key.strip().split(".")
         node: Any = raw
         for i, part in enumerate(parts):
@@ -448,7 +454,10 @@ def load_yaml(path: str | Path) -> dict:
     try:
         data = safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as e:
-        raise DistilleryError(f"recipe {str(path)!r} is not valid YAML: {e}") from None
+        where = getattr(e, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        problem = getattr(e, "problem", None) or str(e).strip().splitlines()[0]
+        raise DistilleryError(f"recipe {str(path)!r} is not valid YAML{at}: {problem}.") from None
     except OSError as e:
         raise DistilleryError(f"cannot read recipe {str(path)!r}: {e.strerror}.") from None
     if not isinstance(data, dict):

@@ -223,6 +223,27 @@ class Objective:
             out["term_balance"] = self.balance
         return out
 
+    def check(self, num_classes: int) -> None:
+        """Each logit term's parameters, checked by one call on a tiny random batch (what a recipe can get
+        wrong before training: a negative temperature, a teacher of null for a loss that reads one).
+        Feature terms, learned states and id-keyed losses are checked when the engine probes the models."""
+        g = torch.Generator().manual_seed(0)
+        c = max(int(num_classes), 2)
+        s, tv, y = torch.randn(2, c, generator=g), torch.randn(2, c, generator=g), torch.tensor([0, 1])
+        for t in self.terms:
+            if t.is_feature or t.state_cls is not None or t.needs_ids or t.batch_keys or t.peer is not None:
+                continue
+            kw: dict[str, Any] = {"targets": y} if t.needs_targets else {}
+            try:
+                t.call(s, None if t.teacher is None else tv, **kw)
+            except DistilleryError as e:
+                raise DistilleryError(f"term {t.name!r}: {e}") from None
+            except (TypeError, AttributeError, ValueError, RuntimeError):
+                if t.teacher is None:
+                    raise DistilleryError(f"term {t.name!r}: loss {t.loss!r} reads the teacher, but the term says "
+                                          "teacher: null; remove that key (teacher: logits).") from None
+                raise
+
     def describe(self) -> dict[str, Any]:
         """The objective as plain data (terms with their parameters), for a run's signature."""
         def plain(v: Any) -> Any:

@@ -50,17 +50,31 @@ def _check_selection(recipe: Recipe) -> None:
 
 
 def validate(recipe: Recipe) -> None:
-    """Check names and parameters of every component without building data or training."""
+    """Check everything knowable before training: names and parameters of every component, the data
+    sets (loaded: they are generated once and cached) and their sizes, both models (built: their
+    arguments and every module path a term or stage names), and each logit term's parameters (one call
+    on a tiny batch). Nothing is written."""
     if getattr(recipe, "kind", None) in ("condense", "lm"):
         return  # condense and lm recipes are checked completely when they are loaded
     _check_selection(recipe)
     check_kwargs(datasets.get(recipe.data.name), recipe.data.args, f"data {recipe.data.name!r}")
     if recipe.transfer is not None:
         check_kwargs(datasets.get(recipe.transfer.name), recipe.transfer.args, f"transfer {recipe.transfer.name!r}")
+        if recipe.transfer.args.get("seed", object()) == recipe.data.args.get("seed", object()) \
+                and recipe.transfer.name.startswith(recipe.data.name):
+            raise DistilleryError(f"transfer.seed equals data.seed ({recipe.transfer.args['seed']}): the transfer set "
+                                  "would repeat the labelled samples; give it another seed.")
     for where, spec in (("teacher.model", recipe.teacher.model), ("student.model", recipe.student.model)):
         check_kwargs(models.get(spec.name), spec.args, f"{where} {spec.name!r}", skip=2)
-    for stage in stages(recipe):
-        Objective(stage.terms)
+    objectives = [Objective(stage.terms) for stage in stages(recipe)]
+    data = load_data(recipe)
+    for name, part in (("train", data.train), ("test", data.test), ("transfer", data.transfer)):
+        if part is not None and len(part) == 0:
+            raise DistilleryError(f"the {name} split of {recipe.data.name if name != 'transfer' else recipe.transfer.name!r}"
+                                  " is empty; give the data set more samples.")
+    check_module_paths(recipe, build_model(recipe.student.model, data.train), build_model(recipe.teacher.model, data.train))
+    for objective in objectives:
+        objective.check(data.train.num_classes)
 
 
 # --------------------------------------------------------------------------- weights on disk
@@ -264,13 +278,28 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: bool = Fal
     distributed.barrier()
     try:
         result = _run(recipe, run_dir, resume, progress, summary)
-    except BaseException:
+    except Exception:
         if rank == 0:
-            summary["status"] = "failed"
-            atomic_write_json(run_dir / "summary.json", summary)
-            _index(recipe, run_dir, summary)
+            if not resume and not any((run_dir / "checkpoints").glob("*/last.json")):
+                _forget(run_dir)  # failed before its first checkpoint: nothing to resume, the folder stays usable
+            else:
+                summary["status"] = "failed"
+                atomic_write_json(run_dir / "summary.json", summary)
+                _index(recipe, run_dir, summary)
         raise
     return result
+
+
+def _forget(run_dir: Path) -> None:
+    """Remove what a run wrote before it failed without any checkpoint (so ``--out`` can be used again)."""
+    import shutil
+
+    for name in ("config.yaml", "summary.json", "metrics.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in ("checkpoints", "models", "predictions", "report"):
+        shutil.rmtree(run_dir / name, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        run_dir.rmdir()  # only if now empty
 
 
 def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, summary: dict) -> RunResult:

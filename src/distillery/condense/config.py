@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -61,4 +62,16 @@ class CondenseRecipe:
         values = dict(self.settings)
         if values.get("strategy") is not None:  # null: the data's default strategy
             values["strategy"] = check_strategy(list(values["strategy"]), SHAPES[self.data])
+        for k, v in values.items():  # declared ranges: counts >= 1 (max_start_epoch >= 0), rates finite and > 0
+            if k in ("strategy", "extra") or v is None or isinstance(v, bool):
+                continue
+            if not isinstance(v, (int, float)):
+                raise DistilleryError(f"settings.{k} must be a number, got {v!r}.")
+            if k.startswith("lr"):
+                ok, need = math.isfinite(v) and v > 0, "a finite number > 0"
+            else:
+                low = 0 if k in ("max_start_epoch", "sam_rho") else 1
+                ok, need = math.isfinite(v) and v >= low, f"at least {low}"
+            if not ok:
+                raise DistilleryError(f"settings.{k} must be {need}, got {v}.")
         return Settings(**values)

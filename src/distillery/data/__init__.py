@@ -24,10 +24,17 @@ def names() -> list[str]:
 
 def build(name: str, args: dict | None = None) -> dict[str, TensorData]:
     from ..config import check_kwargs
+    from ..errors import DistilleryError
 
     fn = DATASETS.get(name)
     check_kwargs(fn, args or {}, f"data set {name!r}")
-    return fn(**(args or {}))
+    try:
+        return fn(**(args or {}))
+    except DistilleryError:
+        raise
+    except (ValueError, TypeError, IndexError, ZeroDivisionError) as e:  # e.g. a size of 0 or below
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistilleryError(f"data set {name!r} cannot be built with {args or {}}: {first}") from None
 
 
 from . import builtin  # noqa: E402, F401  (registers the built-in sets)

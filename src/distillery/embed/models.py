@@ -33,6 +33,7 @@ from ..io import (
     read_json,
     sha256_file,
 )
+from ..lm.models import from_pretrained
 
 CONFIG = "distillery_embed.json"
 FORMAT = 1
@@ -120,7 +121,11 @@ def _load_tokenizer(path: Path):
     if not file.is_file():
         raise DistilleryError(f"{path} has no tokenizer.json; a model folder needs its fast tokenizer "
                               "(save it with tokenizer.save_pretrained or Embedder.save).")
-    tok = Tokenizer.from_file(str(file))
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises its own exception type for a garbled file
+        raise DistilleryError(f"{file} is not a readable tokenizer file ({str(e).splitlines()[0][:120]}); save the "
+                              "tokenizer again.") from None
     tok.no_padding()  # padding and truncation are ours (right padding, max_length per model)
     tok.no_truncation()
     return tok
@@ -249,7 +254,7 @@ def _load_backbone(path: Path, out_dim: int | None = None, pad_id: int | None = 
     if not (path / "config.json").is_file():
         raise DistilleryError(f"{path} has no config.json; it is not a transformers model folder.")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local folder: never reach for the hub
-    backbone = transformers.AutoModel.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+    backbone = from_pretrained(transformers.AutoModel, path)
     backbone.eval()
     pad = backbone.config.pad_token_id if pad_id is None else pad_id
     return Encoder(backbone, 0 if pad is None else pad, out_dim)

@@ -147,10 +147,31 @@ def load_tokenizer(path: str | Path):
     if not file.is_file():
         raise DistilleryError(f"{file} does not exist; a model folder needs its tokenizer.json "
                               "(save_lm writes it; for a transformers folder, tokenizer.save_pretrained).")
-    tok = Tokenizer.from_file(str(file))
+    try:
+        tok = Tokenizer.from_file(str(file))
+    except Exception as e:  # the tokenizers library raises its own exception type for a garbled file
+        raise DistilleryError(f"{file} is not a readable tokenizer file ({str(e).splitlines()[0][:120]}); save the "
+                              "tokenizer again.") from None
     tok.no_padding()
     tok.no_truncation()
     return tok
+
+
+def from_pretrained(cls, path: Path):
+    """``cls.from_pretrained`` of a local folder, safetensors only, nothing downloaded; a garbled, pickle-only
+    or truncated folder is a one-line error."""
+    path = Path(path)
+    if not any(path.glob("*.safetensors")):
+        found = sorted(p.name for p in path.glob("*.bin")) or sorted(p.name for p in path.iterdir())[:5]
+        raise DistilleryError(f"{path} holds no safetensors weights ({', '.join(found) or 'nothing'}); distillery loads "
+                              "safetensors only (pickled .bin files can run code): convert it with "
+                              "model.save_pretrained(path, safe_serialization=True).")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        return cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise DistilleryError(f"{path} is not a readable model folder ({first}).") from None
 
 
 def load_lm(path: str | Path, *, verify: bool = True) -> tuple[CausalLM, Any]:
@@ -171,9 +192,8 @@ def load_lm(path: str | Path, *, verify: bool = True) -> tuple[CausalLM, Any]:
     check_files(path, meta, f"model folder {str(path)!r} ({CONFIG})", verify=verify)
     if meta is not None:
         vocab = int(meta["vocab_size"])
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     transformers.utils.logging.disable_progress_bar()
-    hf = transformers.AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+    hf = from_pretrained(transformers.AutoModelForCausalLM, path)
     hf.eval()
     return CausalLM(hf, vocab), tok
 

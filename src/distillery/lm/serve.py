@@ -547,6 +547,10 @@ def run(args) -> int:
     """``distillery serve``: load the folder and serve it until interrupted."""
     from .models import load_lm
 
+    if not 0 <= args.port <= 65535:
+        raise DistilleryError(f"--port must lie in 0..65535 (0: any free port), got {args.port}.")
+    if args.max_logprobs < 0:
+        raise DistilleryError(f"--max-logprobs must be >= 0, got {args.max_logprobs}.")
     model, tokenizer = load_lm(args.model_dir, verify=not args.unverified)
     name = args.name or Path(args.model_dir).resolve().name
     key = os.environ.get(args.api_key_env) or None

@@ -28,7 +28,14 @@ def build(name: str, input_shape: tuple[int, ...], num_classes: int, args: dict 
 
     fn = MODELS.get(name)
     check_kwargs(fn, args or {}, f"model {name!r}", skip=2)
-    return fn(tuple(input_shape), num_classes, **(args or {}))
+    try:
+        return fn(tuple(input_shape), num_classes, **(args or {}))
+    except (ValueError, TypeError, RuntimeError) as e:  # e.g. a negative width reaching nn.Linear
+        from ..errors import DistilleryError
+
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DistilleryError(f"model {name!r} cannot be built with {args or {}}: {first}; check its sizes "
+                              "(positive integers).") from None
 
 
 def num_params(model: nn.Module) -> int:
