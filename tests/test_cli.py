@@ -285,3 +285,24 @@ def test_latency_is_timed_at_one_thread_with_its_spread():
     out = latency(Probe(), torch.zeros(4, 3), repeats=3, rounds=2)
     assert set(seen) == {1} and len(seen) == 5 + 3 * 2 and torch.get_num_threads() == before
     assert out["ms"] >= 0 and out["spread_ms"] >= 0 and out["threads"] == 1
+
+
+def test_the_teacher_cache_key_follows_the_model_source(tmp_path, monkeypatch):
+    import importlib
+
+    from distillery.pipeline import model_structure
+
+    keys = []
+    for i, act in enumerate(("relu", "gelu")):
+        pkg = tmp_path / f"v{i}"
+        pkg.mkdir()
+        (pkg / "user_teacher.py").write_text(
+            "import torch\n\n\nclass Teacher(torch.nn.Module):\n    def __init__(self):\n        super().__init__()\n"
+            f"        self.lin = torch.nn.Linear(3, 2)\n\n    def forward(self, x):\n        return torch.{act}(self.lin(x))\n")
+        monkeypatch.syspath_prepend(str(pkg))
+        import sys
+
+        sys.modules.pop("user_teacher", None)
+        mod = importlib.import_module("user_teacher")
+        keys.append(model_structure(mod.Teacher()))
+    assert keys[0] != keys[1]  # same class name, same shapes, another activation: another cache entry

@@ -359,6 +359,10 @@ def test_server_defaults_to_loopback_and_lists_its_model(server, lm):
     ({"model": NAME, "prompt": [1], "stream": True}, 400, "streaming"),
     ({"prompt": [1]}, 400, "no model"),
     ({"model": "other", "prompt": [1]}, 404, "does not exist"),
+    ({"model": NAME, "prompt": [1], "seed": 2**70}, 400, "seed must be between"),
+    ({"model": NAME, "prompt": [1], "max_tokens": 10**30}, 400, "max_tokens must be between"),
+    ({"model": NAME, "prompt": [1], "top_k": 2**80}, 400, "top_k must be between"),
+    ({"model": NAME, "prompt": "x" * 100_000}, 400, "characters"),
 ])
 def test_server_refuses_bad_requests_clearly(server, body, status, words):
     got, answer = post(server.url + "/completions", body)
@@ -368,6 +372,34 @@ def test_server_refuses_bad_requests_clearly(server, body, status, words):
 def test_server_refuses_invalid_json(server):
     status, answer = post(server.url + "/completions", None, raw=b"{not json")
     assert status == 400 and "not valid JSON" in answer["error"]["message"]
+
+
+def test_deeply_nested_json_is_refused_before_parsing(server):
+    for raw in (b"[" * 200_000 + b"]" * 200_000, b'{"a":' * 5_000 + b"1" + b"}" * 5_000):
+        status, answer = post(server.url + "/completions", None, raw=raw)
+        assert status == 400 and "nests deeper" in answer["error"]["message"]
+    status, _ = post(server.url + "/completions", {"model": NAME, "prompt": [1], "stop": ["[[[[" * 50]})
+    assert status == 200  # brackets inside strings are not nesting
+
+
+def test_the_key_is_checked_before_the_body_is_read(lm):
+    model, tok = lm
+    with CompletionServer(model, tok, NAME, api_key="sk-right", quiet=True) as keyed:
+        host, port = keyed.host, keyed.port
+        with socket.create_connection((host, port), timeout=10) as sock:  # announces 1 GB, sends none of it
+            sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 1000000000\r\n\r\n")
+            head = sock.recv(4096).decode("latin-1")
+        assert head.startswith("HTTP/1.1 401")
+
+
+def test_control_characters_in_the_request_line_are_escaped_in_the_log(lm, capfd):
+    model, tok = lm
+    with CompletionServer(model, tok, NAME, quiet=False) as loud, \
+            socket.create_connection((loud.host, loud.port), timeout=10) as sock:
+        sock.sendall(b"GET /v1/models\x1b[31mred HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        sock.recv(4096)
+    err = capfd.readouterr().err
+    assert "\x1b" not in err and "\\x1b" in err
 
 
 def test_server_echo_scores_text_prompts_openai_style(server, lm):

@@ -205,12 +205,31 @@ def build_model(spec, d: TensorData) -> nn.Module:
     return models.build(spec.name, d.input_shape, d.num_classes, spec.args)
 
 
-def teacher_fingerprint(recipe: Recipe) -> str:
-    """What decides the trained teacher: its model, training settings, data set and seed."""
+def model_structure(model: nn.Module) -> str:
+    """A hash of what a built model is: its classes' source code (or names, where the source cannot be read)
+    and its parameter and buffer names and shapes. A user who edits their model class (another activation,
+    same name) gets another hash."""
+    import inspect
+
+    h = hashlib.sha256()
+    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: f"{c.__module__}.{c.__qualname__}"):
+        h.update(f"{cls.__module__}.{cls.__qualname__}".encode())
+        if not cls.__module__.startswith("torch."):
+            with contextlib.suppress(OSError, TypeError):
+                h.update(inspect.getsource(cls).encode())
+    for k, v in model.state_dict().items():
+        h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
+    return h.hexdigest()
+
+
+def teacher_fingerprint(recipe: Recipe, model: nn.Module | None = None) -> str:
+    """What decides the trained teacher: its model (the recipe's spec and, given the built ``model``, its
+    structure and source), training settings, data set and seed."""
     from .config import RUNTIME_KEYS
 
     train = {k: v for k, v in to_dict(recipe.teacher.train).items() if k not in RUNTIME_KEYS}
-    key = {"model": to_dict(recipe.teacher.model), "train": train,
+    key = {"model": to_dict(recipe.teacher.model), "structure": None if model is None else model_structure(model),
+           "train": train,
            "data": to_dict(recipe.data), "seed": recipe.seed, "version": 1}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
@@ -413,7 +432,8 @@ def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, 
         load_weights(teacher_model, Path(recipe.teacher.checkpoint), verify=recipe.teacher.verify)
         _say(progress, f"teacher: loaded {recipe.teacher.checkpoint}")
     else:
-        cache = Path(recipe.cache_dir or Path(recipe.runs_dir) / "cache") / "teachers" / teacher_fingerprint(recipe)[:16]
+        fingerprint = teacher_fingerprint(recipe, teacher_model)
+        cache = Path(recipe.cache_dir or Path(recipe.runs_dir) / "cache") / "teachers" / fingerprint[:16]
         weights = cache / "teacher.safetensors"
         if _cached(weights):
             meta = load_weights(teacher_model, weights)
@@ -425,7 +445,7 @@ def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, 
             out = fit(teacher_model, Objective(CE), data.train, recipe.teacher.train, eval_data=data.test,
                       run_dir=run_dir, phase="teacher", seed=seed, resume=resume, progress=progress)
             save_weights(teacher_model, weights, {"model": to_dict(recipe.teacher.model),
-                                                  "fingerprint": teacher_fingerprint(recipe), "history": out["history"]})
+                                                  "fingerprint": fingerprint, "history": out["history"]})
     return teacher_model
 
 

@@ -73,6 +73,8 @@ from .generate import sample
 
 DEFAULT_KEY_ENV = "DISTILLERY_API_KEY"
 MAX_BODY = 16 << 20  # bytes of request JSON
+MAX_DEPTH = 32  # nesting of the request JSON (an OpenAI request needs 3)
+MAX_CHARS_PER_TOKEN = 64  # a string prompt longer than context x this is refused before it is tokenised
 NEG_INF = -9999.0  # what a -inf log-probability is reported as (JSON has no infinity; vLLM does the same)
 
 
@@ -140,8 +142,10 @@ def _is_id(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
-def parse_prompts(prompt: Any, tokenizer, vocab_size: int) -> list[list[int]]:
-    """The token ids of every prompt of an OpenAI ``prompt`` field (str, [str], [int] or [[int]])."""
+def parse_prompts(prompt: Any, tokenizer, vocab_size: int, max_chars: int | None = None) -> list[list[int]]:
+    """The token ids of every prompt of an OpenAI ``prompt`` field (str, [str], [int] or [[int]]). A string
+    longer than ``max_chars`` is refused before it is tokenised (megabytes of text cost seconds to encode
+    only to be refused for the context length after)."""
     if prompt is None:
         raise RequestError(400, "the request has no prompt; send \"prompt\": a string, a list of strings, "
                                 "a list of token ids or a list of lists of token ids.", param="prompt")
@@ -155,6 +159,9 @@ def parse_prompts(prompt: Any, tokenizer, vocab_size: int) -> list[list[int]]:
     out = []
     for i, p in enumerate(prompt):
         if isinstance(p, str):
+            if max_chars is not None and len(p) > max_chars:
+                raise RequestError(400, f"prompt {i} has {len(p)} characters, more than this model's context could hold "
+                                        f"(at most {max_chars}); shorten it.", param="prompt")
             if tokenizer is None:
                 raise RequestError(400, "this server has no tokenizer; send token ids.", param="prompt")
             ids = list(tokenizer.encode(p).ids)
@@ -306,10 +313,10 @@ class CompletionServer:
         if body.get("stream"):
             raise RequestError(400, "streaming is not supported; send \"stream\": false.", param="stream")
         vocab, ctx = int(self.model.vocab_size), int(self.model.max_length)
-        prompts = parse_prompts(body.get("prompt"), self.tokenizer, vocab)
+        prompts = parse_prompts(body.get("prompt"), self.tokenizer, vocab, max_chars=ctx * MAX_CHARS_PER_TOKEN)
         echo = _bool(body, "echo")
         as_ids = _bool(body, "return_tokens_as_token_ids")
-        max_tokens = _int(body, "max_tokens", 16, 0)
+        max_tokens = _int(body, "max_tokens", 16, 0, ctx)
         if max_tokens == 0 and not echo:
             raise RequestError(400, "max_tokens must be >= 1 (0 only with echo=true, to score the prompt).",
                                param="max_tokens")
@@ -319,13 +326,13 @@ class CompletionServer:
         top_p = _float(body, "top_p", 1.0)
         if not 0 < top_p <= 1:
             raise RequestError(400, f"top_p must lie in (0, 1], got {top_p}.", param="top_p")
-        top_k = _int(body, "top_k", 0, -1)
+        top_k = _int(body, "top_k", 0, -1, vocab)
         top_k = 0 if top_k == -1 else top_k
         n = _int(body, "n", 1, 1, self.max_n)
-        best_of = _int(body, "best_of", None, 1)
+        best_of = _int(body, "best_of", None, 1, self.max_n)
         if best_of is not None and best_of != n:
             raise RequestError(400, "best_of is not supported; leave it out (or equal to n).", param="best_of")
-        seed = _int(body, "seed", None)
+        seed = _int(body, "seed", None, 0, 2**63 - 1)
         k = _int(body, "logprobs", None, 0, self.max_logprobs)
         stop = body.get("stop")
         if not (stop is None or isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
@@ -404,6 +411,34 @@ class CompletionServer:
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": "length"}
 
 
+def json_depth(body: bytes) -> int:
+    """The deepest nesting of [ and { in a JSON text, strings skipped; counted before parsing (a body of
+    200,000 brackets would exhaust the parser's recursion)."""
+    if body.count(b"[") + body.count(b"{") <= MAX_DEPTH:
+        return 0  # cannot nest deeper than the brackets it holds
+    depth = deepest = 0
+    in_str = escaped = False
+    for c in body:
+        if in_str:
+            if escaped:
+                escaped = False
+            elif c == 0x5C:  # backslash
+                escaped = True
+            elif c == 0x22:  # quote
+                in_str = False
+        elif c == 0x22:
+            in_str = True
+        elif c in (0x5B, 0x7B):
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > MAX_DEPTH:
+                    return deepest
+        elif c in (0x5D, 0x7D):
+            depth -= 1
+    return deepest
+
+
 class _V6Server(ThreadingHTTPServer):
     address_family = socket.AF_INET6
 
@@ -419,7 +454,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args) -> None:  # the request line and status only, never headers
         if not self.app.quiet:
-            sys.stderr.write(f"{self.address_string()} - {format % args}\n")
+            line = format % args  # the client's request line: control characters escaped, never written raw
+            line = "".join(c if c.isprintable() else f"\\x{ord(c):02x}" for c in line)[:2000]
+            sys.stderr.write(f"{self.address_string()} - {line}\n")
 
     def _send(self, status: int, obj: dict, headers: dict | None = None, fault: str | None = None) -> None:
         data = json.dumps(obj, allow_nan=False).encode("utf-8")
@@ -459,13 +496,14 @@ class _Handler(BaseHTTPRequestHandler):
         return self.rfile.read(length) if length else b""
 
     def _handle(self, method: str) -> None:
-        body = self._read_body() if method == "POST" else b""
-        if body is None:
-            return
-        if not self.app.authorized(self.headers.get("Authorization")):
+        if not self.app.authorized(self.headers.get("Authorization")):  # before a byte of the body is read
+            self.close_connection = True  # the unread body must not be taken for the next request
             self._error(RequestError(401, "missing or invalid API key; send the header 'Authorization: Bearer <key>' "
                                           "with the key this server was started with.", code="invalid_api_key"),
                         {"WWW-Authenticate": "Bearer"})
+            return
+        body = self._read_body() if method == "POST" else b""
+        if body is None:
             return
         path = self.path.split("?", 1)[0].rstrip("/")
         routes = {("GET", "/v1/models"), ("POST", "/v1/completions")}
@@ -489,10 +527,13 @@ class _Handler(BaseHTTPRequestHandler):
         if method == "GET":
             self._send(200, self.app.models(), fault=fault)
             return
+        if json_depth(body) > MAX_DEPTH:
+            self._error(RequestError(400, f"the request JSON nests deeper than {MAX_DEPTH} levels; send a flat request."))
+            return
         try:
             req = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            self._error(RequestError(400, f"the request body is not valid JSON ({e}); send a JSON object."))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            self._error(RequestError(400, f"the request body is not valid JSON ({str(e)[:200]}); send a JSON object."))
             return
         try:
             out = self.app.complete(req)
