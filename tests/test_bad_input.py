@@ -102,6 +102,8 @@ CASES = [
      "batch"),
     ("embed output over its input", ["embed", "{tmp}/garbled", "--input", "{tmp}/s.txt", "--output", "{tmp}/s.txt"],
      "input"),
+    ("embed output is a folder", ["embed", "{tmp}/garbled", "--input", "{tmp}/s.txt", "--output", "{tmp}/empty"],
+     "folder"),
     ("embed-distill batch size negative", ["embed-distill", "static", "--out", "{tmp}/e", "--batch-size", "-3"],
      "batch"),
     ("embed-distill held-out negative", ["embed-distill", "layers", "--out", "{tmp}/e", "--held-out", "-5"], "held"),

@@ -351,3 +351,12 @@ def test_a_run_folder_belongs_to_one_recipe(tmp_path):
         from_dict(LMRecipe, {"kind": "lm", "threads": 0})
     with pytest.raises(DistilleryError, match=r"another recipe .*loss"):
         _same_recipe(from_dict(LMRecipe, {"kind": "lm", "loss": "tvd"}), tmp_path)
+
+
+def test_settings_a_recipe_does_not_use_are_not_held_against_it():
+    from distillery.lm.config import LMRecipe
+
+    LMRecipe(block=16)  # a student-only recipe: seq_kd.prompt (32) is not used
+    LMRecipe(block=16, teacher="t", method="kd")
+    with pytest.raises(DistilleryError, match="seq_kd.prompt"):
+        LMRecipe(block=16, teacher="t", method="seq_kd")

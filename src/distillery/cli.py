@@ -253,6 +253,8 @@ def _cmd_embed(args) -> int:
     out = Path(args.output) if args.output else Path(args.input).with_suffix(".npy")
     _positive_flags(args, "batch_size")
     _output_path(out, [Path(args.input), Path(args.model_dir)], "--output")
+    if out.is_dir():
+        raise DistilleryError(f"--output {str(out)!r} is a folder; name a .npy file.")
     model = Embedder.load(args.model_dir, verify=not args.unverified)
     sentences = read_sentences(args.input)
     emb = model.encode(sentences, batch_size=args.batch_size).numpy()

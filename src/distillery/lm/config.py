@@ -100,6 +100,9 @@ class LMRecipe:
             raise DistilleryError("method topk reads a sparse store, which only loss kd (forward KL) can read.")
         if self.method == "adaspec" and (self.reference is None or self.loss != "kd"):
             raise DistilleryError("method adaspec needs reference: (a model folder distilled with method kd) and loss kd.")
-        for name, prompt in (("seq_kd", self.seq_kd.prompt), ("on_policy", self.on_policy.prompt)):
+        used = {"seq_kd": self.seq_kd.prompt, "on_policy": self.on_policy.prompt}
+        for name, prompt in used.items():  # only the method's own settings: the others are not used
+            if self.method != name or self.teacher is None:
+                continue
             if not 1 <= prompt < self.block:
                 raise DistilleryError(f"{name}.prompt must lie in [1, block) = [1, {self.block}), got {prompt}.")
