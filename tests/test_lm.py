@@ -358,5 +358,5 @@ def test_settings_a_recipe_does_not_use_are_not_held_against_it():
 
     LMRecipe(block=16)  # a student-only recipe: seq_kd.prompt (32) is not used
     LMRecipe(block=16, teacher="t", method="kd")
-    with pytest.raises(DistilleryError, match="seq_kd.prompt"):
+    with pytest.raises(DistilleryError, match=r"seq_kd\.prompt"):
         LMRecipe(block=16, teacher="t", method="seq_kd")
