@@ -13,6 +13,7 @@ undistilled student), or distilled from a teacher folder with a ``method``:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -92,6 +93,25 @@ class LMRecipe:
             raise unknown("model preset", self.model, PRESETS)
         if self.threads < 1:
             raise DistilleryError(f"threads must be at least 1, got {self.threads}.")
+        ranges = [  # (key, value, ok, what it must be)
+            ("max_train_blocks", self.max_train_blocks, self.max_train_blocks is None or self.max_train_blocks >= 1,
+             "at least 1, or null"),
+            ("ce_weight", self.ce_weight, math.isfinite(self.ce_weight) and self.ce_weight >= 0, "a finite number >= 0"),
+            ("chunk_size", self.chunk_size, self.chunk_size is None or self.chunk_size >= 1, "at least 1, or null"),
+            ("top_k", self.top_k, self.top_k >= 1, "at least 1"),
+            ("keep", self.keep, 0 < self.keep <= 1, "in (0, 1]"),
+            ("seq_kd.new_tokens", self.seq_kd.new_tokens, self.seq_kd.new_tokens >= 1, "at least 1"),
+            ("seq_kd.samples", self.seq_kd.samples, self.seq_kd.samples >= 1, "at least 1"),
+            ("seq_kd.temperature", self.seq_kd.temperature,
+             math.isfinite(self.seq_kd.temperature) and self.seq_kd.temperature >= 0, "a finite number >= 0"),
+            ("seq_kd.top_p", self.seq_kd.top_p, 0 < self.seq_kd.top_p <= 1, "in (0, 1]"),
+            ("on_policy.lam", self.on_policy.lam, 0 <= self.on_policy.lam <= 1, "in [0, 1]"),
+            ("on_policy.temperature", self.on_policy.temperature,
+             math.isfinite(self.on_policy.temperature) and self.on_policy.temperature > 0, "a finite number > 0"),
+        ]
+        for key, value, ok, what in ranges:
+            if not ok:
+                raise DistilleryError(f"{key} must be {what}, got {value}.")
         if self.block < 2 or self.vocab_size < 300:
             raise DistilleryError("block must be >= 2 tokens and vocab_size >= 300 (a byte-level BPE needs 256 bytes).")
         if self.teacher is None and self.method != "kd":
