@@ -112,3 +112,36 @@ def test_temp_files_of_an_interrupted_checkpoint_are_removed(tmp_path):
         TrainConfig(epochs=1, batch_size=8), run_dir=tmp_path, progress=False)
     assert not any(p.exists() for p in stale)
     assert sorted(p.name for p in folder.iterdir()) == ["last-4.safetensors", "last.json"]
+
+
+def test_an_lm_distillation_killed_at_every_write_resumes_to_the_same_model(tmp_path, monkeypatch):
+    """The LM flow: a dense teacher store (shards and manifest), checkpoints, the model folder, the report."""
+    pytest.importorskip("transformers")
+    import json
+
+    docs = tmp_path / "docs.jsonl"
+    text = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(60)]
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in text))
+    common = [f"data={docs}", "block=16", "vocab_size=300", "model=tiny", "train.batch_size=8", "train.log_every=1000",
+              "train.checkpoint_every_steps=2", "max_train_blocks=24", "--quiet"]
+    assert main(["lm", "lm/teacher", *common, "--out", str(tmp_path / "t")]) == 0
+    teacher = f"teacher={tmp_path / 't' / 'model'}"
+
+    def run(out, store):
+        return main(["lm", "lm/kd", *common, teacher, f"store={store}", "--out", str(out)])
+
+    writes = _inject(monkeypatch, None)
+    assert run(tmp_path / "ref", tmp_path / "ref-store") == 0
+    monkeypatch.undo()
+    mine = [w for w in writes if "ref" in w]
+    want = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    assert len(mine) >= 8, mine
+    for n in range(1, len(mine) + 1):
+        out, store = tmp_path / f"c{n}", tmp_path / f"c{n}-store"
+        _inject(monkeypatch, n)
+        with pytest.raises(Crash):
+            run(out, store)
+        monkeypatch.undo()
+        assert run(out, store) == 0, f"crash at write {n}"
+        got = load_file(str(out / "model" / "model.safetensors"))
+        assert all(torch.equal(v, got[k]) for k, v in want.items()), f"crash at write {n}"
