@@ -84,7 +84,7 @@ CASES = [
     ("teacher weights missing", [*R, "teacher.checkpoint={tmp}/nothing.safetensors"], "does not exist"),
     ("teacher weights garbled", [*R, "teacher.checkpoint={tmp}/garbled.safetensors", "teacher.verify=false"],
      "safetensors"),
-    ("teacher weights without record", [*R, "teacher.checkpoint={tmp}/garbled.safetensors"], "checksum record"),
+    ("teacher weights without record", [*R, "teacher.checkpoint={tmp}/plain.safetensors"], "checksum record"),
     ("no CUDA", [*R, "distill.train.device=cuda:3"], "device"),
     ("nproc not a number", ["run", "{recipe}", "--nproc", "two"], "nproc"),
     ("stray argument", ["run", "{recipe}", "nonsense"], "key.path=value"),
@@ -133,6 +133,10 @@ def place(tmp_path_factory):
     (tmp / "garbled.yaml").write_text("name: [unclosed\n  - : :")
     (tmp / "list.yaml").write_text("- a\n- b\n")
     (tmp / "garbled.safetensors").write_bytes(b"\x00\x01not a safetensors file")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"w": torch.zeros(2)}, str(tmp / "plain.safetensors"))  # readable, but with no record
     (tmp / "empty").mkdir()
     (tmp / "garbled").mkdir()
     (tmp / "garbled" / "config.json").write_text("{not json")

@@ -101,7 +101,7 @@ def test_missing_and_corrupted_weights(tiny, tmp_path, capsys):
     w = out / "models" / "distilled.safetensors"
     w.write_bytes(w.read_bytes()[:-7] + b"garbage")
     assert main(["eval", str(out)]) == 2
-    assert "corrupted (checksum mismatch)" in capsys.readouterr().err
+    assert "is corrupted" in capsys.readouterr().err
     w.unlink()
     assert main(["eval", str(out)]) == 2
     assert "distilled weights" in capsys.readouterr().err
@@ -261,12 +261,25 @@ def test_gpu_recipe_on_a_machine_without_cuda_is_one_line(tmp_path, capsys):
 def test_eval_refuses_weights_without_their_checksum_record(tiny, tmp_path, capsys):
     out = tmp_path / "run"
     assert main(["run", str(tiny), "--out", str(out), "--quiet", "baseline.enabled=false", "distill.train.epochs=1"]) == 0
+    weights = out / "models" / "distilled.safetensors"
     (out / "models" / "distilled.json").unlink()
     capsys.readouterr()
+    assert main(["eval", str(out)]) == 0  # the record travels in the file's header: one atomic write
+    from safetensors.torch import load_file, save_file
+
+    save_file(load_file(str(weights)), str(weights))  # the same tensors with no record anywhere (from elsewhere)
     assert main(["eval", str(out)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "no checksum record" in err[0] and "--unverified" in err[0]
     assert main(["eval", str(out), "--unverified"]) == 0
+    from distillery.io import save_with_record
+
+    save_with_record(weights, load_file(str(weights)), {"model": "x"})
+    raw = bytearray(weights.read_bytes())
+    raw[-3] ^= 0xFF  # a flipped bit in the data
+    weights.write_bytes(bytes(raw))
+    assert main(["eval", str(out)]) == 2
+    assert "corrupted" in capsys.readouterr().err
 
 
 def test_latency_is_timed_at_one_thread_with_its_spread():

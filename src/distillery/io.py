@@ -164,3 +164,56 @@ def check_files(folder: str | os.PathLike, record: dict | None, where: str, *, v
         if not target.is_file() or sha256_file(target) != digest:
             raise DistilleryError(f"{folder / name} is missing or does not match its checksum in {where}; the "
                                   "folder is damaged: save the model again.")
+
+
+def _record_digest(raw: bytes) -> tuple[str, dict]:
+    """sha256 over a safetensors file's tensor entries (names, dtypes, shapes, offsets) and data, and its
+    ``__metadata__``: what a record embedded in the header covers (everything but itself)."""
+    if len(raw) < 8:
+        raise DistilleryError("not a safetensors file (shorter than its 8-byte header length)")
+    n = int.from_bytes(raw[:8], "little")
+    if n <= 0 or 8 + n > len(raw):
+        raise DistilleryError("not a safetensors file (its header length points past the end)")
+    try:
+        header = json.loads(raw[8:8 + n])
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise DistilleryError("not a safetensors file (its header is not JSON)") from None
+    metadata = header.pop("__metadata__", None) or {}
+    h = hashlib.sha256(json.dumps(header, sort_keys=True).encode())
+    h.update(raw[8 + n:])
+    return h.hexdigest(), metadata
+
+
+def save_with_record(path: str | os.PathLike, tensors: dict, meta: dict) -> Path:
+    """Safetensors whose header carries its own checksum record (``distillery_sha256`` over the tensor entries
+    and data, ``distillery_meta``): weights and record commit together in one atomic rename."""
+    from safetensors.torch import save
+
+    tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
+    digest, _ = _record_digest(save(tensors))
+    blob = save(tensors, metadata={"distillery_sha256": digest, "distillery_meta": json.dumps(meta, default=_json_default)})
+    return atomic_write_bytes(path, blob)
+
+
+def read_record(path: str | os.PathLike) -> dict | None:
+    """The checksum record embedded by ``save_with_record``, verified (a mismatch is an error); None when the
+    file carries none (written elsewhere, or by an older distillery)."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DistilleryError(f"cannot read {str(path)!r}: {e.strerror}.") from None
+    try:
+        digest, metadata = _record_digest(raw)
+    except DistilleryError as e:
+        raise DistilleryError(f"weights file {str(path)!r} is {e}.") from None
+    want = metadata.get("distillery_sha256")
+    if want is None:
+        return None
+    if want != digest:
+        raise DistilleryError(f"weights file {str(path)!r} is corrupted (it does not match the checksum in its "
+                              "header); delete it and rerun.")
+    try:
+        return json.loads(metadata.get("distillery_meta") or "{}")
+    except json.JSONDecodeError:
+        raise DistilleryError(f"weights file {str(path)!r} has a damaged record in its header.") from None

@@ -86,18 +86,22 @@ def _writer() -> bool:
 
 
 def save_weights(model: nn.Module, path: Path, meta: dict) -> None:
-    """``path`` (safetensors) then ``path``.json with its sha256, both atomic."""
+    """``path``: safetensors whose header holds the checksum record and ``meta`` (one atomic write: the
+    weights and their record cannot disagree after a crash); then ``path``.json, the same record for
+    people and tools (its sha256 is the whole file's)."""
     if not _writer():
         return
-    atomic_save_safetensors(path, {k: v.clone() for k, v in model.state_dict().items()})
+    from .io import save_with_record
+
+    save_with_record(path, {k: v.clone() for k, v in model.state_dict().items()}, meta)
     atomic_write_json(path.with_suffix(".json"), {**meta, "sha256": sha256_file(path)})
 
 
 def load_weights(model: nn.Module, path: Path, *, verify: bool = True) -> dict:
-    """Load safetensors weights into ``model``, verified against the checksum record beside them
-    (``path``.json, which ``save_weights`` writes). A missing record is an error unless ``verify`` is off
-    (files from elsewhere, loaded knowingly)."""
-    from .io import UNVERIFIED_HINT
+    """Load safetensors weights into ``model``, verified against their checksum record: the one in the file's
+    header (``save_weights``), else ``path``.json beside it. A file with neither is an error unless ``verify``
+    is off (files from elsewhere, loaded knowingly)."""
+    from .io import UNVERIFIED_HINT, read_record
 
     path = Path(path)
     if not path.is_file():
@@ -105,12 +109,17 @@ def load_weights(model: nn.Module, path: Path, *, verify: bool = True) -> dict:
     meta: dict = {}
     side = path.with_suffix(".json")
     if verify:
-        if not side.is_file():
-            raise DistilleryError(f"weights file {str(path)!r} has no checksum record ({side.name}), so it cannot be "
-                                  f"verified; {UNVERIFIED_HINT}.")
-        meta = read_json(side, "weights metadata")
-        if meta.get("sha256") != sha256_file(path):
-            raise DistilleryError(f"weights file {str(path)!r} is corrupted (checksum mismatch); delete it and rerun.")
+        record = read_record(path)
+        if record is not None:
+            meta = record
+        elif not side.is_file():
+            raise DistilleryError(f"weights file {str(path)!r} has no checksum record (in its header or {side.name}), "
+                                  f"so it cannot be verified; {UNVERIFIED_HINT}.")
+        else:
+            meta = read_json(side, "weights metadata")
+            if meta.get("sha256") != sha256_file(path):
+                raise DistilleryError(f"weights file {str(path)!r} is corrupted (checksum mismatch); delete it and "
+                                      "rerun.")
     try:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
@@ -291,6 +300,8 @@ def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: bool = Fal
     summary: dict[str, Any] = {"name": recipe.name, "recipe": recipe.name, "created": created, "status": "running", "rows": []}
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        for stale in run_dir.rglob(".*.tmp"):  # left by a write that a crash (kill -9) interrupted
+            stale.unlink(missing_ok=True)
         atomic_write_text(run_dir / "config.yaml", config_text)
         atomic_write_json(run_dir / "summary.json", summary)
         _index(recipe, run_dir, summary)
@@ -452,12 +463,13 @@ def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, 
 def _cached(weights: Path) -> bool:
     """A cached teacher counts only with its checksum record and a matching checksum: a write cut between
     the weights and their record (or a damaged file) is trained again, never loaded unchecked."""
-    side = weights.with_suffix(".json")
-    if not (weights.is_file() and side.is_file()):
+    from .io import read_record
+
+    if not weights.is_file():
         return False
     try:
-        return json.loads(side.read_text(encoding="utf-8")).get("sha256") == sha256_file(weights)
-    except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+        return read_record(weights) is not None
+    except DistilleryError:
         return False
 
 
