@@ -349,6 +349,31 @@ def _need(path: Path, what: str) -> Path:
     return path
 
 
+def _plugin_flag(s: argparse.ArgumentParser) -> None:
+    s.add_argument("--plugins", action="append", default=[], metavar="MODULE[,MODULE]",
+                   help="import these modules first: they register your models, data sets and losses")
+
+
+def _cmd_cp(args) -> int:
+    """``distillery cp RECIPE DEST``: a shipped (or found) recipe copied to start from."""
+    import shutil
+
+    from . import recipes
+
+    src = recipes.find(args.recipe)
+    dest = Path(args.dest)
+    if dest.is_dir():
+        dest = dest / src.name
+    if dest.exists():
+        raise DistilleryError(f"{str(dest)!r} exists; choose another destination (cp never overwrites).")
+    if dest.suffix not in (".yaml", ".yml"):
+        raise DistilleryError(f"{str(dest)!r}: a recipe file ends in .yaml.")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src, dest)
+    print(f"{src} -> {dest}\nrun it with: distillery run {dest}")
+    return 0
+
+
 class _Parser(argparse.ArgumentParser):
     """argparse with one-line errors (the usage stays in --help)."""
 
@@ -362,10 +387,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("ls", help="list recipes, losses, models and data sets")
+    _plugin_flag(s)
     s.add_argument("what", nargs="?", choices=["recipes", "losses", "models", "data"])
     s.set_defaults(fn=_cmd_ls)
 
     s = sub.add_parser("run", help="train or reuse the teacher, train the student alone, distil, report")
+    _plugin_flag(s)
     s.add_argument("recipe", help="recipe name (see `distillery ls recipes`) or YAML file")
     s.add_argument("overrides", nargs="*", help="key.path=value overrides, e.g. distill.train.epochs=5")
     s.add_argument("--out", help="run directory (default: <runs_dir>/<recipe>/<time>)")
@@ -375,6 +402,7 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_run)
 
     s = sub.add_parser("cache", help="write what the recipe's teacher says about a data set to a store")
+    _plugin_flag(s)
     s.add_argument("recipe", help="recipe name or YAML file (its teacher is trained or reused as `run` does)")
     s.add_argument("overrides", nargs="*", help="key.path=value overrides")
     s.add_argument("--data", default=None,
@@ -390,11 +418,13 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_cache)
 
     s = sub.add_parser("validate", help="check recipes without training (default: every shipped recipe)")
+    _plugin_flag(s)
     s.add_argument("recipes", nargs="*")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     s.set_defaults(fn=_cmd_validate)
 
     s = sub.add_parser("eval", help="evaluate the models of a run directory, or a synthetic set, on the test split")
+    _plugin_flag(s)
     s.add_argument("run_dir", help="run directory, synthetic_K.safetensors or a condense output folder")
     s.add_argument("--archs", default=None, help="synthetic sets: networks to train, e.g. convnet,mlp")
     s.add_argument("--nets", type=int, default=5, help="synthetic sets: networks per set")
@@ -404,10 +434,12 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_cmd_eval)
 
     s = sub.add_parser("report", help="(re)write report.html of a run directory")
+    _plugin_flag(s)
     s.add_argument("run_dir")
     s.set_defaults(fn=_cmd_report)
 
     s = sub.add_parser("condense", help="condense a data set into a few synthetic images per class, then evaluate")
+    _plugin_flag(s)
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*", help="key=value")
     s.add_argument("--out", default=None)
@@ -439,6 +471,7 @@ def parser() -> argparse.ArgumentParser:
                    help="load model files that have no distillery checksum record (from elsewhere), knowingly")
     s.set_defaults(fn=_cmd_embed_distill)
     s = sub.add_parser("lm", help="train or distil a causal language model from a recipe (kind: lm)")
+    _plugin_flag(s)
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*", help="key=value")
     s.add_argument("--out", default=None, help="output folder: model/, report.json, run/ (resumes)")
@@ -447,6 +480,10 @@ def parser() -> argparse.ArgumentParser:
     from .lm import serve
 
     serve.add_parser(sub)
+    s = sub.add_parser("cp", help="copy a recipe (shipped, or by path) to a file of yours to start from")
+    s.add_argument("recipe")
+    s.add_argument("dest", help="a .yaml file, or a folder")
+    s.set_defaults(fn=_cmd_cp)
     s = sub.add_parser("runs", help="list recorded runs")
     s.add_argument("--runs-dir", default="runs")
     s.set_defaults(fn=_cmd_runs)
@@ -464,6 +501,9 @@ def main(argv: list[str] | None = None) -> int:
         args.overrides = [*args.overrides, *extra]
     args.argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        from . import plugins
+
+        plugins.load(getattr(args, "plugins", None) or [])
         return args.fn(args)
     except DistilleryError as e:
         print(f"error: {e}", file=sys.stderr)
