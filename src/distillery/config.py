@@ -161,7 +161,9 @@ class TeacherConfig:
     model: ModelSpec
     checkpoint: str | None = None
     """A safetensors file of teacher weights; when null the teacher is trained (or reused from the cache)."""
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=3e-3))
+    train: TrainConfig | None = field(default_factory=lambda: TrainConfig(lr=3e-3))
+    """How the teacher is trained when no checkpoint is given; null: the model is used as it is built (a
+    pretrained Hugging Face folder)."""
     verify: bool = True
     """Check ``checkpoint`` against its checksum record (``.json`` beside it, written by distillery); false
     loads a file from elsewhere unverified, knowingly."""

@@ -141,19 +141,21 @@ def latency(model: nn.Module, example: torch.Tensor, repeats: int = 50, rounds: 
     timed calls after a warm-up; ``ms`` is the median of the round medians, ``spread_ms`` their range
     (max - min). One thread and medians keep the figure stable on a shared machine, where a single
     timing at several threads varied a hundredfold between identical runs."""
+    from .runtime import call_model
+
     model.eval()
-    x = example[:1]
+    batch = {"x": example[:1]} if isinstance(example, torch.Tensor) else example  # a tensor, or one batch of one
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
         for _ in range(5):
-            model(x)
+            call_model(model, batch)
         medians = []
         for _ in range(rounds):
             times = []
             for _ in range(repeats):
                 t = time.perf_counter()
-                model(x)
+                call_model(model, batch)
                 times.append(time.perf_counter() - t)
             medians.append(1000 * statistics.median(times))
     finally:
@@ -236,7 +238,7 @@ def teacher_fingerprint(recipe: Recipe, model: nn.Module | None = None) -> str:
     structure and source), training settings, data set and seed."""
     from .config import RUNTIME_KEYS
 
-    train = {k: v for k, v in to_dict(recipe.teacher.train).items() if k not in RUNTIME_KEYS}
+    train = {k: v for k, v in (to_dict(recipe.teacher.train) or {}).items() if k not in RUNTIME_KEYS}
     key = {"model": to_dict(recipe.teacher.model), "structure": None if model is None else model_structure(model),
            "train": train,
            "data": to_dict(recipe.data), "seed": recipe.seed, "version": 1}
@@ -442,6 +444,8 @@ def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, 
     if recipe.teacher.checkpoint:
         load_weights(teacher_model, Path(recipe.teacher.checkpoint), verify=recipe.teacher.verify)
         _say(progress, f"teacher: loaded {recipe.teacher.checkpoint}")
+    elif recipe.teacher.train is None:
+        _say(progress, f"teacher: {recipe.teacher.model.name} as built (teacher.train is null)")
     else:
         fingerprint = teacher_fingerprint(recipe, teacher_model)
         cache = Path(recipe.cache_dir or Path(recipe.runs_dir) / "cache") / "teachers" / fingerprint[:16]
@@ -551,6 +555,12 @@ PHASE = {"teacher": "teacher", "baseline": "baseline", "distilled": "distill"}
 def measure(trained: dict[str, nn.Module], test: TensorData, run_dir: Path | None) -> list[dict]:
     """Accuracy, parameters, batch-1 CPU latency, agreement with the teacher and ECE on the test split;
     writes ``predictions/<phase>.safetensors`` for the report."""
+    from .data.loader import iter_batches
+
+    targets = test.y if isinstance(getattr(test, "y", None), torch.Tensor) else \
+        torch.cat([b["y"] for b in iter_batches(test, 256)])
+    example = test.x if isinstance(getattr(test, "x", None), torch.Tensor) else \
+        {k: v for k, v in test.batch([0]).items() if k not in ("id", "y")}
     teacher_pred = evaluate(trained["teacher"], test)["logits"].argmax(-1)
     rows = []
     for name, model in trained.items():
@@ -558,11 +568,11 @@ def measure(trained: dict[str, nn.Module], test: TensorData, run_dir: Path | Non
         probs = ev["logits"].softmax(-1).contiguous()
         if run_dir is not None:
             atomic_save_safetensors(run_dir / "predictions" / f"{PHASE.get(name, name)}.safetensors",
-                                    {"probs": probs, "targets": test.y})
-        lat = latency(model, test.x)
+                                    {"probs": probs, "targets": targets})
+        lat = latency(model, example)
         rows.append({"model": name, "phase": PHASE.get(name, name), "accuracy": ev["accuracy"],
                      "params": models.num_params(model), "latency_ms": lat["ms"], "latency_spread_ms": lat["spread_ms"],
-                     "agreement": ev["agreement"], "ece": _ece(probs, test.y)})
+                     "agreement": ev["agreement"], "ece": _ece(probs, targets)})
     return rows
 
 

@@ -37,6 +37,6 @@ def build(name: str, args: dict | None = None) -> dict[str, TensorData]:
         raise DistilleryError(f"data set {name!r} cannot be built with {args or {}}: {first}") from None
 
 
-from . import builtin  # noqa: E402, F401  (registers the built-in sets)
+from . import builtin, files  # noqa: E402, F401  (registers the built-in sets and the file readers)
 
 __all__ = ["DATASETS", "TensorData", "build", "get", "names"]

@@ -140,6 +140,12 @@ class ItemData:
     def __len__(self) -> int:
         return self._len
 
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """The shape of one input (``x``); () for dict inputs such as token ids of any length."""
+        x = self._item(0).get("x")
+        return tuple(x.shape) if isinstance(x, Tensor) else ()
+
     def _item(self, i: int) -> dict[str, Any]:
         return as_item(self.dataset[i], i, self.name)
 
