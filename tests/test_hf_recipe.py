@@ -81,6 +81,10 @@ def test_a_bert_folder_distilled_into_a_smaller_one_on_jsonl(tmp_path, capsys):
     assert {"kd", "hint"} <= set(next(r["terms"] for r in records if r["event"] == "train" and r["phase"] == "distill"))
     student = transformers.BertConfig.from_pretrained(str(tmp_path / "bert"))
     assert student.num_hidden_layers == 4  # the folder itself is untouched
+    out2 = tmp_path / "as-is"  # teacher.train: null uses the folder's teacher as it is (no training, no cache)
+    assert main(["run", str(recipe), "--out", str(out2), "--quiet", "teacher.train=null", "distill.train.epochs=1"]) == 0
+    phases = {json.loads(line)["phase"] for line in (out2 / "metrics.jsonl").read_text().splitlines()}
+    assert "teacher" not in phases and "distill" in phases
 
 
 @pytest.mark.parametrize(("override", "words"), [
