@@ -88,7 +88,7 @@ def test_a_bert_folder_distilled_into_a_smaller_one_on_jsonl(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("override", "words"), [
-    ("data.label=stars", "no field 'stars'"),
+    ("data.label=stars", "no column 'stars'"),
     ("student.model.layers=[7]", "layers [7]"),
     ("teacher.model.task=translation", "task 'translation'"),
     ("data.tokenizer=/nowhere", "tokenizer.json"),
