@@ -163,10 +163,11 @@ def test_losses_that_couple_rows_or_learn_refuse_chunks():
     with pytest.raises(LossInputError, match="couples rows"):
         token_loss("dist", s, te, mask=mask, chunk_size=4)
     token_loss("dist", s, te, mask=mask)  # unchunked it runs
+    from distillery.losses import capable
+
+    @capable(row_wise=True)
     def weighted(a, b, *, mask, reduction, weight):
         return (a * weight).sum()
-
-    weighted.row_wise = True
     w = torch.ones(7, requires_grad=True)
     with pytest.raises(LossInputError, match="trainable inputs"):
         token_loss(weighted, s, te, mask=mask, chunk_size=4, weight=w)

@@ -320,17 +320,17 @@ def test_every_loss_has_params_and_a_hand_value():
 
 def test_state_classes_are_attached_and_others_have_none():
     for name in NAMES:
-        fn = losses.get(name)
+        fn, caps = losses.get(name), losses.capabilities(name)
         if name in STATE_CLASSES:
-            assert fn.state is STATE_CLASSES[name]
-            assert issubclass(fn.state, torch.nn.Module)
+            assert caps.state is STATE_CLASSES[name]
+            assert issubclass(caps.state, torch.nn.Module)
             sig = inspect.signature(fn).parameters["state"]
             assert sig.kind is inspect.Parameter.KEYWORD_ONLY
         else:
-            assert not hasattr(fn, "state")
-        assert not getattr(fn, "needs_ids", False)  # no loss here is keyed by sample id
+            assert caps.state is None
+        assert not caps.needs_ids  # no loss here is keyed by sample id
     # the objective's auto adapter leaves the student unprojected for these (different widths ok)
-    assert {n for n in NAMES if getattr(losses.get(n), "different_widths", False)} == DIFFERENT_WIDTHS
+    assert {n for n in NAMES if losses.capabilities(n).different_widths} == DIFFERENT_WIDTHS
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -355,11 +355,11 @@ def test_state_is_built_the_way_the_integrator_builds_it(name):
         for p, v in inspect.signature(fn).parameters.items()
         if p != "state" and v.kind is v.KEYWORD_ONLY
     }
-    state = fn.state(tuple(s.shape[1:]), tuple(t.shape[1:]), **params)
+    state = losses.capabilities(fn).state(tuple(s.shape[1:]), tuple(t.shape[1:]), **params)
     out = fn(s, t, state=state, **params)
     assert out.shape == () and torch.isfinite(out)
     assert len(list(state.parameters())) > 0
-    restored = fn.state(tuple(s.shape[1:]), tuple(t.shape[1:]), **params)
+    restored = losses.capabilities(fn).state(tuple(s.shape[1:]), tuple(t.shape[1:]), **params)
     restored.load_state_dict(state.state_dict())  # checkpointed with the student
     torch.testing.assert_close(fn(s, t, state=restored, **params), out)
 

@@ -52,10 +52,10 @@ def batch(name, n=6, seed=0, dtype=torch.float64, scale=1.0):
 
 def build_state(name, s, t, params=None, seed=0):
     fn = losses.get(name)
-    if not hasattr(fn, "state"):
+    if losses.capabilities(fn).state is None:
         return None
     torch.manual_seed(seed)
-    state = fn.state(tuple(s.shape[1:]), tuple(t.shape[1:]), **{**DEFAULTS.get(name, {}), **(params or {})})
+    state = losses.capabilities(fn).state(tuple(s.shape[1:]), tuple(t.shape[1:]), **{**DEFAULTS.get(name, {}), **(params or {})})
     if name == "vid":  # move the variances off their common init so the per-channel broadcast is tested
         with torch.no_grad():
             state.log_scale.copy_(torch.linspace(-1.0, 2.0, state.log_scale.numel()))
@@ -65,9 +65,9 @@ def build_state(name, s, t, params=None, seed=0):
 def call(name, s, t, state=None, ids=None, **params):
     fn = losses.get(name)
     kw = {**DEFAULTS.get(name, {}), **params}
-    if hasattr(fn, "state"):
+    if losses.capabilities(fn).state is not None:
         kw["state"] = state
-    if getattr(fn, "needs_ids", False):
+    if losses.capabilities(fn).needs_ids:
         kw["ids"] = IDS[: s.shape[0]] if ids is None else ids
     return fn(s, t, **kw)
 
@@ -255,10 +255,13 @@ def test_registry_holds_exactly_the_relation_losses():
     assert {c.values[0] for c in HAND} == set(NAMES)
 
 
-def test_state_and_ids_attributes():
-    assert {n for n in NAMES if hasattr(losses.get(n), "state")} == WITH_STATE
-    assert R.crd.state is R.CRDState and R.vid.state is R.VIDState
-    assert {n for n in NAMES if getattr(losses.get(n), "needs_ids", False)} == {"crd"}
+def test_state_and_ids_are_declared_at_registration():
+    assert {n for n in NAMES if losses.capabilities(n).state is not None} == WITH_STATE
+    from distillery.losses import capabilities
+
+    assert not any(hasattr(losses.get(n), "state") or hasattr(losses.get(n), "needs_ids") for n in NAMES)
+    assert capabilities(R.crd).state is R.CRDState and capabilities(R.vid).state is R.VIDState
+    assert {n for n in NAMES if losses.capabilities(n).needs_ids} == {"crd"}
 
 
 @pytest.mark.parametrize("name", sorted(WITH_STATE))
@@ -266,7 +269,7 @@ def test_state_accepts_the_recipe_params_and_checkpoints_its_buffers(name):
     s, t = batch(name)
     fn = losses.get(name)
     extra = {"temperature": 0.1, "momentum": 0.5} if name == "crd" else {"eps": 1e-5, "init_pred_var": 3.0}
-    state = fn.state(tuple(s.shape[1:]), tuple(t.shape[1:]), **DEFAULTS.get(name, {}), **extra)
+    state = losses.capabilities(fn).state(tuple(s.shape[1:]), tuple(t.shape[1:]), **DEFAULTS.get(name, {}), **extra)
     keys = set(state.state_dict())
     if name == "crd":
         assert {"memory_s", "memory_t", "z", "seed", "step"} <= keys

@@ -44,16 +44,18 @@ class Term:
         self.fn = losses.get(self.loss) if isinstance(self.loss, str) else self.loss
         loss_name = self.loss if isinstance(self.loss, str) else getattr(self.loss, "__name__", "loss")
         self.name = self.name or loss_name
-        self.batch_keys = tuple(getattr(self.fn, "batch_keys", ()))
+        self.caps = losses.capabilities(self.fn)
+        """What the loss can do, as declared where it was registered (``losses.Capabilities``)."""
+        self.batch_keys = self.caps.batch_keys
         """Batch entries the loss reads, passed by name (``edges`` of graph batches, ...)."""
         check_kwargs(self.fn, self.params, f"term {self.name!r} (loss {loss_name!r})", skip=2,
                      reserved=_RESERVED + self.batch_keys)
         if self.targets not in ("auto", "labels", "teacher"):
             raise DistilleryError(f"term {self.name!r}: targets must be auto, labels or teacher, got {self.targets!r}.")
         self.call = functools.partial(self.fn, **self.params)  # recipe parameters bound once
-        self.needs_targets = bool(getattr(self.fn, "needs_targets", False))
-        self.needs_ids = bool(getattr(self.fn, "needs_ids", False))
-        self.state_cls = getattr(self.fn, "state", None)
+        self.needs_targets = self.caps.needs_targets
+        self.needs_ids = self.caps.needs_ids
+        self.state_cls = self.caps.state
         if self.adapter not in adapters.KINDS:
             raise DistilleryError(f"term {self.name!r}: adapter {self.adapter!r} is not known; "
                                   f"use one of {', '.join(adapters.KINDS)}.")
@@ -70,7 +72,7 @@ class Term:
 
     @property
     def is_feature(self) -> bool:
-        if getattr(self.fn, "__module__", "").rsplit(".", 1)[-1] in ("logits", "selection", "graph", "sparse"):
+        if self.caps.reads_logits:
             return False  # a logit loss reads logits, also from a tapped member (peers, ensembles)
         teacher_logits = self.teacher is None or self.teacher == "logits" or self.teacher.endswith(":logits")
         return self.student != "logits" or not teacher_logits  # "i:logits": ensemble member i's logits
@@ -199,7 +201,7 @@ class Objective:
                 where = f"term {t.name!r}"
                 if t.is_feature and tv is not None:
                     t.adapter_module = adapters.build(t.adapter, tuple(s.shape[1:]), tuple(tv.shape[1:]), where=where,
-                                                      different_widths_ok=getattr(t.fn, "different_widths", False))
+                                                      different_widths_ok=t.caps.different_widths)
                     if isinstance(t.adapter_module, nn.Identity):
                         t.adapter_module = None
                     else:
@@ -289,7 +291,7 @@ class Objective:
         ``losses.tokens.token_loss``, hidden-state terms over the (n, H) rows of the valid positions."""
         if tokens:  # logit terms and hidden-state terms alike average over the valid tokens
             return [True for _ in self.terms]
-        return [t.needs_targets and labelled and getattr(t.fn, "masks_unlabelled", True) and (
+        return [t.needs_targets and labelled and t.caps.masks_unlabelled and (
                 t.targets == "labels" or (t.targets == "auto" and not has_teacher)) for t in self.terms]
 
     def valid_counts(self, batch: dict[str, Tensor], masked: list[bool]) -> list[int]:
@@ -324,12 +326,12 @@ class Objective:
                 if teacher is None:
                     raise DistilleryError(f"term {t.name!r} reads the teacher, but no teacher was given.")
                 tv = teacher[t.teacher]
-                if not isinstance(tv, Tensor) and not getattr(t.fn, "accepts_sparse", False):
+                if not isinstance(tv, Tensor) and not t.caps.accepts_sparse:
                     raise DistilleryError(
                         f"term {t.name!r}: the teacher's {t.teacher!r} is sparse ({type(tv).__name__}, a top-k store), "
                         f"which loss {getattr(t.fn, '__name__', t.fn)!r} cannot read; use kd, or a dense store.")
                 if (t.student == "logits" and t.teacher == "logits" and s.shape[-1] != tv.shape[-1]
-                        and not getattr(t.fn, "different_widths", False)):  # relation losses compare any widths
+                        and not t.caps.different_widths):  # relation losses compare any widths
                     raise DistilleryError(
                         f"teacher and student disagree on the class count: teacher logits have {tv.shape[-1]} classes, "
                         f"student logits {s.shape[-1]}; build both for the same data set (num_classes)."

@@ -20,7 +20,7 @@ from typing import Any, Literal
 from .. import losses
 from ..config import TrainConfig, check_kwargs
 from ..errors import DistilleryError, unknown
-from .distill import TOKEN_LOSSES
+from .distill import token_losses
 from .models import PRESETS
 
 
@@ -83,8 +83,8 @@ class LMRecipe:
     """torch intra-op threads (set deliberately: speed, and on some kernels results, depend on it)."""
 
     def __post_init__(self) -> None:
-        if self.loss not in TOKEN_LOSSES:
-            raise unknown("token loss", self.loss, TOKEN_LOSSES)
+        if self.loss not in token_losses():
+            raise unknown("token loss", self.loss, token_losses())
         check_kwargs(losses.get(self.loss), self.params, f"loss {self.loss!r} (params)", skip=2,
                      reserved=("targets", "mask", "reduction"))
         if self.model in PRESETS or "/" in self.model or self.model.startswith("."):

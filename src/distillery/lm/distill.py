@@ -39,7 +39,14 @@ from .corpus import TokenData
 from .generate import sample
 from .models import CausalLM
 
-TOKEN_LOSSES = ("kd", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "tvd")
+
+def token_losses() -> list[str]:
+    """The losses token-level KD can use: from the registry, the logit losses that are a sum over rows
+    (chunkable over tokens) and read no class targets (also the user's, registered so by a plugin)."""
+    from .. import losses
+
+    return [n for n in losses.names() if (c := losses.capabilities(n)).reads_logits and c.row_wise
+            and not c.needs_targets and not c.batch_keys and c.state is None]
 
 
 def _as_teacher(teacher: CausalLM | Teacher) -> Teacher:
@@ -63,8 +70,8 @@ def distil(student: CausalLM, teacher: CausalLM | Teacher, data: TokenData, cfg:
            eval_data: TokenData | None = None) -> dict[str, Any]:
     """Token-level KD of ``student`` from ``teacher`` on ``data`` (see the module docstring); ``eval_data``
     (a validation split) is scored every epoch: perplexity, token accuracy and agreement with the teacher."""
-    if loss not in TOKEN_LOSSES:
-        raise DistilleryError(f"unknown token loss {loss!r}; use one of {', '.join(TOKEN_LOSSES)}.")
+    if loss not in token_losses():
+        raise DistilleryError(f"unknown token loss {loss!r}; use one of {', '.join(token_losses())}.")
     if isinstance(teacher, CausalLM) and teacher.vocab_size != student.vocab_size:
         raise DistilleryError(f"the teacher predicts {teacher.vocab_size} tokens, the student {student.vocab_size}; "
                               "token-level KD needs one shared tokenizer (lm.models.check_same_tokenizer): build "

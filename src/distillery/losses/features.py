@@ -23,7 +23,7 @@ Every loss here has the signature::
   batch mean, which equals the reference codes' mean over all elements.
 - Gradients flow to both inputs; the teacher is not detached here (compute it under
   ``no_grad``), so online regimes can choose for themselves.
-- ``fn.different_widths = True`` marks the losses that compare student and teacher of different
+- ``different_widths=True`` at registration marks the losses that compare student and teacher of different
   widths themselves (attention, nst: channel counts; similarity, mi_alpha: feature dims), so the
   objective's ``auto`` adapter leaves their student unprojected.
 - Weights RepDistiller used on CIFAR-100 (``scripts/run_cifar_distill.sh``, KD off): FitNet 100,
@@ -220,7 +220,7 @@ def _attention_map(f: Tensor, p: float) -> Tensor:
     return F.normalize(a, dim=1, eps=NORMALIZE_EPS)
 
 
-@register("attention")
+@register("attention", different_widths=True)
 def attention(student_features: Tensor, teacher_features: Tensor, *, p: float = 2.0) -> Tensor:
     """Attention transfer (Zagoruyko & Komodakis, "Paying More Attention to Attention", ICLR 2017).
 
@@ -257,7 +257,7 @@ def _row_normalised_gram(f: Tensor) -> Tensor:
     return F.normalize(flat @ flat.T, dim=1, eps=NORMALIZE_EPS)
 
 
-@register("similarity")
+@register("similarity", different_widths=True)
 def similarity(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     """Similarity-preserving KD (Tung & Mori, ICCV 2019).
 
@@ -292,7 +292,7 @@ def _poly2_kernel_mean(a: Tensor, b: Tensor) -> Tensor:
     return (a @ b.transpose(1, 2)).pow(2).mean((1, 2))
 
 
-@register("nst")
+@register("nst", different_widths=True)
 def nst(student_features: Tensor, teacher_features: Tensor) -> Tensor:
     """Neuron selectivity transfer (Huang & Wang, "Like What You Like: KD via NST", arXiv 2017).
 
@@ -390,7 +390,7 @@ class ACAMMaskGenerator(nn.Module):
         return spatial, channel
 
 
-@register("acam")
+@register("acam", state=ACAMMaskGenerator)
 def acam(
     student_features: Tensor,
     teacher_features: Tensor,
@@ -462,7 +462,6 @@ def acam(
         return _reduce(rows)
 
 
-acam.state = ACAMMaskGenerator  # learned masks, built once by the objective
 
 
 # ---------------------------------------------------------------------------------------------
@@ -559,7 +558,7 @@ class MIAlphaCritic(nn.Module):
         return g @ h.T / temperature, _linear(self.baseline, h).squeeze(1)
 
 
-@register("mi_alpha")
+@register("mi_alpha", state=MIAlphaCritic, different_widths=True)
 def mi_alpha(
     student_features: Tensor,
     teacher_features: Tensor,
@@ -652,8 +651,3 @@ def mi_alpha(
         return _reduce(-(1.0 + joint - marginal))
 
 
-mi_alpha.state = MIAlphaCritic  # learned critic and baseline, built once by the objective
-
-# losses that compare different student / teacher widths themselves (no projection needed)
-for _fn in (attention, similarity, nst, mi_alpha):
-    _fn.different_widths = True

@@ -73,7 +73,7 @@ def _neighbour_kl(s: Tensor, t: Tensor, e: Tensor, tau: float, reduction: str) -
     return _reduce_edges(_kl(log_t[e[1]], log_s[e[0]]), reduction)
 
 
-@register("ffg2m_low")
+@register("ffg2m_low", reads_logits=True, batch_keys=("edges",))
 def ffg2m_low(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -99,7 +99,7 @@ def ffg2m_low(
     return _neighbour_kl(s, t, _add_self_loops(e, len(s), mask) if self_loops else e, tau, reduction)
 
 
-@register("ffg2m_high")
+@register("ffg2m_high", reads_logits=True, batch_keys=("edges",))
 def ffg2m_high(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -125,8 +125,6 @@ def ffg2m_high(
     return _reduce_edges(_kl(_log_probs(dt, tau), _log_probs(ds, tau)), reduction)
 
 
-for _fn in (ffg2m_low, ffg2m_high):
-    _fn.batch_keys = ("edges",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -195,7 +193,7 @@ class KRDState(nn.Module):
         self.power.mul_(momentum).add_((1 - momentum) * a)
 
 
-@register("krd")
+@register("krd", reads_logits=True, batch_keys=("edges", "reliability"), state=KRDState)
 def krd(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -248,5 +246,3 @@ def krd(
     return _neighbour_kl(s, t, _add_self_loops(e, len(s), mask), tau, reduction)
 
 
-krd.batch_keys = ("edges", "reliability")
-krd.state = KRDState

@@ -213,7 +213,7 @@ def _non_target_index(targets: Tensor, c: int) -> Tensor:
 # divergences on softened distributions
 
 
-@register("kd")
+@register("kd", reads_logits=True, row_wise=True, accepts_sparse=True)
 def kd(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -239,7 +239,6 @@ def kd(
     return _reduce(rows, mask, reduction)
 
 
-kd.accepts_sparse = True  # a TopK teacher (store.py) is read without densifying
 
 
 def _kd_sparse(student_logits: Tensor, teacher: TopK, mask: Tensor | None, reduction: str, tau: float) -> Tensor:
@@ -261,7 +260,7 @@ def _kd_sparse(student_logits: Tensor, teacher: TopK, mask: Tensor | None, reduc
     return _reduce(rows, mask, reduction)
 
 
-@register("reverse_kl")
+@register("reverse_kl", reads_logits=True, row_wise=True)
 def reverse_kl(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -285,7 +284,7 @@ def reverse_kl(
     return _reduce(rows, mask, reduction)
 
 
-@register("generalized_jsd")
+@register("generalized_jsd", reads_logits=True, row_wise=True)
 def generalized_jsd(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -320,7 +319,7 @@ def generalized_jsd(
     return _reduce(rows, mask, reduction)
 
 
-@register("skew_kl")
+@register("skew_kl", reads_logits=True, row_wise=True)
 def skew_kl(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -348,7 +347,7 @@ def skew_kl(
     return _reduce(rows, mask, reduction)
 
 
-@register("skew_reverse_kl")
+@register("skew_reverse_kl", reads_logits=True, row_wise=True)
 def skew_reverse_kl(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -375,7 +374,7 @@ def skew_reverse_kl(
     return _reduce(rows, mask, reduction)
 
 
-@register("tvd")
+@register("tvd", reads_logits=True, row_wise=True)
 def tvd(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -411,7 +410,7 @@ def _binary_log_probs(log_p: Tensor, targets: Tensor) -> Tensor:
     return torch.cat([log_target, log_rest], dim=-1)
 
 
-@register("dkd")
+@register("dkd", reads_logits=True, row_wise=True, needs_targets=True)
 def dkd(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -460,7 +459,7 @@ def _pearson(a: Tensor, b: Tensor, eps: float = 1e-8) -> Tensor:
     return (a * b).sum(-1) / (norms + eps)
 
 
-@register("dist")
+@register("dist", reads_logits=True)
 def dist(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -511,7 +510,7 @@ def _standardize(z: Tensor, eps: float = 1e-7) -> Tensor:
     return centred / (std + eps)
 
 
-@register("kd_standardized")
+@register("kd_standardized", reads_logits=True, row_wise=True)
 def kd_standardized(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -544,7 +543,7 @@ def kd_standardized(
     return _reduce(rows, mask, reduction)
 
 
-@register("pld")
+@register("pld", reads_logits=True, row_wise=True, needs_targets=True)
 def pld(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -587,7 +586,7 @@ def pld(
     return _reduce(rows, mask, reduction)
 
 
-@register("ce")
+@register("ce", reads_logits=True, row_wise=True, needs_targets=True)
 def ce(
     student_logits: Tensor,
     teacher_logits: Tensor | None = None,
@@ -612,13 +611,3 @@ def ce(
     return _reduce(rows, mask, reduction)
 
 
-# Losses that read class targets; the objective passes targets to these only, so a label of -100
-# masks rows only where a loss uses the labels (other terms take an explicit ``mask``).
-for _fn in (dkd, pld, ce):
-    _fn.needs_targets = True
-
-
-# Losses whose value over rows is a sum of per-row terms: chunking tokens (``losses.tokens``) splits
-# them exactly. ``dist`` correlates classes over the whole batch, so it is not among them.
-for _fn in (kd, reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, tvd, dkd, kd_standardized, pld, ce):
-    _fn.row_wise = True

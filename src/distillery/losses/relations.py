@@ -11,7 +11,7 @@ Every loss here is a registered pure function::
   batch dimension), trains and checkpoints it with the student, and calls
   ``fn(s, t, state=module, **params)``. Buffers (memory bank, Z, sampling seed and step) are
   ``register_buffer``s, so a checkpoint restores them and a resumed run draws the same negatives.
-- ``crd`` is keyed by sample id: it sets ``fn.needs_ids = True`` and takes ``ids`` (int64 (N,)).
+- ``crd`` is keyed by sample id: it is registered with ``needs_ids=True`` and takes ``ids`` (int64 (N,)).
 - The losses couple the rows of a batch (pairs, triplets, graphs, a bank), so there is no
   per-row reduction and no row mask; each returns a scalar.
 - Computation runs in float32 or higher (half and bfloat16 are upcast, autocast is switched off
@@ -154,7 +154,7 @@ def _rkd_geometry(x: Tensor, eps: float = 1e-12) -> tuple[Tensor, Tensor]:
     return d, e @ e.transpose(1, 2)
 
 
-@register("rkd")
+@register("rkd", different_widths=True)
 def rkd(
     student_features: Tensor,
     teacher_features: Tensor,
@@ -205,7 +205,7 @@ def _pkt_conditionals(x: Tensor, eps: float) -> Tensor:
     return k / k.sum(-1, keepdim=True)  # each row sum >= N/2 (every kernel value >= 0, diag ~ 1)
 
 
-@register("pkt")
+@register("pkt", different_widths=True)
 def pkt(student_features: Tensor, teacher_features: Tensor, *, eps: float = 1e-7) -> Tensor:
     """Probabilistic Knowledge Transfer (Passalis & Tefas, "Learning Deep Representations with
     Probabilistic Knowledge Transfer", ECCV 2018).
@@ -377,7 +377,7 @@ def _first_occurrence(ids: Tensor) -> tuple[Tensor, Tensor]:
     return uniq, first
 
 
-@register("crd")
+@register("crd", different_widths=True, state=CRDState, needs_ids=True)
 def crd(
     student_features: Tensor,
     teacher_features: Tensor,
@@ -470,8 +470,6 @@ def crd(
         return total
 
 
-crd.state = CRDState
-crd.needs_ids = True
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,7 +502,7 @@ class VIDState(nn.Module):
         self.log_scale = nn.Parameter(torch.full((channels,), math.log(math.expm1(v - e))))
 
 
-@register("vid")
+@register("vid", state=VIDState)
 def vid(
     student_features: Tensor,
     teacher_features: Tensor,
@@ -543,7 +541,6 @@ def vid(
         return (0.5 * (var.log() + (t - mu).pow(2) / var)).mean()
 
 
-vid.state = VIDState
 
 
 # ---------------------------------------------------------------------------------------------
@@ -681,7 +678,7 @@ def trg(
 # cosine Gram (embedding models)
 
 
-@register("cosine_gram")
+@register("cosine_gram", different_widths=True)
 def cosine_gram(student_features: Tensor, teacher_features: Tensor, *, eps: float = 1e-12) -> Tensor:
     """Pairwise-cosine distillation for embedding models: with u_i = s_i / ||s_i|| and
     v_i = t_i / ||t_i|| (norms clamped at ``eps``, as ``F.normalize``),
@@ -709,7 +706,3 @@ def cosine_gram(student_features: Tensor, teacher_features: Tensor, *, eps: floa
         return (cs - ct)[off].pow(2).mean()
 
 
-# These compare batch relations (or embed both sides themselves), so student and teacher widths
-# may differ: the objective's `auto` adapter leaves the student as it is.
-for _fn in (rkd, pkt, crd, cosine_gram):
-    _fn.different_widths = True

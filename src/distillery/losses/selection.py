@@ -50,7 +50,7 @@ def _ema_update(buf: Tensor, value: Tensor, m: float) -> None:
     buf.mul_(m).add_((1 - m) * value)
 
 
-@register("llkd")
+@register("llkd", reads_logits=True, state=LLKDState)
 def llkd(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -112,10 +112,9 @@ def llkd(
     return _reduce(per_row, keep, reduction)
 
 
-llkd.state = LLKDState
 
 
-@register("ferkd")
+@register("ferkd", reads_logits=True, needs_targets=True, masks_unlabelled=False)
 def ferkd(
     student_logits: Tensor,
     teacher_logits: Tensor,
@@ -164,5 +163,3 @@ def ferkd(
     return _reduce(per_row, keep, reduction)
 
 
-ferkd.needs_targets = True
-ferkd.masks_unlabelled = False  # it keeps unlabelled rows (teacher soft labels): every row counts

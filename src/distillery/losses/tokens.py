@@ -20,7 +20,7 @@ keeps only the inputs; the backward recomputes each chunk with grad, writes its 
 the fp32 log-softmaxes, probabilities and mixtures that a divergence builds exist for
 ``chunk_size`` rows at a time, never for the whole batch. Values and gradients equal the
 unchunked loss to float rounding (the sum is split, nothing is approximated); the price is a
-second forward of the loss per chunk. Only losses that are a sum over rows (``fn.row_wise``: the
+second forward of the loss per chunk. Only losses that are a sum over rows (declared ``row_wise`` at registration: the
 divergences, ``dkd``, ``kd_standardized``, ``pld``, ``ce``) can be chunked; one that couples rows
 (``dist``'s batch correlations) or takes trainable inputs (a learned ``state``, parameters that
 require grad: the recompute would not reach them) is refused with ``chunk_size`` set. Double
@@ -95,8 +95,9 @@ def token_loss(
         params = {**params, "targets": torch.where(m, y, 0)}
     if chunk_size is not None and chunk_size < n:
         name = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__", "the loss"))
-        base = getattr(fn, "func", fn)  # a functools.partial binding recipe parameters
-        if not getattr(base, "row_wise", False):
+        from . import capabilities
+
+        if not capabilities(fn).row_wise:  # declared at registration (a partial binds recipe parameters)
             raise LossInputError(f"token loss: {name} couples rows (batch statistics), so it cannot be computed in "
                                  "chunks of tokens; set chunk_size to null for it.")
         bound = {**getattr(fn, "keywords", {}), **params}
