@@ -81,6 +81,7 @@ def test_npz_image_folder_and_a_datasets_folder(tmp_path):
             folder.mkdir(parents=True)
             for i in range(3):
                 Image.new("RGB", (12, 10), (color, i * 10, 0)).save(folder / f"{i}.png")
+    (tmp_path / "img/train/cat/.DS_Store").write_bytes(b"\x00\x01")  # not an image: skipped by its name
     d = data.build("image_folder", {"train": str(tmp_path / "img/train"), "test": str(tmp_path / "img/test"), "size": 8})
     assert d["train"].x.shape == (6, 3, 8, 8) and d["train"].y.tolist() == [0, 0, 0, 1, 1, 1]
     assert float(d["train"].x.min()) >= 0 and float(d["train"].x.max()) <= 1

@@ -115,3 +115,16 @@ def test_pickled_weights_are_refused(tmp_path, capsys):
     capsys.readouterr()
     assert main(["validate", str(recipe)]) == 2
     assert "safetensors only" in capsys.readouterr().err
+
+
+def test_a_new_head_on_a_pretrained_body(tmp_path):
+    from distillery import models
+    from distillery.errors import DistilleryError
+
+    _folder(tmp_path / "bert")
+    with pytest.raises(DistilleryError, match="head: new"):
+        models.build("hf", (), 5, {"path": str(tmp_path / "bert")})
+    m = models.build("hf", (), 5, {"path": str(tmp_path / "bert"), "head": "new"})
+    assert m.config.num_labels == 5 and m.classifier.out_features == 5
+    base = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "bert"))
+    assert all(a.equal(b) for a, b in zip(m.bert.parameters(), base.bert.parameters()))  # the body is kept

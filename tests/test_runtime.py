@@ -483,3 +483,40 @@ def test_empty_sets_and_bad_numbers_are_refused():
                        (dict(step_epochs=0), ">= 1"), (dict(momentum=1.5), r"\[0, 1\)")):
         with pytest.raises(DistilleryError, match=match):
             TrainConfig(**bad)
+
+
+def test_label_items_are_targets_and_padded_token_batches_evaluate_with_a_teacher():
+    class Labelled(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, i):
+            return {"x": torch.zeros(3), "label": i % 2}
+
+    assert as_dataset(Labelled()).labelled  # datasets' "label" column is the target, like "labels"
+
+    class Tokens(Dataset):  # sequences of different lengths: each batch is padded to its own length
+        def __len__(self):
+            return 10
+
+        def __getitem__(self, i):
+            ids = torch.arange(1, 3 + i) % 5
+            return {"x": ids, "y": ids.roll(-1)}
+
+    class Bigram(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.emb = nn.Embedding(5, 5)
+
+        def forward(self, x):
+            return self.emb(x)
+
+    data = as_dataset(Tokens(), pad_values={"x": 0})
+    teacher = ModuleTeacher(Bigram(0))
+    from distillery.data.loader import iter_batches
+
+    preds = [teacher({"x": b["x"]})["logits"].argmax(-1) for b in iter_batches(data, 4)]
+    assert len({p.shape[1] for p in preds}) > 1  # the batches differ in length
+    ev = evaluate(Bigram(0), data, preds, batch_size=4)
+    assert ev["agreement"] == 1.0 and 0 <= ev["accuracy"] <= 1  # the teacher agrees with itself on every token

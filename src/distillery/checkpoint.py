@@ -87,6 +87,20 @@ def restore_rng(meta: dict, torch_state: Tensor) -> None:
     np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, cached))
 
 
+def accelerator_rng() -> dict[str, Tensor]:
+    """The CUDA generators' states (dropout on a GPU draws from them), by device index."""
+    if not torch.cuda.is_available():
+        return {}
+    return {f"rng/cuda/{i}": s.cpu() for i, s in enumerate(torch.cuda.get_rng_state_all())}
+
+
+def restore_accelerator_rng(tensors: dict[str, Tensor]) -> None:
+    states = [tensors[k] for k in sorted((k for k in tensors if k.startswith("rng/cuda/")),
+                                         key=lambda k: int(k.rsplit("/", 1)[1]))]
+    if states and torch.cuda.is_available() and len(states) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(states)
+
+
 # --------------------------------------------------------------------------- save and load
 
 
@@ -111,13 +125,14 @@ def save(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, 
     every rank calls this; rank 0 writes the plain form, every rank its shards of the sharded one."""
     rank = distributed.world()[0]
     folder = path.parent
-    step = int(meta.get("global_step", 0))
+    seq = int(meta.get("seq", 0))  # a number per save: two saves at one step never share a name
     rng_meta, torch_rng = rng_state()
+    extra = {**(extra or {}), **accelerator_rng()}
     if sharded:
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import get_state_dict
 
-        name = f"{path.name}-{step}.dcp"
+        name = f"{path.name}-{seq}.dcp"
         target = folder / name
         if rank == 0:
             shutil.rmtree(target, ignore_errors=True)  # a leftover of an interrupted save of this step
@@ -131,6 +146,9 @@ def save(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, 
             atomic_save_safetensors(folder / f"{name}.rng.safetensors", {"rng/torch": torch_rng, **(extra or {})})
             state["rng_file"] = f"{name}.rng.safetensors"
             state["rng_sha256"] = sha256_file(folder / state["rng_file"])
+            # DCP's own metadata file is a pickle: every file of the folder is checksummed here and
+            # verified before torch.distributed.checkpoint reads any of them.
+            state["files"] = {p.name: sha256_file(p) for p in sorted(target.iterdir()) if p.is_file()}
             atomic_write_json(path.with_suffix(".json"), state)
             clean(folder, name)
         distributed.barrier()
@@ -143,7 +161,7 @@ def save(path: Path, modules: dict[str, nn.Module], opt: torch.optim.Optimizer, 
     tensors.update(opt_tensors)
     tensors["rng/torch"] = torch_rng
     tensors = {k: v.cpu() for k, v in tensors.items()}
-    name = f"{path.name}-{step}.safetensors"
+    name = f"{path.name}-{seq}.safetensors"
     st_path = folder / name
     atomic_save_safetensors(st_path, tensors)
     state = {**meta, "weights": name, "format": "safetensors", "sha256": sha256_file(st_path), "optimizer": opt_meta,
@@ -192,11 +210,21 @@ def load(path: Path, meta: dict, modules: dict[str, nn.Module], opt: torch.optim
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
         target = folder / name
-        rng_file = folder / meta.get("rng_file", "")
+        rng_name = str(meta.get("rng_file", ""))
+        if rng_name != f"{name}.rng.safetensors":
+            raise DistilleryError(f"checkpoint {path}.json names an RNG file {rng_name!r} that is not its own; it was "
+                                  "altered.")
+        rng_file = folder / rng_name
         if not target.is_dir() or not rng_file.is_file():
             raise DistilleryError(f"checkpoint {str(target)!r} is missing; rerun without resume in a new directory.")
         if sha256_file(rng_file) != meta.get("rng_sha256"):
             raise DistilleryError(f"checkpoint {str(rng_file)!r} is corrupted (checksum mismatch).")
+        from .io import check_files
+
+        check_files(target, meta, f"sharded checkpoint {str(target)!r}")  # before DCP unpickles its metadata
+        if sorted(p.name for p in target.iterdir() if p.is_file()) != sorted(meta.get("files", {})):
+            raise DistilleryError(f"sharded checkpoint {str(target)!r} holds files its record does not list; it was "
+                                  "altered.")
         holder = _holder(modules)
         msd, osd = get_state_dict(holder, opt)
         state = {"model": msd, "optim": osd}
@@ -209,4 +237,5 @@ def load(path: Path, meta: dict, modules: dict[str, nn.Module], opt: torch.optim
         opt.load_state_dict(_unflat_optimizer({k: v.to(device) for k, v in tensors.items() if k.startswith("optim/")},
                                               meta["optimizer"]))
     restore_rng(meta["rng"], tensors["rng/torch"])
+    restore_accelerator_rng(tensors)
     return tensors

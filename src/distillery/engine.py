@@ -106,11 +106,16 @@ def predict(model: nn.Module, data, batch_size: int = 1024, inputs: Sequence[str
     return torch.cat(out)
 
 
-def evaluate(model: nn.Module, data, teacher_pred: Tensor | None = None, *, batch_size: int = 1024,
+EVAL_BATCH = 1024
+
+
+def evaluate(model: nn.Module, data, teacher_pred: Tensor | list[Tensor] | None = None, *, batch_size: int = EVAL_BATCH,
              inputs: Sequence[str] | None = None) -> dict[str, Any]:
     """Per family, streamed over batches. Classifiers ((N, C) logits): ``accuracy`` (fraction), mean CE
     ``loss`` and ``agreement`` with the teacher's argmax; token models ((N, T, V) logits): the same over
-    the valid target tokens, with ``perplexity``. ``logits`` (N, C) is returned for classifiers."""
+    the valid target tokens, with ``perplexity``. ``logits`` (N, C) is returned for classifiers.
+    ``teacher_pred`` is the teacher's argmax for every sample, or a list of it per batch of ``batch_size``
+    (batches of sequences are padded each to its own length)."""
     data = as_dataset(data)
     was_training = model.training
     model.eval()
@@ -122,12 +127,13 @@ def evaluate(model: nn.Module, data, teacher_pred: Tensor | None = None, *, batc
     pos = 0
     try:
         with torch.no_grad():
-            for b in iter_batches(data, batch_size):
+            for i, b in enumerate(iter_batches(data, batch_size)):
                 b = runtime.to_device(b, device)
                 logits = runtime.logits_of(runtime.call_model(model, b, inputs)).float()
                 n = len(logits)
                 pred = logits.argmax(-1)
-                tp = None if teacher_pred is None else teacher_pred[pos:pos + n].to(device)
+                tp = None if teacher_pred is None else (teacher_pred[i] if isinstance(teacher_pred, list)
+                                                        else teacher_pred[pos:pos + n]).to(device)
                 pos += n
                 tokens = logits.dim() == 3
                 if not tokens:
@@ -403,7 +409,7 @@ def fit(
     hooks: list[Callback] = [*callbacks, FunctionCallback(on_step, on_epoch)]
     state = State(phase)
 
-    start_epoch, start_step, global_step = 0, 0, 0
+    start_epoch, start_step, global_step, saves = 0, 0, 0, 0
     history: list[dict] = []
     best: dict[str, Any] = {"accuracy": None, "epoch": 0, "tensors": None}
     if ckpt is not None and checkpoint.exists(ckpt):
@@ -424,7 +430,15 @@ def fit(
         if "best" in meta:
             best.update(accuracy=meta["best"]["accuracy"], epoch=meta["best"]["epoch"],
                         tensors={k[5:]: v for k, v in tensors.items() if k.startswith("best/")} or None)
+        saves = int(meta.get("seq", 0))
         if meta.get("done"):
+            for t in trackers:
+                t.close()
+            if size > 1:  # this fit's DDP reducer must not reach a later fit's backward
+                del wrapped
+                import gc
+
+                gc.collect()
             return _result(history, best, cfg, resumed=True)
     else:
         seed_everything(seed)
@@ -434,9 +448,9 @@ def fit(
     teacher_pred = None
     live = not getattr(teacher, "needs_ids", False) and getattr(teacher, "answers_inputs", True)
     if eval_data is not None and teacher is not None and live:
-        with torch.no_grad():  # the teacher's class per sample (per token), never all its logits at once
-            teacher_pred = torch.cat([runtime.logits_of(teacher({k: v for k, v in b.items() if k != "id"})["logits"])
-                                      .argmax(-1).cpu() for b in iter_batches(eval_data, 256)])
+        with torch.no_grad():  # the teacher's class per sample (per token), batch by batch as evaluate reads them
+            teacher_pred = [runtime.logits_of(teacher({k: v for k, v in b.items() if k != "id"})["logits"])
+                            .argmax(-1).cpu() for b in iter_batches(eval_data, EVAL_BATCH)]
 
     pin = cfg.pin_memory if cfg.pin_memory is not None else device.type == "cuda"
     loader = Loader(data, num_workers=cfg.num_workers, pin_memory=pin and device.type == "cuda",
@@ -447,11 +461,13 @@ def fit(
     non_blocking = pin and device.type == "cuda"
 
     def save(epoch: int, step_in_epoch: int, done: bool = False) -> None:
+        nonlocal saves
         if ckpt is None:
             return
+        saves += 1
         log.flush()
         extra = {} if best["tensors"] is None else {f"best/{k}": v for k, v in best["tensors"].items()}
-        meta = {"phase": phase, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
+        meta = {"phase": phase, "seq": saves, "epoch": epoch, "step_in_epoch": step_in_epoch, "global_step": global_step,
                 "done": done, "config": to_dict(cfg), "history": history, "signature": signature,
                 "strategy": cfg.strategy, "world_size": size, "scheduler": sched.state_dict(),
                 **({"scaler": scaler.state_dict()} if scaler is not None else {}),
@@ -573,6 +589,8 @@ def fit(
                         window_t, window_n = now, 0
                     for h in hooks:
                         h.on_step(state, record)
+                    if callbacks and size > 1:  # a callback's decision (a time budget, rank-local terms) is agreed
+                        state.stop = distributed.any_failed(state.stop)()
                     if state.stop:
                         break
                     if cfg.checkpoint_every_steps and global_step % cfg.checkpoint_every_steps == 0:
@@ -596,6 +614,8 @@ def fit(
                 state.epoch = epoch + 1
                 for h in hooks:  # before the checkpoint: what it changes is saved with this epoch
                     h.on_epoch(state)
+                if callbacks and size > 1:
+                    state.stop = distributed.any_failed(state.stop)()
                 stop = state.stop
                 if cfg.select == "best" or cfg.patience is not None:
                     acc = record["accuracy"]

@@ -69,5 +69,17 @@ def load(modules: Iterable[str] = (), *, entry_points: bool = True) -> list[str]
         _import(m, "--plugins")
     if entry_points:
         for ep in eps(group=GROUP):
-            _import(ep.value.split(":", 1)[0], f"entry point {ep.name!r} of group {GROUP}")
+            source = f"entry point {ep.name!r} of group {GROUP}"
+            module, _, attr = ep.value.partition(":")
+            first = module.strip() not in _loaded
+            _import(module.strip(), source)
+            if attr and first:  # "pkg.mod:setup": a function that registers, called once
+                try:
+                    setup = ep.load()
+                    if callable(setup):
+                        setup()
+                except DistilleryError as e:
+                    raise DistilleryError(f"plugin {ep.value!r} ({source}): {e}") from None
+                except Exception as e:
+                    raise DistilleryError(f"plugin {ep.value!r} ({source}) failed: {type(e).__name__}: {e}") from None
     return sorted(_loaded)

@@ -232,6 +232,9 @@ def npz(train: str = "", test: str = "", x: str = "x", y: str = "y", num_classes
     return out
 
 
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+
+
 @DATASETS.register("image_folder")
 def image_folder(train: str = "", test: str = "", size: int = 32, grayscale: bool = False) -> dict:
     import numpy as np
@@ -256,13 +259,13 @@ def image_folder(train: str = "", test: str = "", size: int = 32, grayscale: boo
         xs, ys = [], []
         for c, name in enumerate(classes):
             for f in sorted((folder / name).glob("*")) if (folder / name).is_dir() else []:
-                if not f.is_file():
-                    continue
+                if not f.is_file() or f.suffix.lower() not in IMAGE_SUFFIXES:
+                    continue  # .DS_Store, Thumbs.db, a README: not images
                 try:
                     with Image.open(f) as im:
                         im = im.convert("L" if grayscale else "RGB").resize((size, size))
                         a = np.asarray(im, dtype=np.float32) / 255.0
-                except (UnidentifiedImageError, OSError) as e:
+                except (UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
                     raise DistilleryError(f"data image_folder: {f} does not decode as an image ({e}).") from None
                 xs.append(torch.from_numpy(a).reshape(size, size, -1).permute(2, 0, 1))
                 ys.append(c)

@@ -11,8 +11,8 @@ turns anything else into ``ItemData``:
 - a ``torch.utils.data.IterableDataset`` with a length is refused with advice (use a map-style set:
   exact resume and rank sharding need positions).
 
-A sample's id is its item's ``id`` when it has one, else its index. An item's ``labels`` are its
-targets (``y``); a ``mask`` or ``attention_mask`` of 0/1 integers is read as a boolean mask.
+A sample's id is its item's ``id`` when it has one, else its index. An item's ``labels`` (or ``label``)
+are its targets (``y``); a ``mask`` or ``attention_mask`` of 0/1 integers is read as a boolean mask.
 Collation stacks equal shapes and pads unequal sequences on their first dimension (``pad_values``:
 ``input_ids`` with the pad id, ``attention_mask`` / ``mask`` with 0, ``y`` / ``labels`` with -100).
 
@@ -68,8 +68,9 @@ def as_item(item: Any, index: int, where: str) -> dict[str, Any]:
     else:
         raise DistilleryError(f"{where}: item {index} is a {type(item).__name__}; items must be dicts of tensors or "
                               "tuples (x,) / (x, y).")
-    if "labels" in out and "y" not in out:
-        out["y"] = out.pop("labels")
+    for key in ("labels", "label"):  # transformers' and datasets' names for the targets
+        if key in out and "y" not in out:
+            out["y"] = out.pop(key)
     if "id" not in out:
         out["id"] = torch.tensor(index, dtype=torch.long)
     elif not isinstance(out["id"], Tensor) or out["id"].dim() != 0 or out["id"].is_floating_point():

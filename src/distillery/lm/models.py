@@ -157,7 +157,7 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
-def from_pretrained(cls, path: Path):
+def from_pretrained(cls, path: Path, **kwargs):
     """``cls.from_pretrained`` of a local folder, safetensors only, nothing downloaded; a garbled, pickle-only
     or truncated folder is a one-line error."""
     path = Path(path)
@@ -168,7 +168,7 @@ def from_pretrained(cls, path: Path):
                               "model.save_pretrained(path, safe_serialization=True).")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     try:
-        return cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True)
+        return cls.from_pretrained(str(path), local_files_only=True, use_safetensors=True, **kwargs)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as e:
         first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
         raise DistilleryError(f"{path} is not a readable model folder ({first}).") from None

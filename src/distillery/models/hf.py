@@ -7,7 +7,8 @@ pickled ``.bin`` weights are refused, nothing is downloaded). ``task`` picks the
 smaller model of the same family from the folder: the embeddings, the head and the listed blocks
 copied from it (DistilBERT's initialisation from every other teacher layer; Minitron's depth pruning),
 ``config.num_hidden_layers`` set to match. ``pretrained: false`` builds the architecture from the
-folder's config with fresh weights.
+folder's config with fresh weights; ``head: new`` puts a fresh classification head sized to the data
+on the pretrained body (a base model, or one trained for other classes).
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ def _blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
 
 @MODELS.register("hf")
 def hf(input_shape: tuple[int, ...], num_classes: int, path: str = "", task: str = "sequence-classification",
-       layers: list[int] | None = None, pretrained: bool = True) -> nn.Module:
+       layers: list[int] | None = None, pretrained: bool = True, head: str = "keep") -> nn.Module:
     from ..lm.models import from_pretrained, require_transformers
 
     transformers = require_transformers()
@@ -51,13 +52,19 @@ def hf(input_shape: tuple[int, ...], num_classes: int, path: str = "", task: str
         raise DistilleryError(f"model hf: task {task!r} is not known; use one of {', '.join(TASKS)}.")
     cls = getattr(transformers, TASKS[task])
     config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if head not in ("keep", "new"):
+        raise DistilleryError(f"model hf: head must be keep or new, got {head!r}.")
+    extra = {}
     if task.endswith("classification") and num_classes:
-        if getattr(config, "num_labels", num_classes) != num_classes and pretrained:
+        if getattr(config, "num_labels", num_classes) != num_classes and pretrained and head == "keep":
             raise DistilleryError(f"model hf: {folder} classifies {config.num_labels} classes, the data set "
-                                  f"{num_classes}; use a folder trained for this data, or pretrained: false.")
+                                  f"{num_classes}; use a folder trained for this data, or head: new (a fresh "
+                                  "classification head on the pretrained body).")
         config.num_labels = num_classes
+        if head == "new":
+            extra = {"num_labels": num_classes, "ignore_mismatched_sizes": True}
     if pretrained:
-        model = from_pretrained(cls, folder)
+        model = from_pretrained(cls, folder, **extra)
     else:
         model = cls.from_config(config)
     if layers is not None:
