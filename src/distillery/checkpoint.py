@@ -2,8 +2,8 @@
 
 A checkpoint of phase P is ``checkpoints/P/last.json`` (the commit point: counters, RNG states,
 optimiser metadata, the run's signature, the name and sha256 of the weights) beside the weights it
-names: ``last-<step>.safetensors`` (one process or DDP: rank 0 writes the whole state) or the
-folder ``last-<step>.dcp`` (FSDP: every rank writes its shards through
+names: ``last-<n>.safetensors`` (one process or DDP: rank 0 writes the whole state) or the
+folder ``last-<n>.dcp`` (FSDP: every rank writes its shards through
 ``torch.distributed.checkpoint``, which can load them back at another world size). New weights are
 written under a new name, then ``last.json`` is replaced atomically, then older weights are
 removed: a crash at any point leaves the previous complete checkpoint in force, and leftovers of
