@@ -84,18 +84,11 @@ class ModuleTeacher:
 
 
 def module_fingerprint(model: nn.Module) -> str:
-    """A short hash of a module's structure and weights (names, shapes, dtypes and a checksum of each
-    tensor's values): another teacher, or the same one changed, gives another fingerprint."""
-    import hashlib
+    """A short hash of a module's class, weights and buffers (``store.model_fingerprint``): another teacher,
+    or the same one changed, gives another fingerprint."""
+    from .store import model_fingerprint
 
-    h = hashlib.sha256(type(model).__name__.encode())
-    with torch.no_grad():
-        for k, v in model.state_dict().items():
-            h.update(f"{k}:{tuple(v.shape)}:{v.dtype}".encode())
-            if v.numel() and (v.is_floating_point() or not v.is_complex()):
-                f = v.detach().double()
-                h.update(f"{float(f.sum()):.10e}:{float((f * f).sum()):.10e}".encode())
-    return h.hexdigest()[:16]
+    return model_fingerprint(model)[:16]
 
 
 def teacher_fingerprint(teacher) -> str:

@@ -8,8 +8,8 @@ turns anything else into ``ItemData``:
 - a map-style ``torch.utils.data.Dataset`` whose items are dicts of tensors (or numbers, or lists),
   or tuples ``(x,)`` / ``(x, y)``;
 - a Hugging Face ``datasets.Dataset`` (its rows are read as torch tensors);
-- a ``torch.utils.data.IterableDataset`` with a length is refused with advice (use a map-style set:
-  exact resume and rank sharding need positions).
+- a ``torch.utils.data.IterableDataset`` that knows its length becomes ``StreamData`` (one pass per
+  epoch in the stream's own order, resumed by position); one without a length is refused.
 
 A sample's id is its item's ``id`` when it has one, else its index. An item's ``labels`` (or ``label``)
 are its targets (``y``); a ``mask`` or ``attention_mask`` of 0/1 integers is read as a boolean mask.
@@ -33,6 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, IterableDataset
 
+from ..distributed import shard
 from ..errors import DistilleryError
 from .core import TensorData, epoch_order
 
@@ -109,11 +110,23 @@ def collate(items: Sequence[dict[str, Any]], pad_values: Mapping[str, int] | Non
         for i, v in enumerate(vals):
             batch[i, : v.shape[0]] = v
         out[k] = batch
-    for k in ("mask", "attention_mask"):
-        if k in out and isinstance(out[k], Tensor) and out[k].dtype != torch.bool and k == "mask":
-            from ..runtime import as_bool_mask
+    if isinstance(out.get("mask"), Tensor) and out["mask"].dtype != torch.bool:  # a loss mask (not attention_mask)
+        from ..runtime import as_bool_mask
 
-            out[k] = as_bool_mask(out[k], f"{where} {k!r}")
+        out["mask"] = as_bool_mask(out["mask"], f"{where} 'mask'")
+    return out
+
+
+def _kinds(first: dict[str, Any]) -> tuple[bool, bool]:
+    """(labelled, tokens) of a data set from its first item: tokens when it has a loss mask or per-position targets."""
+    y = first.get("y")
+    return y is not None, "mask" in first or (isinstance(y, Tensor) and y.dim() >= 1)
+
+
+def _finish(out: dict[str, Any], tokens: bool) -> dict[str, Any]:
+    """A collated batch of token items gets its loss mask from the targets (-100: not trained)."""
+    if tokens and "mask" not in out and "y" in out:
+        out["mask"] = out["y"] != -100
     return out
 
 
@@ -133,9 +146,7 @@ class ItemData:
         if n == 0:
             raise DistilleryError(f"{self.name}: the data set is empty.")
         self._len = n
-        first = self._item(0)
-        self.labelled = "y" in first
-        self.tokens = "mask" in first or ("y" in first and isinstance(first["y"], Tensor) and first["y"].dim() >= 1)
+        self.labelled, self.tokens = _kinds(self._item(0))
         self.num_classes = num_classes
 
     def __len__(self) -> int:
@@ -155,10 +166,7 @@ class ItemData:
         getitems = getattr(self.dataset, "__getitems__", None)
         raw = getitems(idx) if callable(getitems) else [self.dataset[i] for i in idx]
         items = [as_item(r, i, self.name) for r, i in zip(raw, idx)]
-        out = collate(items, self.pad_values, self.name)
-        if self.tokens and "mask" not in out and "y" in out:
-            out["mask"] = out["y"] != -100
-        return out
+        return _finish(collate(items, self.pad_values, self.name), self.tokens)
 
     def __getitems__(self, index: Sequence[int]) -> dict[str, Any]:
         return self.batch(index)
@@ -201,12 +209,10 @@ class StreamData:
         except TypeError:
             raise DistilleryError(f"{self.name}: the stream has no length; give it a __len__ (items per epoch) so that "
                                   "epochs, schedules and checkpoints have steps.") from None
-        first = self._items(0, [0])
-        if not first:
+        first = next(self._read([[0]], 0), None)
+        if first is None:
             raise DistilleryError(f"{self.name}: the stream is empty.")
-        self.labelled = "y" in first[0]
-        self.tokens = "mask" in first[0] or ("y" in first[0] and isinstance(first[0]["y"], Tensor)
-                                             and first[0]["y"].dim() >= 1)
+        self.labelled, self.tokens = _kinds(first[0])
 
     def __len__(self) -> int:
         return self._len
@@ -214,31 +220,15 @@ class StreamData:
     def order(self, seed: int, epoch: int) -> Tensor:
         return torch.arange(self._len)  # the stream's own order
 
-    def _items(self, epoch: int, positions: Sequence[int]) -> list[dict[str, Any]]:
-        """The items at increasing ``positions`` of one pass."""
+    def _read(self, lists: Sequence[Sequence[int]], epoch: int):
+        """One pass of epoch ``epoch``: the items of each list of increasing positions, list by list (the
+        positions of later lists lie after those of earlier ones); the stream is read only as far as needed."""
         if hasattr(self.stream, "set_epoch"):
             self.stream.set_epoch(epoch)
-        want, out = list(positions), []
-        if not want:
-            return out
-        k = 0
-        for pos, item in enumerate(self.stream):
-            if pos == want[k]:
-                out.append(as_item(item, pos, self.name))
-                k += 1
-                if k == len(want):
-                    break
-        return out
-
-    def batches(self, lists: Sequence[Sequence[int]], epoch: int, every: int = 1, offset: int = 0):
-        """One pass: the collated batch of each list of increasing positions (lists offset, offset + every, ...)."""
-        if hasattr(self.stream, "set_epoch"):
-            self.stream.set_epoch(epoch)
-        mine = list(lists)[offset::every]
-        if not mine:
+        if not lists:
             return
         it = enumerate(self.stream)
-        for want in mine:
+        for want in lists:
             items = []
             for p in want:  # positions increase: read on to each one, dropping the others' items
                 while True:
@@ -250,26 +240,25 @@ class StreamData:
                     if pos == p:
                         items.append(as_item(item, pos, self.name))
                         break
-            yield self._collate(items)
+            yield items
 
-    def _collate(self, items: list[dict]) -> dict[str, Any]:
-        out = collate(items, self.pad_values, self.name)
-        if self.tokens and "mask" not in out and "y" in out:
-            out["mask"] = out["y"] != -100
-        return out
+    def batches(self, lists: Sequence[Sequence[int]], epoch: int, every: int = 1, offset: int = 0):
+        """One pass: the collated batch of each list of increasing positions (lists offset, offset + every, ...)."""
+        for items in self._read(list(lists)[offset::every], epoch):
+            yield _finish(collate(items, self.pad_values, self.name), self.tokens)
 
     def batch(self, index: Tensor | Sequence[int]) -> dict[str, Any]:
         """The items at ``index`` (positions of the first pass; reads the stream up to the last one)."""
         idx = index.tolist() if isinstance(index, Tensor) else [int(i) for i in index]
         want = sorted(set(idx))
-        got = dict(zip(want, self._items(0, want)))
-        return self._collate([got[p] for p in idx])
+        got = dict(zip(want, next(self._read([want], 0))))
+        return _finish(collate([got[p] for p in idx], self.pad_values, self.name), self.tokens)
 
     def fingerprint(self) -> str:
         import hashlib
 
         h = hashlib.sha256(f"stream:{self.name}:{self._len}".encode())
-        for k, v in sorted(self._items(0, [0])[0].items()):
+        for k, v in sorted(next(self._read([[0]], 0))[0].items()):
             if isinstance(v, Tensor):
                 h.update(f"{k}:{tuple(v.shape)}:{float(v.double().sum()) if v.numel() else 0:.10e}".encode())
         return h.hexdigest()[:16]
@@ -317,7 +306,7 @@ def plan(data: Any, seed: int, epoch: int, batch_size: int, grad_accum: int, ran
         group = glob[lo: lo + grad_accum]
         micro = []
         for index in group:
-            local = index[rank::size] if size > 1 else index
+            local = shard(index, rank, size)
             micro.append(Micro(local) if len(local) else Micro(index[:1], dummy=True))
         steps.append(Step(micro, sum(len(i) for i in group)))
     return steps
@@ -410,10 +399,6 @@ def iter_batches(data: Any, batch_size: int = 1024) -> Iterator[dict[str, Any]]:
         return
     for lo in range(0, n, batch_size):
         yield data.batch(torch.arange(lo, min(lo + batch_size, n)))
-
-
-def is_labelled(data: Any) -> bool:
-    return bool(getattr(data, "labelled", False))
 
 
 __all__ = ["ItemData", "Loader", "Micro", "Step", "TensorData", "as_dataset", "collate", "iter_batches", "plan"]
