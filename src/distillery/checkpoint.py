@@ -186,10 +186,11 @@ def weights_path(path: Path, meta: dict) -> Path:
     return path.parent / name
 
 
-def read(path: Path) -> tuple[dict, dict[str, Tensor]]:
-    """(meta, tensors) of a plain checkpoint, verified; a missing or corrupted one is a clear error."""
+def read(path: Path, meta: dict | None = None) -> tuple[dict, dict[str, Tensor]]:
+    """(meta, tensors) of a plain checkpoint, verified (``meta``: its JSON, when already read); a missing or
+    corrupted one is a clear error."""
     path = Path(path)
-    meta = read_meta(path)
+    meta = read_meta(path) if meta is None else meta
     st_path = weights_path(path, meta)
     if not st_path.is_file():
         raise DistilleryError(f"checkpoint weights {str(st_path)!r} are missing; rerun without resume in a new "
@@ -232,7 +233,7 @@ def load(path: Path, meta: dict, modules: dict[str, nn.Module], opt: torch.optim
         set_state_dict(holder, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
         tensors = load_file(str(rng_file))
     else:
-        _, tensors = read(path)
+        _, tensors = read(path, meta)
         load_module_tensors(modules, tensors, str(path))
         opt.load_state_dict(_unflat_optimizer({k: v.to(device) for k, v in tensors.items() if k.startswith("optim/")},
                                               meta["optimizer"]))

@@ -163,11 +163,6 @@ def latency(model: nn.Module, example: torch.Tensor, repeats: int = 50, rounds: 
     return {"ms": statistics.median(medians), "spread_ms": max(medians) - min(medians), "threads": 1}
 
 
-def latency_ms(model: nn.Module, example: torch.Tensor, repeats: int = 50) -> float:
-    """The median batch-1 latency in milliseconds (``latency``)."""
-    return latency(model, example, repeats)["ms"]
-
-
 def _ece(probs: torch.Tensor, targets: torch.Tensor) -> float:
     from .report import ece
 
@@ -450,8 +445,9 @@ def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, 
         fingerprint = teacher_fingerprint(recipe, teacher_model)
         cache = Path(recipe.cache_dir or Path(recipe.runs_dir) / "cache") / "teachers" / fingerprint[:16]
         weights = cache / "teacher.safetensors"
-        if _cached(weights):
-            meta = load_weights(teacher_model, weights)
+        meta = _cached(weights)
+        if meta is not None:
+            load_weights(teacher_model, weights, verify=False)  # verified by _cached just now
             _say(progress, f"teacher: reused from the cache {cache}")
             if run_dir is not None and _writer():
                 _log_reused_history(run_dir, meta.get("history", []), str(cache))
@@ -464,17 +460,17 @@ def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, 
     return teacher_model
 
 
-def _cached(weights: Path) -> bool:
-    """A cached teacher counts only with its checksum record and a matching checksum: a write cut between
-    the weights and their record (or a damaged file) is trained again, never loaded unchecked."""
+def _cached(weights: Path) -> dict | None:
+    """The verified checksum record of a cached teacher, or None: a missing, unrecorded or damaged file is
+    trained again, never loaded unchecked."""
     from .io import read_record
 
     if not weights.is_file():
-        return False
+        return None
     try:
-        return read_record(weights) is not None
+        return read_record(weights)
     except DistilleryError:
-        return False
+        return None
 
 
 def write_teacher_store(recipe: Recipe, which: str, out: str | Path, *, top_k: int | None = None,

@@ -133,8 +133,8 @@ def to_device(obj: Any, device: torch.device, non_blocking: bool = False) -> Any
     if isinstance(obj, Tensor):
         return obj if obj.device == device else obj.to(device, non_blocking=non_blocking)
     if isinstance(obj, Mapping):
-        return type(obj)({k: to_device(v, device, non_blocking) for k, v in obj.items()}) if type(obj) is not dict \
-            else {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+        out = {k: to_device(v, device, non_blocking) for k, v in obj.items()}
+        return out if type(obj) is dict else type(obj)(out)
     if isinstance(obj, (list, tuple)):
         return type(obj)(to_device(v, device, non_blocking) for v in obj)
     return obj
