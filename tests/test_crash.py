@@ -126,17 +126,18 @@ def test_an_lm_distillation_killed_at_every_write_resumes_to_the_same_model(tmp_
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in text))
     common = [f"data={docs}", "block=16", "vocab_size=300", "model=tiny", "train.batch_size=8", "train.log_every=1000",
               "train.checkpoint_every_steps=2", "max_train_blocks=24", "--quiet"]
-    assert main(["lm", "lm/teacher", *common, "--out", str(tmp_path / "t")]) == 0
-    teacher = f"teacher={tmp_path / 't' / 'model'}"
+    assert main(["run", "lm/teacher", *common, "--out", str(tmp_path / "t")]) == 0
+    teacher = f"teacher={tmp_path / 't' / 'models' / 'model'}"
 
     def run(out, store):
-        return main(["lm", "lm/kd", *common, teacher, f"store={store}", "--out", str(out)])
+        again = ["--resume", str(out)] if (out / "config.yaml").is_file() else ["--out", str(out)]
+        return main(["run", "lm/kd", *common, teacher, f"store={store}", *again])
 
     writes = _inject(monkeypatch, None)
     assert run(tmp_path / "ref", tmp_path / "ref-store") == 0
     monkeypatch.undo()
     mine = [w for w in writes if "ref" in w]
-    want = load_file(str(tmp_path / "ref" / "model" / "model.safetensors"))
+    want = load_file(str(tmp_path / "ref" / "models" / "model" / "model.safetensors"))
     assert len(mine) >= 8, mine
     for n in range(1, len(mine) + 1):
         out, store = tmp_path / f"c{n}", tmp_path / f"c{n}-store"
@@ -145,5 +146,5 @@ def test_an_lm_distillation_killed_at_every_write_resumes_to_the_same_model(tmp_
             run(out, store)
         monkeypatch.undo()
         assert run(out, store) == 0, f"crash at write {n}"
-        got = load_file(str(out / "model" / "model.safetensors"))
+        got = load_file(str(out / "models" / "model" / "model.safetensors"))
         assert all(torch.equal(v, got[k]) for k, v in want.items()), f"crash at write {n}"

@@ -369,19 +369,63 @@ def test_cli_embed_encodes_a_file(teacher, tmp_path):
     assert main(["embed", str(tmp_path / "none"), "--input", str(tmp_path / "in.txt")]) == 2
 
 
-def test_cli_embed_distill_static_and_layers(teacher_dir, tmp_path):
+def _run(kind_recipe, teacher_dir, tmp_path, out, *overrides, resume=False):
+    """``distillery run embed/<method>`` on the tiny teacher, 120 sentences (20 held out), in ``out``."""
     from distillery.cli import main
 
-    (tmp_path / "c.txt").write_text("\n".join(corpus(120)) + "\n")
-    common = ["--teacher", str(teacher_dir), "--unverified", "--corpus", str(tmp_path / "c.txt"), "--held-out", "20"]
-    assert main(["embed-distill", "static", "--out", str(tmp_path / "s"), "--pca", "8", "--epochs", "1", *common]) == 0
-    report = json.loads((tmp_path / "s" / "report.json").read_text())
-    assert report["method"] == "static" and 0 <= report["recall_at_10"] <= 1
-    assert Embedder.load(tmp_path / "s" / "model").kind == "static"
-    assert main(["embed-distill", "layers", "--layers", "0,1", "--out", str(tmp_path / "l"), "--epochs", "1",
-                 *common]) == 0
-    assert Embedder.load(tmp_path / "l" / "model").model.backbone.config.num_hidden_layers == 2
-    assert main(["embed-distill", "layers", "--layers", "0,9", "--out", str(tmp_path / "x"), *common]) == 2
+    corpus_file = tmp_path / "c.txt"
+    if not corpus_file.exists():
+        corpus_file.write_text("\n".join(corpus(120)) + "\n")
+    args = ["run", kind_recipe, f"teacher={teacher_dir}", "verify=false", f"corpus={corpus_file}", "held_out=20",
+            "threads=1", f"runs_dir={tmp_path / 'runs'}", *overrides, "--quiet"]
+    return main([*args, "--resume", str(out)] if resume else [*args, "--out", str(out)])
+
+
+def _check_run_dir(out, method):
+    import yaml
+
+    config = yaml.safe_load((out / "config.yaml").read_text())
+    assert config["kind"] == "embed" and config["method"] == method and config["held_out"] == 20
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["kind"] == "embed"
+    teacher_row, student_row = summary["rows"]
+    assert teacher_row["model"] == "teacher" and teacher_row["speedup"] == 1.0 and teacher_row["size_mb"] > 0
+    assert student_row["model"] == "student" and student_row["method"] == method
+    assert student_row["train_sentences"] == 100 and student_row["held_out"] == 20
+    assert 0 <= student_row["recall_at_10"] <= 1 and -1 <= student_row["spearman"] <= 1
+    assert student_row["throughput"] > 0 and student_row["size_mb"] > 0
+    assert student_row["speedup"] == pytest.approx(student_row["throughput"] / teacher_row["throughput"])
+    html = (out / "report" / "report.html").read_text()
+    assert (out / "report" / "embed_agreement.png").stat().st_size > 1000 and "embed_agreement.png" in html
+    return student_row, Embedder.load(out / "models" / "student")
+
+
+def test_run_embed_static_is_model2vec_alone(teacher_dir, tmp_path):
+    out = tmp_path / "s"
+    assert _run("embed/static", teacher_dir, tmp_path, out, "pca=8") == 0
+    row, student = _check_run_dir(out, "static")
+    assert student.kind == "static" and student.dim == row["dim"] == 8
+    assert row["cosine"] is None and row["epochs"] == 0  # another width; model2vec alone trains nothing
+    assert not (out / "checkpoints").exists()
+
+
+def test_run_embed_layers_trains_resumes_and_refuses_a_bad_layer(teacher_dir, tmp_path):
+    out = tmp_path / "l"
+    tiny = ["layers=[0,1]", "train.epochs=1", "train.batch_size=32"]
+    assert _run("embed/layers", teacher_dir, tmp_path, out, *tiny) == 0
+    row, student = _check_run_dir(out, "layers")
+    assert student.model.backbone.config.num_hidden_layers == row["layers"] == 2 and row["epochs"] == 1
+    assert isinstance(row["cosine"], float) and -1 <= row["cosine"] <= 1  # same width: defined
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert any(r["event"] == "eval" and r["phase"] == "embed" and "recall_at_10" in r for r in records)
+    assert (out / "checkpoints" / "embed" / "last.json").is_file()
+    # a finished run resumes to the same student
+    assert _run("embed/layers", teacher_dir, tmp_path, out, *tiny, resume=True) == 0
+    for a, b in zip(student.model.parameters(), Embedder.load(out / "models" / "student").model.parameters()):
+        assert torch.equal(a, b)
+    # a layer the teacher lacks: one error, and nothing left behind
+    assert _run("embed/layers", teacher_dir, tmp_path, tmp_path / "x", "layers=[0,9]") == 2
+    assert not (tmp_path / "x").exists()
 
 
 def test_real_teacher_loads_and_matches_its_own_pipeline():

@@ -392,3 +392,114 @@ def test_inductive_setting_end_to_end():
     assert acc_s > acc_m + 5
     teacher.use_graph(g)  # the GNN sees the hidden nodes' edges at inference, as GLNN evaluates it
     assert D.accuracy(teacher, g, hidden) > acc_m
+
+
+# --------------------------------------------------------------------------- the graph recipe (distillery run)
+
+CSBM = ["data.name=csbm", "data.csbm.num_nodes=240", "data.csbm.num_classes=3", "data.csbm.num_features=16",
+        "data.csbm.homophily=0.9", "data.csbm.signal=0.5", "split.train_per_class=5", "split.val_per_class=10"]
+
+
+def _tiny(tmp_path, *more):
+    """The shipped GLNN recipe on a small synthetic graph, a few epochs, runs indexed under tmp_path."""
+    return ["teacher.train.epochs=6", "student.train.epochs=6", "latency_nodes=3", f"runs_dir={tmp_path}", *CSBM,
+            *more]
+
+
+@pytest.mark.parametrize("more", [[], ["split.setting=inductive", "method=krd", "lamb=0.3"]])
+def test_graph_recipe_runs_from_the_cli(tmp_path, more):
+    import json
+
+    from distillery.cli import main
+    from distillery.graph.recipe import GraphData
+    from distillery.pipeline import load_weights
+
+    out = tmp_path / "run"
+    assert main(["run", "graph/glnn", *_tiny(tmp_path, *more), "--out", str(out), "--quiet"]) == 0
+    assert "csbm" in (out / "config.yaml").read_text()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["kind"] == "graph"
+    teacher, student = summary["rows"]
+    assert (teacher["model"], teacher["phase"], student["model"], student["phase"]) == \
+        ("teacher", "teacher", "student", "distill")
+    assert student["method"] == ("krd" if more else "glnn") and student["arch"] == "mlp"
+    for r in (teacher, student):
+        assert 0 <= r["accuracy"] <= 1 and 0 <= r["val_accuracy"] <= 1 and r["params"] > 0 and r["latency_ms"] > 0
+        assert ("accuracy_inductive" in r) == bool(more)
+    assert 0 <= student["agreement"] <= 1 and student["speedup"] > 0
+    # the saved student is the measured one: reloaded, it has the row's test accuracy
+    g = GraphData(**{"name": "csbm", "csbm": {"num_nodes": 240, "num_classes": 3, "num_features": 16,
+                                              "homophily": 0.9, "signal": 0.5}}).load()
+    s = graph.split(g.y, 0, 5, 10)
+    mlp = models.build("mlp", g, **D.STUDENT_MODEL)
+    load_weights(mlp, out / "models" / "student.safetensors")
+    assert D.accuracy(mlp, g, s.test) / 100 == pytest.approx(student["accuracy"], abs=1e-6)
+    assert (out / "models" / "teacher.safetensors").is_file()
+    assert {p.name for p in (out / "checkpoints").iterdir()} == {"teacher", "distill"}
+    assert summary["figures"][0]["file"] == "accuracy_by_degree.png"
+    assert (out / "report" / "accuracy_by_degree.png").stat().st_size > 1000
+    assert "accuracy_by_degree.png" in (out / "report" / "report.html").read_text()
+
+
+def test_graph_recipe_resumes_after_a_failure(tmp_path, monkeypatch):
+    import json
+
+    from distillery import kinds, recipes
+    from distillery.cli import main
+
+    args = _tiny(tmp_path)
+    fresh, broken = tmp_path / "fresh", tmp_path / "broken"
+    assert main(["run", "graph/glnn", *args, "--out", str(fresh), "--quiet"]) == 0
+
+    def fail(*a, **k):
+        raise RuntimeError("killed during distillation")
+
+    with monkeypatch.context() as m:
+        m.setattr(D, "distill", fail)
+        with pytest.raises(RuntimeError, match="killed"):
+            kinds.run(recipes.load("graph/glnn", args), run_dir=broken, progress=False)
+    assert json.loads((broken / "summary.json").read_text())["status"] == "failed"
+    trained = (broken / "metrics.jsonl").read_text().count('"phase": "teacher"')
+    assert main(["run", "graph/glnn", *args, "--resume", str(broken), "--quiet"]) == 0
+    assert (broken / "metrics.jsonl").read_text().count('"phase": "teacher"') == trained  # the teacher was restored
+    rows = [json.loads((d / "summary.json").read_text())["rows"] for d in (fresh, broken)]
+    for a, b in zip(*rows):
+        assert (a["accuracy"], a["val_accuracy"]) == (b["accuracy"], b["val_accuracy"])
+
+
+def test_graph_recipe_defaults_are_the_python_apis():
+    from distillery import recipes
+    from distillery.config import from_dict, to_dict
+    from distillery.graph.recipe import GraphRecipe
+
+    r = GraphRecipe()
+    assert r.teacher.train == D.TEACHER_TRAIN and r.student.train == D.STUDENT_TRAIN
+    assert r.teacher.args == D.TEACHER_MODELS["sage"] and r.student.args == D.STUDENT_MODEL
+    shipped = recipes.load("graph/glnn")
+    assert (shipped.data.name, shipped.method, shipped.lamb) == ("cora", "glnn", 0.0)
+    assert from_dict(GraphRecipe, to_dict(shipped)) == shipped
+    r = recipes.load("graph/glnn", ["teacher.model=gat", "teacher.args.heads=4", "teacher.train.epochs=3"])
+    assert r.teacher.args == {**D.TEACHER_MODELS["gat"], "heads": 4}
+    t = r.teacher.train  # one key set: the others stay GLNN's, not TrainConfig's
+    assert (t.epochs, t.optimizer, t.lr, t.select, t.patience) == (3, "adam", 0.01, "best", 50)
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("method=glm", "method: 'glm' is not allowed (did you mean 'glnn'?)"),
+    ("lamb=-0.5", "lamb must lie in [0, 1]"),
+    ("temperature=0", "temperature must be a finite number > 0"),
+    ("teacher.model=gin", "teacher.model: 'gin' is not allowed"),
+    ("teacher.args.hiden=8", "teacher.args: unknown parameter 'hiden'. Did you mean 'hidden'?"),
+    ("student.args.dropout=1.5", "student.args.dropout must be a number in [0, 1)"),
+    ("data.name=corra", "data.name: unknown graph data set 'corra'. Did you mean 'cora'?"),
+    ("data.csbm.num_nodes=50", "data.csbm sets the synthetic graph's arguments, but data.name is 'cora'"),
+    ("split.inductive_share=1.5", "split.inductive_share must lie in (0, 1)"),
+    ("split.setting=semi", "split.setting: 'semi' is not allowed"),
+])
+def test_graph_recipe_bad_values_exit_2_with_one_line(tmp_path, capsys, override, fragment):
+    from distillery.cli import main
+
+    assert main(["run", "graph/glnn", override, "--out", str(tmp_path / "run"), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert fragment in err and "\n" not in err
+    assert not (tmp_path / "run").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from distillery.lm import corpus
 from distillery.lm import distill as D
 from distillery.lm.generate import sample, warp
 from distillery.lm.models import check_same_tokenizer, llama, load_lm, save_lm
+from distillery.objective import Term
 
 TEXT = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 3 for i in range(60)]
 
@@ -173,7 +175,7 @@ def test_token_kd_moves_the_student_to_the_teacher(tok, data, loss):
     D.train(teacher, data, _cfg(epochs=3), progress=False)
     student = llama("tiny", vocab_size=v, seed=1, hidden_size=16, intermediate_size=32)
     before = _kl_to(teacher, student, data)
-    D.distil(student, teacher, data, _cfg(epochs=3), loss=loss, chunk_size=16, progress=False)
+    D.distil(student, teacher, data, _cfg(epochs=3), terms=[Term(loss)], chunk_size=16, progress=False)
     assert _kl_to(teacher, student, data) < 0.7 * before
 
 
@@ -247,13 +249,32 @@ def test_recipe_checks():
     from distillery.lm.config import LMRecipe
 
     with pytest.raises(DistilleryError, match="Did you mean 'reverse_kl'"):
-        from_dict(LMRecipe, {"kind": "lm", "loss": "reverse_k"})
+        from_dict(LMRecipe, {"kind": "lm", "teacher": "t", "terms": [{"loss": "reverse_k"}]})
     with pytest.raises(DistilleryError, match="from a teacher"):
         from_dict(LMRecipe, {"kind": "lm", "method": "seq_kd"})
-    with pytest.raises(DistilleryError, match="only loss kd"):
-        from_dict(LMRecipe, {"kind": "lm", "teacher": "t", "method": "topk", "loss": "tvd"})
+    with pytest.raises(DistilleryError, match="teacher is null"):
+        from_dict(LMRecipe, {"kind": "lm", "terms": [{"loss": "kd"}]})
+    with pytest.raises(DistilleryError, match="only losses that read sparse"):
+        from_dict(LMRecipe, {"kind": "lm", "teacher": "t", "method": "topk", "terms": [{"loss": "tvd"}]})
     with pytest.raises(DistilleryError, match="unknown parameter 'beta'"):
-        from_dict(LMRecipe, {"kind": "lm", "loss": "kd", "params": {"beta": 0.5}})
+        from_dict(LMRecipe, {"kind": "lm", "teacher": "t", "terms": [{"loss": "kd", "beta": 0.5}]})
+    with pytest.raises(DistilleryError, match="not a token loss"):  # a logit loss that needs class targets
+        from_dict(LMRecipe, {"kind": "lm", "teacher": "t", "terms": [{"loss": "dkd"}]})
+    with pytest.raises(DistilleryError, match="terms is empty"):
+        from_dict(LMRecipe, {"kind": "lm", "teacher": "t", "terms": []})
+    r = from_dict(LMRecipe, {"kind": "lm", "teacher": "t", "terms": [
+        {"loss": "generalized_jsd", "beta": 0.5}, {"loss": "ce", "teacher": None, "weight": 0.5},
+        {"loss": "hint", "student": "hf.model.layers.1", "teacher": "hf.model.layers.1"}]})
+    assert [t.name for t in r.objective()] == ["generalized_jsd", "ce", "hint"]
+    assert [t.name for t in from_dict(LMRecipe, {"kind": "lm", "teacher": "t", "method": "seq_kd"}).objective()] == ["ce"]
+
+
+def _rows(run: Path) -> dict:
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["kind"] == "lm"
+    assert (run / "config.yaml").is_file() and (run / "report" / "report.html").is_file()
+    assert (run / "report" / "perplexity.png").is_file() and (run / "metrics.jsonl").is_file()
+    return {r["model"]: r for r in summary["rows"]}
 
 
 def test_cli_trains_a_teacher_then_distils_from_it(tmp_path, capsys):
@@ -262,25 +283,27 @@ def test_cli_trains_a_teacher_then_distils_from_it(tmp_path, capsys):
     docs = tmp_path / "docs.jsonl"
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
     common = [f"data={docs}", "block=16", "vocab_size=300", "model=tiny", "train.batch_size=8", "train.log_every=1000",
-              "seq_kd.prompt=4", "seq_kd.new_tokens=12", "on_policy.prompt=4"]
-    assert main(["lm", "lm/teacher", *common, "--out", str(tmp_path / "t"), "--quiet"]) == 0
-    report = json.loads((tmp_path / "t" / "report.json").read_text())
-    assert report["method"] == "alone" and report["validation_perplexity"] > 1
-    teacher = str(tmp_path / "t" / "model")
+              "seq_kd.prompt=4", "seq_kd.new_tokens=12", "on_policy.prompt=4", f"runs_dir={tmp_path / 'runs'}"]
+    assert main(["run", "lm/teacher", *common, "--out", str(tmp_path / "t"), "--quiet"]) == 0
+    alone = _rows(tmp_path / "t")["tiny"]
+    assert alone["method"] == "alone" and alone["validation_perplexity"] > 1
+    teacher = str(tmp_path / "t" / "models" / "model")
     for method in ("kd", "topk", "seq_kd", "on_policy", "adaspec"):
-        ref = [f"reference={tmp_path / 'kd' / 'model'}"] if method == "adaspec" else []
-        assert main(["lm", "lm/kd", *common, f"teacher={teacher}", f"method={method}", *ref,
+        ref = [f"reference={tmp_path / 'kd' / 'models' / 'model'}"] if method == "adaspec" else []
+        assert main(["run", "lm/kd", *common, f"teacher={teacher}", f"method={method}", *ref,
                      "--out", str(tmp_path / method), "--quiet"]) == 0, method
-        r = json.loads((tmp_path / method / "report.json").read_text())
-        assert r["method"] == method and math.isfinite(r["validation_perplexity"])
-        assert r["teacher_validation_perplexity"] == pytest.approx(report["validation_perplexity"], rel=1e-4)
+        rows = _rows(tmp_path / method)
+        assert rows["tiny"]["method"] == method and math.isfinite(rows["tiny"]["validation_perplexity"])
+        assert rows["teacher"]["validation_perplexity"] == pytest.approx(alone["validation_perplexity"], rel=1e-4)
     store = tmp_path / "shared" / "dense"
     for i in (1, 2):  # the second run reads the store the first wrote
         assert main(["lm", "lm/kd", *common, f"teacher={teacher}", f"store={store}", "--out", str(tmp_path / f"d{i}"),
-                     "--quiet"]) == 0
+                     "--quiet"]) == 0  # the old form: runs, saying the `run` form
     assert json.loads((store / "manifest.json").read_text())["dtype"] == "float16"
-    assert "validation perplexity" in capsys.readouterr().out
-    assert main(["lm", "lm/kd", "teacher=" + str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    out, err = capsys.readouterr()
+    assert "validation_perplexity" in out and "note: `distillery lm` is `distillery run lm/kd" in err
+    assert main(["run", "lm/kd", "teacher=" + str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()  # a run that failed before any checkpoint leaves nothing
 
 
 def test_adaspec_data_keeps_the_share_and_carries_the_target(tok, data):
@@ -308,14 +331,14 @@ def test_hidden_state_terms_through_taps_and_adapters(tmp_path, tok, data):
     teacher = llama("tiny", vocab_size=v, seed=0)
     student = llama("tiny", vocab_size=v, seed=1, hidden_size=16, intermediate_size=32)
     hint = Term("hint", student="hf.model.layers.1", teacher="hf.model.layers.1")
-    D.distil(student, teacher, data, _cfg(log_every=1), features=[hint], run_dir=tmp_path, progress=False)
+    D.distil(student, teacher, data, _cfg(log_every=1), terms=[Term("kd"), hint], run_dir=tmp_path, progress=False)
     records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     terms = [r["terms"] for r in records if r["event"] == "train"]
     assert {"kd", "hint"} <= set(terms[0]) and terms[-1]["hint"] < terms[0]["hint"]
     assert hint.adapter_module is not None and hint.adapter_module.weight.shape == (32, 16)
     with pytest.raises(DistilleryError, match=r"hf\.model\.layers\.9"):
         D.distil(student, teacher, data, _cfg(), progress=False,
-                 features=[Term("hint", student="hf.model.layers.9", teacher="hf.model.layers.1")])
+                 terms=[Term("kd"), Term("hint", student="hf.model.layers.9", teacher="hf.model.layers.1")])
 
 
 def test_accumulation_averages_over_the_steps_valid_tokens(tok, data):
@@ -336,21 +359,6 @@ def test_accumulation_averages_over_the_steps_valid_tokens(tok, data):
                  chunk_size=7, progress=False)
         outs.append(torch.cat([p.detach().flatten() for p in s.parameters()]))
     assert torch.allclose(outs[0], outs[1], atol=1e-6) and not torch.allclose(outs[0], init, atol=1e-4)
-
-
-def test_a_run_folder_belongs_to_one_recipe(tmp_path):
-    from distillery.config import from_dict
-    from distillery.lm.config import LMRecipe
-    from distillery.lm.run import _same_recipe
-
-    a = from_dict(LMRecipe, {"kind": "lm", "loss": "kd"})
-    _same_recipe(a, tmp_path)
-    _same_recipe(a, tmp_path)  # the same recipe resumes
-    _same_recipe(from_dict(LMRecipe, {"kind": "lm", "loss": "kd", "threads": 1}), tmp_path)  # speed only
-    with pytest.raises(DistilleryError, match="threads must be at least 1"):
-        from_dict(LMRecipe, {"kind": "lm", "threads": 0})
-    with pytest.raises(DistilleryError, match=r"another recipe .*loss"):
-        _same_recipe(from_dict(LMRecipe, {"kind": "lm", "loss": "tvd"}), tmp_path)
 
 
 def test_settings_a_recipe_does_not_use_are_not_held_against_it():

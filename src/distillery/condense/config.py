@@ -21,11 +21,16 @@ class CondenseEval:
     epochs: int = 500
     archs: list[str] = field(default_factory=lambda: ["convnet"])
     """The first is the distillation architecture; others give the cross-architecture rows."""
+    enabled: bool = True
+    """False: condense only (``distillery eval RUN_DIR`` evaluates later)."""
 
 
 @dataclass
 class CondenseRecipe:
     kind: Literal["condense"] = "condense"
+    name: str = ""
+    """Names the run directory (default: the recipe's name, such as ``condense/digits_dm``)."""
+    runs_dir: str = "runs"
     data: str = "digits"
     method: str = "dm"
     ipc: int = 10

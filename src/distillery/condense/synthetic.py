@@ -63,7 +63,7 @@ class SyntheticSet:
 
         path = Path(path)
         if not path.is_file():
-            raise DistilleryError(f"synthetic set {str(path)!r} does not exist; write one with `distillery condense`.")
+            raise DistilleryError(f"synthetic set {str(path)!r} does not exist; write one with `distillery run condense/digits_dm` (any condense recipe).")
         try:
             with safe_open(str(path), "pt") as f:
                 raw = (f.metadata() or {}).get("distillery")

@@ -14,8 +14,9 @@ kept, with early stopping (``train.select=best``, ``train.patience``).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal, get_args
 
 import torch
 from torch import Tensor, nn
@@ -29,19 +30,45 @@ from ..teachers import ModuleTeacher, PrecomputedTeacher
 from . import models
 from .data import Graph, NodeData, Split, node_sets
 
-METHODS = ("mlp", "glnn", "ffg2m", "krd")
+Method = Literal["mlp", "glnn", "ffg2m", "krd"]
+METHODS: tuple[str, ...] = get_args(Method)
 
-# GLNN's settings (train.conf.yaml of snap-research/graphless-neural-networks): Adam (L2 weight
-# decay), lr 0.01, at most 200 epochs, patience 50.
-TEACHER_TRAIN = TrainConfig(epochs=200, batch_size=1 << 30, optimizer="adam", lr=0.01, weight_decay=5e-4,
-                            schedule="constant", select="best", patience=50, log_every=1 << 30)
+
+# The defaults of the Python API and of the graph recipe (``graph.recipe``): GLNN's settings
+# (train.conf.yaml of snap-research/graphless-neural-networks).
+@dataclass
+class TeacherTrain(TrainConfig):
+    """GLNN's teacher training: full batch (one step per epoch), Adam with L2 weight decay, lr 0.01,
+    at most 200 epochs, the best validation epoch kept, patience 50."""
+
+    epochs: int = 200
+    batch_size: int = 1 << 30
+    """Clamped to the number of training nodes: full batch."""
+    optimizer: Literal["adamw", "adam", "sgd"] = "adam"
+    lr: float = 0.01
+    weight_decay: float = 5e-4
+    schedule: Literal["constant", "cosine", "step"] = "constant"
+    select: Literal["last", "best"] = "best"
+    patience: int | None = 50
+    log_every: int = 1 << 30
+    """Full batch: one record per epoch."""
+
+
+@dataclass
+class StudentTrain(TeacherTrain):
+    """GLNN's MLP student: the teacher's training with weight decay 5e-3."""
+
+    weight_decay: float = 5e-3
+
+
+TEACHER_TRAIN = TeacherTrain()
 TEACHER_MODELS: dict[str, dict[str, Any]] = {
     "sage": {"hidden": 128, "layers": 2, "dropout": 0.0},
     "gcn": {"hidden": 64, "layers": 2, "dropout": 0.5},
     "gat": {"hidden": 8, "heads": 8, "layers": 2, "dropout": 0.6, "attn_dropout": 0.6},
     "appnp": {"hidden": 64, "layers": 2, "dropout": 0.5, "k": 10, "alpha": 0.1},
 }
-STUDENT_TRAIN = replace(TEACHER_TRAIN, weight_decay=5e-3)
+STUDENT_TRAIN = StudentTrain()
 STUDENT_MODEL: dict[str, Any] = {"hidden": 128, "layers": 2, "dropout": 0.6}
 
 
@@ -50,8 +77,10 @@ def _full_batch(cfg: TrainConfig, n: int) -> TrainConfig:
 
 
 def train_teacher(graph: Graph, split: Split, kind: str = "sage", *, seed: int = 0, train: TrainConfig | None = None,
+                  run_dir: str | Path | None = None, resume: bool = False, progress: bool | None = False,
                   **model_args) -> nn.Module:
-    """A GNN of ``kind`` trained with cross-entropy on the labelled training nodes, selected on validation."""
+    """A GNN of ``kind`` trained with cross-entropy on the labelled training nodes, selected on validation.
+    With ``run_dir`` the engine checkpoints and logs phase ``teacher`` there (``resume`` continues it)."""
     if kind == "mlp":
         raise DistilleryError("train_teacher trains a GNN (gcn, sage, gat, appnp); train the MLP with distill(..., 'mlp').")
     sets = node_sets(graph, split)
@@ -59,7 +88,7 @@ def train_teacher(graph: Graph, split: Split, kind: str = "sage", *, seed: int =
     model = models.build(kind, graph, **{**TEACHER_MODELS.get(kind, {}), **model_args})
     cfg = _full_batch(train or TEACHER_TRAIN, len(sets["train"]))
     fit(model, Objective([TermConfig(loss="ce", teacher=None)]), sets["train"], cfg, eval_data=sets["val"],
-        seed=seed, progress=False)
+        run_dir=run_dir, phase="teacher", seed=seed, resume=resume, progress=progress)
     return model.eval()
 
 
@@ -111,12 +140,14 @@ def terms(method: str, *, lamb: float, temperature: float = 1.0) -> list[TermCon
 
 def distill(teacher: nn.Module | None, graph: Graph, split: Split, method: str = "glnn", *, seed: int = 0,
             lamb: float = 0.0, temperature: float = 1.0, train: TrainConfig | None = None,
-            observed: Tensor | None = None, noise: float = 1.0, **model_args) -> tuple[nn.Module, dict[str, Any]]:
+            observed: Tensor | None = None, noise: float = 1.0, run_dir: str | Path | None = None,
+            resume: bool = False, progress: bool | None = False, **model_args) -> tuple[nn.Module, dict[str, Any]]:
     """Train an MLP student by ``method`` (see ``terms``) and return it with ``fit``'s result.
 
     The student trains on every observed node (``observed``: all nodes when None; GLNN's inductive
     setting passes the observed ones): CE where the node is a training node, the teacher's terms
-    everywhere. ``method="mlp"`` trains on the labelled nodes alone and needs no teacher."""
+    everywhere. ``method="mlp"`` trains on the labelled nodes alone and needs no teacher. With ``run_dir``
+    the engine checkpoints and logs phase ``distill`` there (``resume`` continues it)."""
     sets = node_sets(graph, split, observed=observed)
     seed_everything(seed)
     student = models.build("mlp", graph, **{**STUDENT_MODEL, **model_args})
@@ -131,7 +162,8 @@ def distill(teacher: nn.Module | None, graph: Graph, split: Split, method: str =
             data = data.with_columns(reliability=reliability(teacher, noise, seed))
         answers = PrecomputedTeacher(ModuleTeacher(teacher), data)
     cfg = _full_batch(train or STUDENT_TRAIN, len(data))
-    result = fit(student, objective, data, cfg, teacher=answers, eval_data=sets["val"], seed=seed, progress=False)
+    result = fit(student, objective, data, cfg, teacher=answers, eval_data=sets["val"], run_dir=run_dir,
+                 phase="distill", seed=seed, resume=resume, progress=progress)
     return student.eval(), result
 
 

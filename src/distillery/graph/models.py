@@ -229,12 +229,14 @@ class MLP(nn.Module):
 
 def build(kind: str, graph: Graph, **kwargs) -> nn.Module:
     """A model of ``kind`` (gcn, sage, gat, appnp, mlp) for ``graph``; kwargs are the class's."""
-    classes = {"gcn": GCN, "sage": SAGE, "gat": GAT, "appnp": APPNP, "mlp": MLP}
-    if kind not in classes:
+    if kind not in CLASSES:
         from ..errors import unknown
 
-        raise unknown("graph model", kind, list(classes))
+        raise unknown("graph model", kind, list(CLASSES))
     from ..config import check_kwargs
 
-    check_kwargs(classes[kind], kwargs, f"graph model {kind!r}", skip=1)
-    return classes[kind](graph, **kwargs)
+    check_kwargs(CLASSES[kind], kwargs, f"graph model {kind!r}", skip=1)
+    return CLASSES[kind](graph, **kwargs)
+
+
+CLASSES: dict[str, type[nn.Module]] = {"gcn": GCN, "sage": SAGE, "gat": GAT, "appnp": APPNP, "mlp": MLP}

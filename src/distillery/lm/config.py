@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from .. import losses
-from ..config import TrainConfig, check_kwargs
+from ..config import TermConfig, TrainConfig
 from ..errors import DistilleryError, unknown
-from .distill import token_losses
+from ..objective import Term
 from .models import PRESETS
 
 
@@ -46,6 +45,8 @@ class OnPolicy:
 @dataclass
 class LMRecipe:
     kind: Literal["lm"] = "lm"
+    name: str = ""
+    """Names the run directory (default: the recipe's name, such as ``lm/kd``)."""
     model: str = "student"
     """A preset (teacher, student, tiny) built with the corpus tokenizer, or a model folder to start from."""
     data: str = "stdlib"
@@ -61,10 +62,12 @@ class LMRecipe:
     """Check every model folder the recipe names (model, teacher, reference) against its distillery checksum
     record; false loads folders from elsewhere (plain transformers folders) unverified, knowingly."""
     method: Literal["kd", "seq_kd", "on_policy", "topk", "adaspec"] = "kd"
-    loss: str = "kd"
-    params: dict[str, Any] = field(default_factory=dict)
-    """Of the loss: temperature, beta, alpha, ..."""
-    ce_weight: float = 0.0
+    terms: list[TermConfig] | None = None
+    """The objective, as in every recipe: token-level logit terms (``kd``, ``reverse_kl``,
+    ``generalized_jsd``, ...: any registered row-wise logit loss), ``{loss: ce, teacher: null}`` for the
+    data's cross-entropy, and feature terms on taps (``student: hf.model.layers.1``). Null: ``[kd]`` with
+    a teacher, ``[ce]`` without (the data alone) and for seq_kd (cross-entropy on the teacher's text, as
+    Kim & Rush; terms that read the teacher add token KD on that text)."""
     chunk_size: int | None = 512
     top_k: int = 8
     store: str | None = None
@@ -81,12 +84,36 @@ class LMRecipe:
     seed: int = 0
     threads: int = 2
     """torch intra-op threads (set deliberately: speed, and on some kernels results, depend on it)."""
+    runs_dir: str = "runs"
+
+    def objective(self) -> list[Term]:
+        """The terms this recipe trains with (built and checked: losses, parameters, token losses)."""
+        from .distill import check_terms
+
+        if self.terms is None:
+            alone = self.teacher is None or self.method == "seq_kd"
+            cfgs = [TermConfig("ce", teacher=None, targets="labels")] if alone else [TermConfig("kd")]
+        else:
+            cfgs = self.terms
+        terms = [Term.from_config(t) for t in cfgs]
+        check_terms(terms)
+        return terms
+
+    def reads_teacher(self) -> bool:
+        return any(t.teacher is not None for t in self.objective())
 
     def __post_init__(self) -> None:
-        if self.loss not in token_losses():
-            raise unknown("token loss", self.loss, token_losses())
-        check_kwargs(losses.get(self.loss), self.params, f"loss {self.loss!r} (params)", skip=2,
-                     reserved=("targets", "mask", "reduction"))
+        if self.terms is not None and not self.terms:
+            raise DistilleryError("terms is empty; give at least one term, e.g. terms: [{loss: kd}], or null.")
+        terms = self.objective()
+        if self.teacher is None and any(t.teacher is not None for t in terms):
+            raise DistilleryError("a term reads the teacher but teacher is null; set teacher: to a model folder, or "
+                                  "use terms that read none ({loss: ce, teacher: null}).")
+        if self.method == "topk" and not all(t.caps.accepts_sparse for t in terms if t.teacher is not None):
+            raise DistilleryError("method topk reads a sparse store of top-k answers, which only losses that read "
+                                  "sparse teachers (kd) can read; use terms: [{loss: kd}].")
+        if self.method == "adaspec" and [t.loss for t in terms if t.teacher is not None] != ["kd"]:
+            raise DistilleryError("method adaspec selects tokens by the draft's forward KL; use terms: [{loss: kd}].")
         if self.model in PRESETS or "/" in self.model or self.model.startswith("."):
             pass
         else:
@@ -96,7 +123,6 @@ class LMRecipe:
         ranges = [  # (key, value, ok, what it must be)
             ("max_train_blocks", self.max_train_blocks, self.max_train_blocks is None or self.max_train_blocks >= 1,
              "at least 1, or null"),
-            ("ce_weight", self.ce_weight, math.isfinite(self.ce_weight) and self.ce_weight >= 0, "a finite number >= 0"),
             ("chunk_size", self.chunk_size, self.chunk_size is None or self.chunk_size >= 1, "at least 1, or null"),
             ("top_k", self.top_k, self.top_k >= 1, "at least 1"),
             ("keep", self.keep, 0 < self.keep <= 1, "in (0, 1]"),
@@ -116,10 +142,8 @@ class LMRecipe:
             raise DistilleryError("block must be >= 2 tokens and vocab_size >= 300 (a byte-level BPE needs 256 bytes).")
         if self.teacher is None and self.method != "kd":
             raise DistilleryError(f"method {self.method!r} distils from a teacher; set teacher: to a model folder.")
-        if self.method == "topk" and self.loss != "kd":
-            raise DistilleryError("method topk reads a sparse store, which only loss kd (forward KL) can read.")
-        if self.method == "adaspec" and (self.reference is None or self.loss != "kd"):
-            raise DistilleryError("method adaspec needs reference: (a model folder distilled with method kd) and loss kd.")
+        if self.method == "adaspec" and self.reference is None:
+            raise DistilleryError("method adaspec needs reference: (a model folder distilled with method kd).")
         used = {"seq_kd": self.seq_kd.prompt, "on_policy": self.on_policy.prompt}
         for name, prompt in used.items():  # only the method's own settings: the others are not used
             if self.method != name or self.teacher is None:

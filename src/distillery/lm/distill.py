@@ -1,11 +1,10 @@
 """Language-model distillation over the engine: every mode is a data set and a list of terms.
 
 - ``train(model, data, cfg)``: next-token cross-entropy alone (the teacher, the undistilled student).
-- ``distil(student, teacher, data, cfg, loss=..., params=...)``: white-box token-level KD on the
-  data (teacher-forced): one logit loss (``kd`` = forward KL at temperature tau with tau^2,
-  ``reverse_kl``, ``generalized_jsd``, ``skew_kl``, ``skew_reverse_kl``, ``tvd``) over every
-  valid token, plus ``ce_weight`` x cross-entropy, plus any feature terms (hidden states through
-  taps such as ``hf.model.layers.1``). The teacher is a ``CausalLM`` (frozen here), a store of
+- ``distil(student, teacher, data, cfg, terms=[...])``: white-box token-level KD on the data
+  (teacher-forced): logit terms (``kd`` = forward KL at temperature tau with tau^2, ``reverse_kl``,
+  ``generalized_jsd``, ``skew_kl``, ``skew_reverse_kl``, ``tvd``) over every valid token, a ``ce``
+  term on the data, and feature terms (hidden states through taps such as ``hf.model.layers.1``). The teacher is a ``CausalLM`` (frozen here), a store of
   its top-k log-probs (``CachedTeacher``; ``kd`` reads it sparsely), or any ``Teacher``.
 - ``teacher_texts(teacher, prompts, ...)``: **sequence-level KD** (Kim & Rush, EMNLP 2016): the
   teacher continues each prompt (several samples per prompt with ``samples``); the student is
@@ -31,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .. import engine
-from ..config import TrainConfig
+from ..config import TermConfig, TrainConfig
 from ..errors import DistilleryError
 from ..objective import Objective, Term
 from ..teachers import ModuleTeacher, Teacher
@@ -54,35 +53,48 @@ def _as_teacher(teacher: CausalLM | Teacher) -> Teacher:
 
 
 def train(model: CausalLM, data: TokenData, cfg: TrainConfig, *, run_dir: str | Path | None = None, seed: int = 0,
-          chunk_size: int | None = None, progress: bool | None = None, eval_data: TokenData | None = None
-          ) -> dict[str, Any]:
+          chunk_size: int | None = None, progress: bool | None = None, eval_data: TokenData | None = None,
+          phase: str = "lm", resume: bool = True) -> dict[str, Any]:
     """Next-token cross-entropy on ``data`` (its valid targets), through the engine; ``eval_data`` (a
     validation split) is scored every epoch: perplexity, token accuracy."""
     objective = Objective([Term("ce", teacher=None, targets="labels")], chunk_size=chunk_size)
-    return engine.fit(model, objective, data, cfg, run_dir=run_dir, phase="lm", seed=seed, progress=progress,
-                      eval_data=eval_data)
+    return engine.fit(model, objective, data, cfg, run_dir=run_dir, phase=phase, seed=seed, progress=progress,
+                      eval_data=eval_data, resume=resume)
 
 
-def distil(student: CausalLM, teacher: CausalLM | Teacher, data: TokenData, cfg: TrainConfig, *,
-           loss: str = "kd", params: dict[str, Any] | None = None, ce_weight: float = 0.0,
-           features: Sequence[Term] = (), chunk_size: int | None = 512, run_dir: str | Path | None = None,
-           seed: int = 0, progress: bool | None = None, task: Any = None,
-           eval_data: TokenData | None = None) -> dict[str, Any]:
-    """Token-level KD of ``student`` from ``teacher`` on ``data`` (see the module docstring); ``eval_data``
-    (a validation split) is scored every epoch: perplexity, token accuracy and agreement with the teacher."""
-    if loss not in token_losses():
-        raise DistilleryError(f"unknown token loss {loss!r}; use one of {', '.join(token_losses())}.")
+def check_terms(terms: Sequence[Term]) -> None:
+    """A term that compares logits with the teacher's must be a token loss (``token_losses``)."""
+    allowed = token_losses()
+    for t in terms:
+        if t.is_feature or t.teacher is None:
+            continue
+        if not isinstance(t.loss, str) or t.loss not in allowed:
+            raise DistilleryError(f"term {t.name!r}: {t.name if not isinstance(t.loss, str) else t.loss!r} is not a "
+                                  f"token loss; use one of {', '.join(allowed)} (a sum over tokens reading no class "
+                                  "targets), or a feature term on taps.")
+
+
+def distil(student: CausalLM, teacher: CausalLM | Teacher | None, data: TokenData, cfg: TrainConfig, *,
+           terms: Sequence[Term | TermConfig] | None = None, chunk_size: int | None = 512,
+           run_dir: str | Path | None = None, seed: int = 0, progress: bool | None = None, task: Any = None,
+           eval_data: TokenData | None = None, phase: str = "lm", resume: bool = True) -> dict[str, Any]:
+    """Token-level KD of ``student`` from ``teacher`` on ``data`` (see the module docstring) with
+    ``terms`` (default: one ``kd`` term; add ``Term("ce", teacher=None, targets="labels")`` for the data's
+    cross-entropy, feature terms on taps such as ``hf.model.layers.1``); ``eval_data`` (a validation
+    split) is scored every epoch: perplexity, token accuracy and agreement with the teacher."""
+    terms = [t if isinstance(t, Term) else Term.from_config(t) for t in (terms or [Term("kd")])]
+    check_terms(terms)
+    if teacher is None and any(t.teacher is not None for t in terms):
+        raise DistilleryError("a term reads the teacher, and no teacher was given; pass one, or use terms that read "
+                              "none (Term('ce', teacher=None, targets='labels')).")
     if isinstance(teacher, CausalLM) and teacher.vocab_size != student.vocab_size:
         raise DistilleryError(f"the teacher predicts {teacher.vocab_size} tokens, the student {student.vocab_size}; "
                               "token-level KD needs one shared tokenizer (lm.models.check_same_tokenizer): build "
                               "the student with the teacher's.")
-    terms = [Term(loss, params=dict(params or {}))]
-    if ce_weight:
-        terms.append(Term("ce", weight=ce_weight, teacher=None, targets="labels"))
-    terms.extend(features)
     objective = Objective(terms, chunk_size=chunk_size)
-    return engine.fit(student, objective, data, cfg, teacher=_as_teacher(teacher), run_dir=run_dir, phase="lm",
-                      seed=seed, progress=progress, task=task, eval_data=eval_data)
+    return engine.fit(student, objective, data, cfg, teacher=None if teacher is None else _as_teacher(teacher),
+                      run_dir=run_dir, phase=phase,
+                      seed=seed, progress=progress, task=task, eval_data=eval_data, resume=resume)
 
 
 @torch.no_grad()

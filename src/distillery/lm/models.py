@@ -174,16 +174,23 @@ def from_pretrained(cls, path: Path, **kwargs):
         raise DistilleryError(f"{path} is not a readable model folder ({first}).") from None
 
 
+def check_folder(path: str | Path) -> Path:
+    """``path`` if it is a model folder (has config.json), else a one-line error saying what to pass."""
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise DistilleryError(f"{str(path)!r} is not a model folder (no config.json); pass a folder written by "
+                              "distillery (save_lm, `distillery run` of an lm recipe) or by transformers' "
+                              "save_pretrained.")
+    return path
+
+
 def load_lm(path: str | Path, *, verify: bool = True) -> tuple[CausalLM, Any]:
     """(model, tokenizer) from a folder written by ``save_lm`` (its checksums verified), or, with
     ``verify=False``, any local transformers causal-LM folder with ``config.json``, safetensors weights and
     ``tokenizer.json``. A folder without its checksum record is refused unless ``verify`` is off.
     Nothing is downloaded."""
     transformers = require_transformers()
-    path = Path(path)
-    if not (path / "config.json").is_file():
-        raise DistilleryError(f"{str(path)!r} is not a model folder (no config.json); pass a folder written by "
-                              "distillery (save_lm, `distillery lm`) or by transformers' save_pretrained.")
+    path = check_folder(path)
     tok = load_tokenizer(path)
     vocab = tok.get_vocab_size()
     meta = read_json(path / CONFIG, "language-model config") if (path / CONFIG).is_file() else None

@@ -1,10 +1,10 @@
-"""Run an ``lm`` recipe: data and tokenizer, the model, the method, the saved folder and a report.
+"""The ``lm`` kind's run: data and tokenizer, the model, the method, the saved folder, the rows.
 
-``run_recipe(recipe, out)`` writes ``out/model`` (``save_lm``: loads with transformers'
-``AutoModelForCausalLM`` too), ``out/report.json`` (validation and test perplexity of the model,
-and of the teacher when there is one; parameters; seconds) and ``out/run`` (the engine's
-checkpoints and metrics: an interrupted run resumes there). Generated sequence-level KD text and
-top-k stores are kept in ``out`` and reused when their settings match.
+``run(recipe, rd)`` trains into the run directory (``rundir``): the engine's checkpoints and metrics
+(an interrupted run resumes), ``models/model`` (``save_lm``: loads with transformers'
+``AutoModelForCausalLM`` too), and rows with the validation and test perplexity of the student and
+of the teacher when there is one. Generated sequence-level KD text and top-k stores are kept in
+``work/`` and reused when their settings match.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ..errors import DistilleryError
-from ..io import atomic_write_json, cached_arrays, read_json
+from ..io import cached_arrays
 from . import corpus
 from . import distill as D
 from .config import LMRecipe
@@ -103,65 +103,96 @@ def _store(teacher: CausalLM, data: corpus.TokenData, folder: Path, top_k: int |
     return CachedTeacher(folder)
 
 
-def _same_recipe(recipe: LMRecipe, out: Path) -> None:
-    """``out/recipe.json`` records the recipe of the first run; another recipe in the same folder is
-    refused (its checkpoints, text and stores belong to the first), naming the keys that differ."""
-    want = json.loads(json.dumps(dataclasses.asdict(recipe), default=str))
-    path = out / "recipe.json"
-    if path.is_file():
-        have = read_json(path, "recipe record")
-        differ = sorted(k for k in set(have) | set(want) if have.get(k) != want.get(k) and k != "threads")
-        if differ:
-            raise DistilleryError(f"{out} holds a run of another recipe ({', '.join(differ)} differ); "
-                                  "use a new --out folder, or delete this one to start over.")
-    else:
-        atomic_write_json(path, want)
+def validate(recipe: LMRecipe) -> None:
+    """What can be checked before the run directory is made: the folders and data file the recipe names."""
+    from .models import check_folder
+
+    for folder in (recipe.teacher, recipe.reference, None if recipe.model in PRESETS else recipe.model):
+        if folder is not None:
+            check_folder(folder)
+    if recipe.data != "stdlib" and not Path(recipe.data).exists():
+        raise DistilleryError(f"data {recipe.data!r} does not exist; pass a .txt / .jsonl file or an HF datasets "
+                              "folder, or data: stdlib.")
 
 
-def run_recipe(recipe: LMRecipe, out: str | Path, *, progress: bool | None = None) -> dict[str, Any]:
-    """Train the recipe's model into ``out`` (see the module docstring); returns the report."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    _same_recipe(recipe, out)
-    torch.set_num_threads(recipe.threads)
+def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str, Any]]:
+    """Train the recipe's model into the run directory ``rd`` (see the module docstring); the rows."""
+    out, work = rd.path, rd.path / "work"
     teacher, ttok = (None, None) if recipe.teacher is None else load_lm(recipe.teacher, verify=recipe.verify)
     splits, tok = load_data(recipe, ttok)
     model = build_model(recipe, tok)
+    terms = recipe.objective()
+    reads_teacher = any(t.teacher is not None for t in terms)
     t0 = time.perf_counter()
-    common = {"run_dir": out / "run", "seed": recipe.seed, "progress": progress, "eval_data": splits["validation"]}
+    fit = {"run_dir": out, "seed": recipe.seed, "progress": progress, "eval_data": splits["validation"],
+           "chunk_size": recipe.chunk_size, "terms": terms, "resume": rd.resume,
+           "phase": "distill" if teacher is not None else "train"}
+    train = splits["train"]
     if teacher is None:
-        D.train(model, splits["train"], recipe.train, chunk_size=recipe.chunk_size, **common)
-    else:
-        kd = {"loss": recipe.loss, "params": recipe.params, "ce_weight": recipe.ce_weight, "chunk_size": recipe.chunk_size}
-        if recipe.method == "kd":
-            source = teacher if recipe.store is None else _store(teacher, splits["train"], Path(recipe.store), None)
-            D.distil(model, source, splits["train"], recipe.train, **kd, **common)
-        elif recipe.method == "seq_kd":
-            D.train(model, _seq_kd_data(recipe, teacher, splits["train"], out), recipe.train,
-                    chunk_size=recipe.chunk_size, **common)
-        elif recipe.method == "on_policy":
-            op = recipe.on_policy
-            task = D.OnPolicy(model, lam=op.lam, prompt=op.prompt, temperature=op.temperature, seed=recipe.seed)
-            task.check(splits["train"])
-            D.distil(model, teacher, splits["train"], recipe.train, **kd, **common, task=task)
-        elif recipe.method == "adaspec":
-            from .adaspec import AdaSPEC, BatchTeacher
+        D.distil(model, None, train, recipe.train, **fit)
+    elif recipe.method == "kd":
+        source = teacher if recipe.store is None else _store(teacher, train, Path(recipe.store), None)
+        D.distil(model, source, train, recipe.train, **fit)
+    elif recipe.method == "seq_kd":
+        D.distil(model, teacher if reads_teacher else None, _seq_kd_data(recipe, teacher, train, work),
+                 recipe.train, **fit)
+    elif recipe.method == "on_policy":
+        op = recipe.on_policy
+        task = D.OnPolicy(model, lam=op.lam, prompt=op.prompt, temperature=op.temperature, seed=recipe.seed)
+        task.check(train)
+        D.distil(model, teacher, train, recipe.train, **fit, task=task)
+    elif recipe.method == "adaspec":
+        from .adaspec import AdaSPEC, BatchTeacher
 
-            ref, rtok = load_lm(recipe.reference, verify=recipe.verify)
-            check_same_tokenizer(rtok, tok)
-            task = AdaSPEC(model, ref, teacher, recipe.keep)
-            D.distil(model, BatchTeacher(), splits["train"], recipe.train, **kd, **common, task=task)
-        else:  # topk
-            folder = Path(recipe.store) if recipe.store is not None else out / f"store-top{recipe.top_k}"
-            D.distil(model, _store(teacher, splits["train"], folder, recipe.top_k), splits["train"], recipe.train,
-                     **kd, **common)
+        ref, rtok = load_lm(recipe.reference, verify=recipe.verify)
+        check_same_tokenizer(rtok, tok)
+        D.distil(model, BatchTeacher(), train, recipe.train, **fit, task=AdaSPEC(model, ref, teacher, recipe.keep))
+    else:  # topk
+        folder = Path(recipe.store) if recipe.store is not None else work / f"store-top{recipe.top_k}"
+        D.distil(model, _store(teacher, train, folder, recipe.top_k), train, recipe.train, **fit)
     seconds = time.perf_counter() - t0
-    save_lm(model, tok, out / "model", extra={"recipe": dataclasses.asdict(recipe)})
-    report = {"method": "alone" if teacher is None else recipe.method, "loss": recipe.loss, "seed": recipe.seed,
-              "parameters": model.num_parameters(), "train_seconds": seconds,
-              "validation_perplexity": D.perplexity(model, splits["validation"]),
-              "test_perplexity": D.perplexity(model, splits["test"])}
+    if rd_writes():
+        save_lm(model, tok, rd.models / "model", extra={"recipe": dataclasses.asdict(recipe)})
+    rows = []
     if teacher is not None:
-        report["teacher_validation_perplexity"] = D.perplexity(teacher, splits["validation"])
-    atomic_write_json(out / "report.json", report)
-    return report
+        rows.append({"model": "teacher", "phase": "teacher", "params": teacher.num_parameters(),
+                     "validation_perplexity": D.perplexity(teacher, splits["validation"]),
+                     "test_perplexity": D.perplexity(teacher, splits["test"])})
+    rows.append({"model": recipe.model if recipe.model in PRESETS else "model", "phase": fit["phase"], "method": "alone" if teacher is None else recipe.method,
+                 "terms": ", ".join(t.name for t in terms), "params": model.num_parameters(),
+                 "validation_perplexity": D.perplexity(model, splits["validation"]),
+                 "test_perplexity": D.perplexity(model, splits["test"]), "train_seconds": seconds})
+    if rd_writes():
+        _plot(rows, rd.figure("perplexity.png", "Validation and test perplexity (lower is better)"))
+    return rows
+
+
+def rd_writes() -> bool:
+    from ..rundir import writer
+
+    return writer()
+
+
+def _plot(rows: list[dict], path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ..io import atomic_write_bytes
+
+    fig, ax = plt.subplots(figsize=(5, 3))
+    names = [r["model"] for r in rows]
+    for k, split in enumerate(("validation", "test")):
+        vals = [r[f"{split}_perplexity"] for r in rows]
+        ax.bar([i + 0.4 * k for i in range(len(rows))], vals, width=0.4, label=split)
+    ax.set_xticks([i + 0.2 for i in range(len(rows))], names)
+    ax.set_ylabel("perplexity")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())

@@ -99,11 +99,31 @@ def _summary_table(rows: list[Any], predictions: dict[str, tuple[Any, Any]]) -> 
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
 
 
+def _generic_table(rows: list[Any]) -> str:
+    """Rows of any kind: one column per key (first-seen order), numbers to four significant digits."""
+    rows = [r for r in rows if isinstance(r, dict)]
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+
+    def cell(v: Any) -> str:
+        if _is_num(v):
+            return f'<td class="num">{v:.4g}</td>' if isinstance(v, float) else f'<td class="num">{v:,}</td>'
+        return f"<td>{_e(DASH if v is None else v)}</td>"
+
+    head = "".join(f"<th>{_e(k)}</th>" for k in keys)
+    body = "".join("<tr>" + "".join(cell(r.get(k)) for k in keys) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _is_classify(rows: list[Any]) -> bool:
+    return bool(rows) and all(isinstance(r, dict) and "accuracy" in r and "latency_ms" in r for r in rows)
+
+
 def write_report(run_dir: str | os.PathLike) -> Path:
     """Write ``run_dir/report/report.html`` and its PNGs; return the HTML path.
 
-    Needs ``summary.json`` and a non-empty ``metrics.jsonl``; predictions and ``config.yaml``
-    are optional. A plot whose data are absent is left out (and a stale PNG of it removed).
+    Needs ``summary.json`` with rows or a non-empty ``metrics.jsonl``; predictions and ``config.yaml``
+    are optional. A plot whose data are absent is left out (and a stale PNG of it removed); the
+    figures a kind wrote itself (``summary["figures"]``, see ``RunDir.figure``) follow.
     """
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
@@ -111,8 +131,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
             f"run directory {str(run_dir)!r} does not exist; pass the folder the engine wrote."
         )
     summary = _read_summary(run_dir)
-    records = read_metrics(run_dir)
-    if not records:
+    records = read_metrics(run_dir) if (run_dir / "metrics.jsonl").exists() or not summary.get("rows") else []
+    if not records and not summary.get("rows"):
         raise DistilleryError(
             f"{str(run_dir / 'metrics.jsonl')!r} has no records; wait until the run has logged a step, or rerun it."
         )
@@ -125,11 +145,16 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         data = records if source == "records" else predictions
         written = fn(data, out_dir / filename)
         if written is None:
-            (out_dir / filename).unlink(missing_ok=True)
+            if not any(isinstance(f, dict) and f.get("file") == filename for f in summary.get("figures", [])):
+                (out_dir / filename).unlink(missing_ok=True)  # stale: a kind's own figure of that name stays
         else:
             figures.append(
                 f'<figure><img src="{_e(filename)}" alt="{_e(caption)}"><figcaption>{_e(caption)}</figcaption></figure>'
             )
+    for fig in summary.get("figures", []):
+        if isinstance(fig, dict) and (out_dir / str(fig.get("file", ""))).is_file():
+            figures.append(f'<figure><img src="{_e(fig["file"])}" alt="{_e(fig.get("caption", ""))}">'
+                           f'<figcaption>{_e(fig.get("caption", ""))}</figcaption></figure>')
 
     name = summary.get("name") or run_dir.name
     status = str(summary.get("status", "unknown"))
@@ -145,7 +170,8 @@ def write_report(run_dir: str | os.PathLike) -> Path:
         f"<h1>{_e(name)}</h1>",
         f'<p class="meta">{meta}</p>',
         "<h2>Summary</h2>",
-        _summary_table(summary.get("rows", []), predictions),
+        _summary_table(summary.get("rows", []), predictions) if _is_classify(summary.get("rows", []))
+        else _generic_table(summary.get("rows", [])) if summary.get("rows") else "<p>The summary has no rows yet.</p>",
         "<h2>Plots</h2>",
         "".join(figures) if figures else "<p>No plottable metrics yet.</p>",
     ]

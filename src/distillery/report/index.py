@@ -113,6 +113,13 @@ class RunIndex:
                 (key, str(name), str(recipe), str(status), created, now, rows),
             )
 
+    def forget(self, run_dir: str | os.PathLike) -> None:
+        """Remove the row of ``run_dir`` (a run that left nothing behind)."""
+        if not self.path.exists():
+            return
+        with self._connect(write=True) as conn:
+            conn.execute("DELETE FROM runs WHERE run_dir = ?", (str(Path(run_dir).resolve()),))
+
     def list(self) -> list[dict[str, Any]]:
         """All runs, newest ``created`` first: dicts with the keys ``run_dir, name, recipe, status, created, updated, rows``."""
         if not self.path.exists():
@@ -140,16 +147,24 @@ class RunIndex:
         return format_table(rows)
 
 
-def _accuracy(summary_rows: Any, model: str, phase: str) -> str:
-    """Accuracy (%) of the summary row of ``model``, else of ``phase``; '-' if none."""
+HEADLINE = (("accuracy", "{:.2%}"), ("test_perplexity", "ppl {:.2f}"), ("spearman", "spearman {:.3f}"))
+"""The first of these that a result row holds is its figure in ``distillery runs`` (any kind's rows)."""
+
+
+def headline(summary_rows: Any) -> str:
+    """One figure per result row, e.g. ``teacher 91.23%, baseline 80.10%, distilled 87.65%``; '-' if none."""
     if not isinstance(summary_rows, list):
         return "-"
-    rows = [r for r in summary_rows if isinstance(r, dict)]
-    for r in [r for r in rows if r.get("model") == model] + [r for r in rows if r.get("phase") == phase]:
-        acc = r.get("accuracy")
-        if isinstance(acc, (int, float)) and not isinstance(acc, bool):
-            return f"{100.0 * acc:.2f}%"
-    return "-"
+    parts = []
+    for r in summary_rows:
+        if not isinstance(r, dict):
+            continue
+        for key, fmt in HEADLINE:
+            v = r.get(key)
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                parts.append(f"{r.get('model', '?')} {fmt.format(v)}")
+                break
+    return ", ".join(parts) or "-"
 
 
 def _short_time(iso: Any) -> str:
@@ -160,21 +175,20 @@ def _short_time(iso: Any) -> str:
 
 
 def format_table(rows: list[dict[str, Any]]) -> str:
-    """Plain-text table of ``RunIndex.list()`` rows: name, status, created, distilled and teacher accuracy, path."""
-    header = ("name", "status", "created", "distilled acc", "teacher acc", "path")
+    """Plain-text table of ``RunIndex.list()`` rows: name, status, created, the result rows' figures, path."""
+    header = ("name", "status", "created", "result", "path")
     lines = [
         (
             str(r.get("name", "")),
             str(r.get("status", "")),
             _short_time(r.get("created", "")),
-            _accuracy(r.get("rows"), "distilled", "distill"),
-            _accuracy(r.get("rows"), "teacher", "teacher"),
+            headline(r.get("rows")),
             str(r.get("run_dir", "")),
         )
         for r in rows
     ]
     widths = [max([len(h), *(len(line[i]) for line in lines)]) for i, h in enumerate(header)]
-    right = {3, 4}  # numbers right-aligned
+    right: set[int] = set()
 
     def fmt(cells) -> str:
         return "  ".join(
