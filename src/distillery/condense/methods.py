@@ -22,11 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..config import TrainConfig
 from ..errors import DistilleryError, unknown
 from ..io import atomic_save_safetensors, atomic_write_json, read_json
 from . import nets
 from .augment import check_strategy, dsa
 from .data import Images
+from .evaluate import QUIET, fit_plain
 from .losses import gradient_distance, mean_embedding_distance, trajectory_loss
 
 CORESETS = ("random", "herding", "kcenter")
@@ -106,18 +108,13 @@ def real_init(images: Images, ipc: int, seed: int) -> Tensor:
 
 
 def fit_real(arch: str, images: Images, net_seed: int, order_seed: int, epochs: int, width: int = 32) -> nn.Module:
-    """A network trained on the whole real training set: ``epochs`` of Adam, lr 1e-3, batch 128,
-    initialised from ``net_seed``, batches ordered from ``order_seed``; returned in eval mode."""
+    """A network trained on the whole real training set through the engine (``engine.fit``, cross-entropy):
+    ``epochs`` of Adam, lr 1e-3, batch 128, initialised from ``net_seed``, batches ordered from
+    ``order_seed``; returned in eval mode, on the device of ``images.x``."""
     net = nets.build(arch, images.shape, images.num_classes, width, seed=net_seed)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    g = torch.Generator().manual_seed(order_seed)
-    net.train()
-    for _ in range(epochs):
-        for idx in torch.randperm(len(images.y), generator=g).split(128):
-            opt.zero_grad()
-            F.cross_entropy(net(images.x[idx]), images.y[idx]).backward()
-            opt.step()
-    return net.eval()
+    cfg = TrainConfig(epochs=epochs, batch_size=128, optimizer="adam", lr=1e-3, weight_decay=0.0, schedule="constant",
+                      device=str(images.x.device), log_every=QUIET)
+    return fit_plain(net, images.x, images.y, images.num_classes, cfg, order_seed)
 
 
 def feature_net(images: Images, seed: int, epochs: int = 10, width: int = 32) -> nn.Module:

@@ -601,9 +601,19 @@ def ce(
     -(1 - eps) log p_y - (eps / C) sum_c log p_c, p = softmax(s), as ``F.cross_entropy`` with
     ``label_smoothing=eps`` (Szegedy et al., CVPR 2016). Targets of -100 are masked rows. Here so
     that an objective can list the task term beside the distillation terms.
-    Shapes: (N, C), targets (N,) -> scalar, or (N,) with reduction="none".
+    Soft targets (probabilities, float (N, C): learned or committee labels of dataset distillation)
+    give -sum_c q_c log p_c with q = (1 - eps) y + eps / C, as ``F.cross_entropy`` with probability
+    targets. Shapes: (N, C), targets (N,) or (N, C) float -> scalar, or (N,) with reduction="none".
     """
     eps = _unit("ce", "label_smoothing", label_smoothing)
+    if targets is not None and targets.is_floating_point() and targets.dim() == student_logits.dim() > 1:
+        s, _, _, mask = _prepare("ce", student_logits, None, targets=None, mask=mask, reduction=reduction)
+        if targets.shape != s.shape or not torch.isfinite(targets).all() or (targets < 0).any():
+            raise DistilleryError(f"ce: soft targets must be finite probabilities of the logits' shape {tuple(s.shape)}, "
+                                  f"got shape {tuple(targets.shape)}; pass class indices (N,) or probabilities (N, C).")
+        q = targets.float() * (1 - eps) + eps / s.shape[-1]
+        rows = -(q * F.log_softmax(s, dim=-1)).sum(-1)
+        return _reduce(rows, mask, reduction)
     s, _, y, mask = _prepare(
         "ce", student_logits, None, targets=targets, mask=mask, reduction=reduction, needs_targets=True
     )

@@ -7,7 +7,8 @@ pickled ``.bin`` weights are refused, nothing is downloaded). ``task`` picks the
 smaller model of the same family from the folder: the embeddings, the head and the listed blocks
 copied from it (DistilBERT's initialisation from every other teacher layer; Minitron's depth pruning),
 ``config.num_hidden_layers`` set to match. ``pretrained: false`` builds the architecture from the
-folder's config with fresh weights; ``head: new`` puts a fresh classification head sized to the data
+folder's config with fresh weights; ``config: {hidden_size: 128, num_hidden_layers: 4, ...}`` changes
+keys of that config first (a narrower or shallower student of the teacher's family); ``head: new`` puts a fresh classification head sized to the data
 on the pretrained body (a base model, or one trained for other classes).
 """
 
@@ -39,7 +40,8 @@ def _blocks(model: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
 
 @MODELS.register("hf")
 def hf(input_shape: tuple[int, ...], num_classes: int, path: str = "", task: str = "sequence-classification",
-       layers: list[int] | None = None, pretrained: bool = True, head: str = "keep") -> nn.Module:
+       layers: list[int] | None = None, pretrained: bool = True, head: str = "keep",
+       config: dict | None = None) -> nn.Module:
     from ..lm.models import from_pretrained, require_transformers
 
     transformers = require_transformers()
@@ -51,10 +53,22 @@ def hf(input_shape: tuple[int, ...], num_classes: int, path: str = "", task: str
     if task not in TASKS:
         raise DistilleryError(f"model hf: task {task!r} is not known; use one of {', '.join(TASKS)}.")
     cls = getattr(transformers, TASKS[task])
-    config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    overrides, config = config or {}, transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    if not isinstance(overrides, dict):
+        raise DistilleryError(f"model hf: config must be a mapping of config.json keys, got {overrides!r}.")
+    for key, value in overrides.items():
+        if not hasattr(config, key):
+            from ..errors import close_matches
+
+            near = close_matches(key, list(config.to_dict()))
+            raise DistilleryError(f"model hf: config key {key!r} is not in {folder}'s config.json"
+                                  + (f" (did you mean {near[0]!r}?)" if near else "") + ".")
+        setattr(config, key, value)
+    if overrides and pretrained:
+        extra = {"config": config}
     if head not in ("keep", "new"):
         raise DistilleryError(f"model hf: head must be keep or new, got {head!r}.")
-    extra = {}
+    extra = extra if overrides and pretrained else {}
     if task.endswith("classification") and num_classes:
         if getattr(config, "num_labels", num_classes) != num_classes and pretrained and head == "keep":
             raise DistilleryError(f"model hf: {folder} classifies {config.num_labels} classes, the data set "
@@ -62,7 +76,7 @@ def hf(input_shape: tuple[int, ...], num_classes: int, path: str = "", task: str
                                   "classification head on the pretrained body).")
         config.num_labels = num_classes
         if head == "new":
-            extra = {"num_labels": num_classes, "ignore_mismatched_sizes": True}
+            extra = {**extra, "ignore_mismatched_sizes": True}
     if pretrained:
         model = from_pretrained(cls, folder, **extra)
     else:
