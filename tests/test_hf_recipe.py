@@ -128,3 +128,20 @@ def test_a_new_head_on_a_pretrained_body(tmp_path):
     assert m.config.num_labels == 5 and m.classifier.out_features == 5
     base = transformers.BertForSequenceClassification.from_pretrained(str(tmp_path / "bert"))
     assert all(a.equal(b) for a, b in zip(m.bert.parameters(), base.bert.parameters()))  # the body is kept
+
+
+def test_a_narrower_student_of_the_teachers_family_from_its_config(tmp_path):
+    from distillery import models
+    from distillery.errors import DistilleryError
+
+    _folder(tmp_path / "bert")
+    spec = {"path": str(tmp_path / "bert"), "pretrained": False,
+            "config": {"hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 2}}
+    m = models.build("hf", (), 3, spec)
+    assert type(m).__name__ == "BertForSequenceClassification" and len(m.bert.encoder.layer) == 2
+    assert m.config.hidden_size == 16 and m.classifier.in_features == 16
+    assert models.num_params(m) < models.num_params(models.build("hf", (), 3, {"path": str(tmp_path / "bert")})) / 4
+    with pytest.raises(DistilleryError, match="did you mean 'hidden_size'"):
+        models.build("hf", (), 3, {**spec, "config": {"hiden_size": 16}})
+    with pytest.raises(DistilleryError, match="readable model folder"):  # pretrained weights of another width
+        models.build("hf", (), 3, {**spec, "pretrained": True})
