@@ -32,20 +32,19 @@ from pathlib import Path
 
 import torch
 
-from distillery import recipes
-from distillery.lm.run import run_recipe
+from distillery import kinds, recipes
 
 from _common import RESULTS, command, machine, update_markdown, write
 
 DENSE = "store=runs/bench-lm/store-dense"  # the teacher's float16 logits on the 4,000 blocks, written once
 METHODS: dict[str, list[str]] = {
     "alone": [],
-    "forward_kl": ["loss=kd", DENSE],  # lm/kd sets params.temperature=1.0 for every loss
-    "reverse_kl": ["loss=reverse_kl", DENSE],
-    "generalized_jsd": ["loss=generalized_jsd", "params.beta=0.5", DENSE],
-    "skew_kl": ["loss=skew_kl", "params.alpha=0.1", DENSE],
-    "seq_kd": ["method=seq_kd"],
-    "on_policy": ["method=on_policy", "loss=generalized_jsd", "params.beta=0.5", "on_policy.lam=0.5"],
+    "forward_kl": ["terms.0.loss=kd", DENSE],  # lm/kd sets temperature 1.0 in its one term, for every loss
+    "reverse_kl": ["terms.0.loss=reverse_kl", DENSE],
+    "generalized_jsd": ["terms.0.loss=generalized_jsd", "terms.0.beta=0.5", DENSE],
+    "skew_kl": ["terms.0.loss=skew_kl", "terms.0.alpha=0.1", DENSE],
+    "seq_kd": ["method=seq_kd", "terms=[{loss: ce, teacher: null}]"],  # Kim & Rush: cross-entropy on its text
+    "on_policy": ["method=on_policy", "terms.0.loss=generalized_jsd", "terms.0.beta=0.5", "on_policy.lam=0.5"],
     "topk8": ["method=topk", "top_k=8", "store=runs/bench-lm/store-top8"],
     "topk32": ["method=topk", "top_k=32", "store=runs/bench-lm/store-top32"],
 }
@@ -62,22 +61,34 @@ def _claimed(out: Path) -> bool:
         return False
 
 
+def train(recipe, out: Path) -> dict:
+    """The model's row of a finished ``lm`` run in ``out`` (run, or resumed, through ``kinds.run`` first)."""
+    summary = out / "summary.json"
+    if not (summary.is_file() and json.loads(summary.read_text())["status"] == "done"):
+        kinds.run(recipe, run_dir=out, resume=(out / "config.yaml").is_file(), progress=False)
+    return train_row(out, recipe.seed)
+
+
+def train_row(out: Path, seed: int) -> dict:
+    return {**json.loads((out / "summary.json").read_text())["rows"][-1], "seed": seed}
+
+
 def run_one(method: str, seed: int, teacher: Path, work: Path, extra: list[str], train: bool = True) -> dict | None:
     """The report of one row's run: read when it exists, else trained (resuming its checkpoints),
     unless another process of this benchmark has claimed it or ``train`` is off (then None)."""
     out = work / f"seed{seed}" / method
-    if (out / "report.json").is_file():
-        return json.loads((out / "report.json").read_text())
+    if (out / "summary.json").is_file() and json.loads((out / "summary.json").read_text())["status"] == "done":
+        return train_row(out, seed)
     if not train or _claimed(out):
         return None
     out.mkdir(parents=True, exist_ok=True)
-    (out / ".claim").write_text(str(os.getpid()))
+    (out / ".claim").write_text(str(os.getpid()))  # beside the run's files: a run directory may hold others
     if method == "alone":
         recipe = recipes.load("lm/student", [f"seed={seed}", *extra])
     else:
         recipe = recipes.load("lm/kd", [f"teacher={teacher}", f"seed={seed}", *METHODS[method], *extra])
     t0 = time.perf_counter()
-    report = run_recipe(recipe, out, progress=False)
+    report = train(recipe, out)
     report["wall_s"] = time.perf_counter() - t0
     return report
 
@@ -86,8 +97,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--methods", nargs="*", default=list(METHODS))
-    ap.add_argument("--teacher", type=Path, default=Path("runs/lm/teacher/model"),
-                    help="teacher folder (trained with recipe lm/teacher into its parent when missing)")
+    ap.add_argument("--teacher", type=Path, default=Path("runs/lm/teacher/models/model"),
+                    help="teacher folder (trained with recipe lm/teacher into its run directory when missing)")
     ap.add_argument("--work", type=Path, default=Path("runs/bench-lm"))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reverse", action="store_true",
@@ -99,10 +110,10 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
+    teacher_run = args.teacher.parent.parent  # <run dir>/models/model
     if not (args.teacher / "config.json").is_file():
-        print(f"training the teacher into {args.teacher.parent} (recipe lm/teacher)", flush=True)
-        run_recipe(recipes.load("lm/teacher"), args.teacher.parent, progress=False)
-    teacher_report = json.loads((args.teacher.parent / "report.json").read_text())
+        print(f"training the teacher into {teacher_run} (recipe lm/teacher)", flush=True)
+    teacher_report = train(recipes.load("lm/teacher"), teacher_run)
     rows: dict[str, dict] = {"teacher": {"method": "teacher", "runs": [teacher_report["validation_perplexity"]]}}
     reports: dict[str, list[dict]] = {}
     jobs = [(seed, method) for seed in range(args.seeds) for method in args.methods]
@@ -129,13 +140,14 @@ def _save(args, rows: dict, teacher_report: dict, t_start: float) -> None:
         out_rows.append({**r, "mean": statistics.fmean(runs), "std": statistics.pstdev(runs), "n": len(runs)})
     write(RESULTS / "lm_kd.json", {
         "benchmark": "lm_kd", "command": command(), "machine": machine(), "metric": "validation perplexity",
-        "seeds": list(range(args.seeds)), "teacher": {k: teacher_report[k] for k in ("parameters", "train_seconds")},
+        "seeds": list(range(args.seeds)),
+        "teacher": {"parameters": teacher_report["params"], "train_seconds": teacher_report["train_seconds"]},
         "setup": {"teacher_recipe": "lm/teacher", "student_recipe": "lm/kd (lm/student for alone)",
                   "overrides": args.extra, "data": "stdlib sources, blocks of 128 tokens, vocabulary 8192"},
         "wall_s": time.perf_counter() - t_start, "rows": out_rows})
     lines = ["## Language-model KD (`lm_kd`)", "",
              f"`python benchmarks/lm_kd.py --seeds {args.seeds}`: the built-in teacher "
-             f"({teacher_report['parameters'] / 1e6:.1f}M parameters, recipe `lm/teacher`) into the 1.2M student "
+             f"({teacher_report['params'] / 1e6:.1f}M parameters, recipe `lm/teacher`) into the 1.2M student "
              "(recipe `lm/kd`: 4,000 blocks of 128 tokens, 1 epoch, batch 16) on the stdlib corpus. Validation "
              "perplexity (lower is better), mean ± std over seeds.", "",
              "| method | perplexity | runs |", "|---|---|---|"]

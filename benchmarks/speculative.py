@@ -27,12 +27,12 @@ import time
 from pathlib import Path
 
 import torch
+from lm_kd import train
 
 from distillery import recipes
 from distillery.lm.corpus import builtin
 from distillery.lm.generate import sample
 from distillery.lm.models import load_lm
-from distillery.lm.run import run_recipe
 from distillery.lm.speculative import expected_acceptance, expected_block_length, measure_speed
 
 from _common import RESULTS, command, machine, update_markdown, write
@@ -42,8 +42,8 @@ def draft(method: str, teacher: Path, work: Path) -> Path:
     """The folder of the draft model of ``method`` (trained unless lm_kd's seed-0 run has it)."""
     reuse = {"data_only": work / "seed0" / "alone", "kd": work / "seed0" / "forward_kl"}
     out = reuse.get(method, work / "seed0" / method)
-    if (out / "model" / "config.json").is_file():
-        return out / "model"
+    if (out / "models" / "model" / "config.json").is_file():
+        return out / "models" / "model"
     if method == "data_only":
         recipe = recipes.load("lm/student", ["seed=0"])
     elif method == "kd":
@@ -52,13 +52,13 @@ def draft(method: str, teacher: Path, work: Path) -> Path:
         recipe = recipes.load("lm/kd", [f"teacher={teacher}", "seed=0", "method=adaspec",
                                         f"reference={draft('kd', teacher, work)}", "keep=0.4"])
     print(f"training the {method} draft into {out}", flush=True)
-    run_recipe(recipe, out, progress=False)
-    return out / "model"
+    train(recipe, out)
+    return out / "models" / "model"
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--teacher", type=Path, default=Path("runs/lm/teacher/model"))
+    ap.add_argument("--teacher", type=Path, default=Path("runs/lm/teacher/models/model"))
     ap.add_argument("--work", type=Path, default=Path("runs/bench-lm"))
     ap.add_argument("--prompts", type=int, default=24)
     ap.add_argument("--prompt-len", type=int, default=32)
@@ -71,7 +71,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     if not (args.teacher / "config.json").is_file():
-        raise SystemExit(f"no teacher at {args.teacher}; train it: distillery lm lm/teacher --out {args.teacher.parent}")
+        raise SystemExit(f"no teacher at {args.teacher}; train it: distillery run lm/teacher --out {args.teacher.parent.parent}")
     target, _ = load_lm(args.teacher)
     splits, _ = builtin()
     val = splits["validation"]
