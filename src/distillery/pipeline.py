@@ -93,8 +93,8 @@ def save_weights(model: nn.Module, path: Path, meta: dict) -> None:
     atomic_write_json(path.with_suffix(".json"), {**meta, "sha256": sha256_file(path)})
 
 
-def load_weights(model: nn.Module, path: Path, *, verify: bool = True) -> dict:
-    """Load safetensors weights into ``model``, verified against their checksum record: the one in the file's
+def read_weights(path: Path, *, verify: bool = True) -> tuple[dict, dict]:
+    """(tensors, record) of a safetensors file, verified against its checksum record: the one in the file's
     header (``save_weights``), else ``path``.json beside it. A file with neither is an error unless ``verify``
     is off (files from elsewhere, loaded knowingly)."""
     from .io import UNVERIFIED_HINT, read_record
@@ -120,6 +120,12 @@ def load_weights(model: nn.Module, path: Path, *, verify: bool = True) -> dict:
         tensors = load_file(str(path))
     except Exception as e:  # safetensors raises its own error types for truncated or foreign files
         raise DistilleryError(f"weights file {str(path)!r} is not a readable safetensors file ({e}).") from None
+    return tensors, meta
+
+
+def load_weights(model: nn.Module, path: Path, *, verify: bool = True) -> dict:
+    """Load safetensors weights into ``model`` (``read_weights``: verified); their record."""
+    tensors, meta = read_weights(path, verify=verify)
     try:
         model.load_state_dict(tensors)
     except RuntimeError as e:

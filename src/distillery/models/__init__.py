@@ -42,6 +42,6 @@ def num_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-from . import hf, small  # noqa: E402, F401  (registering; hf: a Hugging Face model folder)
+from . import hf, small, timm_model  # noqa: E402, F401  (registering; hf: a Hugging Face model folder, timm)
 
 __all__ = ["MODELS", "build", "get", "names", "num_params"]
