@@ -108,8 +108,12 @@ def test_missing_and_corrupted_weights(tiny, tmp_path, capsys):
 
 
 def test_validate_and_ls(capsys):
-    assert main(["validate"]) == 0
-    assert "ok      mnist1d/kd" in capsys.readouterr().out
+    assert main(["validate"]) == 2  # every shipped recipe: lm/kd reads a teacher that lm/teacher trains first
+    got = capsys.readouterr()
+    assert "ok      mnist1d/kd" in got.out and "ok      lm/teacher" in got.out and "ok      graph/glnn" in got.out
+    (bad,) = got.err.strip().splitlines()
+    assert bad.startswith("invalid lm/kd: teacher 'runs/lm/teacher/models/model' is not a model folder") \
+        and "distillery run lm/teacher" in bad
     assert main(["validate", "mnist1d/kd", "nope.yaml"]) == 2
     got = capsys.readouterr()
     assert "ok      mnist1d/kd" in got.out and "invalid nope.yaml: recipe file 'nope.yaml' does not exist" in got.err

@@ -232,11 +232,20 @@ def test_bad_input_is_a_clear_error():
     with pytest.raises(DistilleryError, match="learned soft labels"):
         C.condense(images, "dm", 1, soft_labels="learned")
     from distillery.condense.config import CondenseRecipe
+    from distillery.config import from_dict, to_dict
 
-    assert CondenseRecipe(data="mnist1d", settings={"strategy": None}).method_settings().strategy is None  # default
-    assert CondenseRecipe(settings={"strategy": ["crop"]}).method_settings().strategy == ("crop",)
+    assert CondenseRecipe(data="mnist1d").method_settings().strategy is None  # the data's default
+    assert from_dict(CondenseRecipe, {"settings": {"strategy": ["crop"]}}).method_settings().strategy == ("crop",)
     with pytest.raises(DistilleryError, match="undefined on 1-D signals"):  # refused when the recipe loads
-        CondenseRecipe(data="mnist1d", settings={"strategy": ["rotate", "crop"]})
+        from_dict(CondenseRecipe, {"data": "mnist1d", "settings": {"strategy": ["rotate", "crop"]}})
+    with pytest.raises(DistilleryError, match=r"Did you mean 'iterations'"):
+        from_dict(CondenseRecipe, {"settings": {"iteration": 5}})
+    with pytest.raises(DistilleryError, match=r"settings\.lr_img must be a finite number > 0"):
+        from_dict(CondenseRecipe, {"settings": {"lr_img": -1}})
+    with pytest.raises(DistilleryError, match="soft_labels: learned"):
+        from_dict(CondenseRecipe, {"settings": {"learn_labels": True}})
+    r = from_dict(CondenseRecipe, {"settings": {"strategy": ["crop"], "iterations": 7}})
+    assert from_dict(CondenseRecipe, to_dict(r)) == r  # what config.yaml holds loads back the same
     with pytest.raises(DistilleryError, match="threads"):
         CondenseRecipe(threads=0)
 

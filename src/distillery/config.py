@@ -312,6 +312,11 @@ def _convert(value: Any, tp: Any, where: str) -> Any:
         return value
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, where)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise DistilleryError(f"{where}: expected a list, got {type(value).__name__} {value!r}.")
+        (item, *_) = typing.get_args(tp) or (Any,)
+        return tuple(_convert(v, item, f"{where}.{i}") for i, v in enumerate(value))
     if origin is list:
         if not isinstance(value, list):
             raise DistilleryError(f"{where}: expected a list, got {type(value).__name__} {value!r}.")
@@ -391,7 +396,7 @@ def to_dict(obj: Any) -> Any:
             else:
                 out[f.name] = to_dict(v)
         return out
-    if isinstance(obj, list):
+    if isinstance(obj, (list, tuple)):
         return [to_dict(v) for v in obj]
     if isinstance(obj, dict):
         return {k: to_dict(v) for k, v in obj.items()}

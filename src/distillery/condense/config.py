@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Literal
 
-from ..errors import DistilleryError, close_matches, unknown
+from ..errors import DistilleryError, unknown
 from .augment import check_strategy
 from .data import NAMES, SHAPES
 from .methods import METHODS, Settings
@@ -41,8 +40,8 @@ class CondenseRecipe:
     """torch intra-op threads (set deliberately: speed, and on some kernels results, depend on it)."""
     sets: int = 1
     """Synthetic sets condensed with seeds seed, seed + 1, ... (the N of N sets x M nets)."""
-    settings: dict[str, Any] = field(default_factory=dict)
-    """Method settings (``distillery.condense.Settings``): iterations, lr_img, syn_steps, sam, ..."""
+    settings: Settings = field(default_factory=Settings)
+    """The method's settings (``distillery.condense.Settings``): iterations, lr_img, syn_steps, sam, ..."""
     eval: CondenseEval = field(default_factory=CondenseEval)
 
     def __post_init__(self) -> None:
@@ -58,25 +57,11 @@ class CondenseRecipe:
         self.method_settings()
 
     def method_settings(self) -> Settings:
-        names = {f.name for f in dataclasses.fields(Settings)} - {"flip", "learn_labels", "extra"}
-        for k in self.settings:
-            if k not in names:
-                near = close_matches(k, names)
-                hint = f" Did you mean {near[0]!r}?" if near else ""
-                raise DistilleryError(f"unknown key 'settings.{k}'.{hint} Allowed: {', '.join(sorted(names))}.")
-        values = dict(self.settings)
-        if values.get("strategy") is not None:  # null: the data's default strategy
-            values["strategy"] = check_strategy(list(values["strategy"]), SHAPES[self.data])
-        for k, v in values.items():  # declared ranges: counts >= 1 (max_start_epoch >= 0), rates finite and > 0
-            if k in ("strategy", "extra") or v is None or isinstance(v, bool):
-                continue
-            if not isinstance(v, (int, float)):
-                raise DistilleryError(f"settings.{k} must be a number, got {v!r}.")
-            if k.startswith("lr"):
-                ok, need = math.isfinite(v) and v > 0, "a finite number > 0"
-            else:
-                low = 0 if k in ("max_start_epoch", "sam_rho") else 1
-                ok, need = math.isfinite(v) and v >= low, f"at least {low}"
-            if not ok:
-                raise DistilleryError(f"settings.{k} must be {need}, got {v}.")
-        return Settings(**values)
+        """The method's settings with the DSA strategy checked against the data (null: the data's default)."""
+        if self.settings.flip or self.settings.learn_labels:
+            raise DistilleryError("settings.flip and settings.learn_labels are set by the recipe's flip: and "
+                                  "soft_labels: learned; set those instead.")
+        if self.settings.strategy is None:
+            return self.settings
+        return dataclasses.replace(self.settings, strategy=check_strategy(list(self.settings.strategy),
+                                                                          SHAPES[self.data]))

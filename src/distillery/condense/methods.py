@@ -14,9 +14,8 @@ import dataclasses
 import json
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +67,20 @@ class Settings:
     learn_labels: bool = False
     """DATM's learned soft labels (mtt only): label logits start as an expert's logits and are trained."""
     lr_y: float = 2.0
-    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        """Declared ranges: counts at least 1 (max_start_epoch and sam_rho at least 0), rates finite and > 0."""
+        for f in dataclasses.fields(self):
+            v = getattr(self, f.name)
+            if f.name == "strategy" or v is None or isinstance(v, bool):
+                continue
+            if f.name.startswith("lr"):
+                ok, need = math.isfinite(v) and v > 0, "a finite number > 0"
+            else:
+                low = 0 if f.name in ("max_start_epoch", "sam_rho") else 1
+                ok, need = math.isfinite(v) and v >= low, f"at least {low}"
+            if not ok:
+                raise DistilleryError(f"settings.{f.name} must be {need}, got {v}.")
 
 
 def defaults(method: str, s: Settings, shape: tuple[int, ...]) -> Settings:

@@ -105,11 +105,14 @@ def _store(teacher: CausalLM, data: corpus.TokenData, folder: Path, top_k: int |
 
 def validate(recipe: LMRecipe) -> None:
     """What can be checked before the run directory is made: the folders and data file the recipe names."""
-    from .models import check_folder
-
-    for folder in (recipe.teacher, recipe.reference, None if recipe.model in PRESETS else recipe.model):
-        if folder is not None:
-            check_folder(folder)
+    for key in ("teacher", "reference", "model"):
+        folder = getattr(recipe, key)
+        if folder is not None and not (key == "model" and folder in PRESETS) and \
+                not (Path(folder) / "config.json").is_file():
+            raise DistilleryError(f"{key} {folder!r} is not a model folder (no config.json); name a folder written by "
+                                  "`distillery run` of an lm recipe (its models/model; the shipped lm/kd reads "
+                                  "lm/teacher's: `distillery run lm/teacher --out runs/lm/teacher`) or by "
+                                  "transformers' save_pretrained.")
     if recipe.data != "stdlib" and not Path(recipe.data).exists():
         raise DistilleryError(f"data {recipe.data!r} does not exist; pass a .txt / .jsonl file or an HF datasets "
                               "folder, or data: stdlib.")
