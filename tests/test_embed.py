@@ -400,6 +400,15 @@ def _check_run_dir(out, method):
     return student_row, Embedder.load(out / "models" / "student")
 
 
+def test_run_embed_with_terms_of_the_recipe(teacher_dir, tmp_path):
+    out = tmp_path / "t"
+    assert _run("embed/layers", teacher_dir, tmp_path, out, "layers=[0,1]", "train.epochs=1", "train.batch_size=32",
+                "terms=[{loss: cosine_gram, weight: 2.0}]") == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert {k for r in records if "terms" in r for k in r["terms"]} == {"cosine_gram"}
+    assert _run("embed/layers", teacher_dir, tmp_path, tmp_path / "x", "terms=[{loss: cosine_grm}]") == 2
+
+
 def test_run_embed_static_is_model2vec_alone(teacher_dir, tmp_path):
     out = tmp_path / "s"
     assert _run("embed/static", teacher_dir, tmp_path, out, "pca=8") == 0

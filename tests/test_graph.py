@@ -365,7 +365,7 @@ def test_methods_bad_input(homophilous):
     with pytest.raises(DistilleryError, match="pass the trained GNN"):
         D.distill(None, g, s, "glnn")
     with pytest.raises(DistilleryError, match="lamb"):
-        D.terms("glnn", lamb=1.5)
+        D.method_terms("glnn", lamb=1.5)
 
 
 def test_inference_timing_reports_both_models(homophilous):
@@ -503,3 +503,18 @@ def test_graph_recipe_bad_values_exit_2_with_one_line(tmp_path, capsys, override
     err = capsys.readouterr().err.strip()
     assert fragment in err and "\n" not in err
     assert not (tmp_path / "run").exists()
+
+
+def test_graph_recipe_takes_terms_instead_of_the_methods(tmp_path):
+    import json
+
+    from distillery.cli import main
+
+    out = tmp_path / "run"
+    terms = "terms=[{loss: ce, teacher: null, weight: 0.5}, {loss: kd, temperature: 2.0, weight: 0.5}]"
+    assert main(["run", "graph/glnn", *_tiny(tmp_path, terms), "--out", str(out), "--quiet"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    logged = {k for r in records if r.get("phase") == "distill" and "terms" in r for k in r["terms"]}
+    assert logged == {"ce", "kd"}
+    assert main(["run", "graph/glnn", *_tiny(tmp_path, "terms=[{loss: kdd}]"), "--out", str(tmp_path / "x")]) == 2
+    assert not (tmp_path / "x").exists()  # refused when the recipe loads: nothing trained, nothing written

@@ -112,32 +112,17 @@ def _cmd_validate(args) -> int:
 
 
 def _cmd_eval(args) -> int:
-    from . import config, pipeline
-    from .kinds import format_rows
+    from . import config, kinds
 
     run_dir = Path(args.run_dir)
-    raw = {} if run_dir.suffix == ".safetensors" else config.load_yaml(_need(run_dir / "config.yaml", "run config"))
-    if run_dir.suffix == ".safetensors" or raw.get("kind") == "condense":
-        from .condense.run import evaluate_files, synthetic_files
-
-        archs = args.archs.split(",") if args.archs else ["convnet"]
-        print(format_rows(evaluate_files(synthetic_files(run_dir), archs, args.nets, args.epochs)))
-        return 0
-    if raw.get("kind", "classify") != "classify":
-        raise DistilleryError(f"{run_dir} is a {raw['kind']} run; its measurements are in summary.json and "
-                              "report/report.html (eval re-measures classify runs and synthetic sets).")
-    recipe = config.from_dict(config.Recipe, raw)
-    data = pipeline.load_data(recipe)
-    trained = {}
-    for name, spec in (("teacher", recipe.teacher.model), ("baseline", recipe.student.model),
-                       ("distilled", recipe.student.model)):
-        path = run_dir / "models" / f"{name}.safetensors"
-        if name == "baseline" and not path.exists():
-            continue
-        model = pipeline.build_model(spec, data.train)
-        pipeline.load_weights(model, _need(path, f"{name} weights"), verify=not args.unverified)
-        trained[name] = model
-    print(pipeline.format_rows(pipeline.measure(trained, data.test, None)))
+    if run_dir.suffix == ".safetensors":  # one synthetic set
+        raw = {"kind": "condense"}
+    else:
+        raw = config.load_yaml(_need(run_dir / "config.yaml", "run config"))
+    kind = kinds.KINDS.get(raw.get("kind", "classify"))
+    rows = kind.evaluate_fn()(run_dir, raw, archs=args.archs.split(",") if args.archs else None, nets=args.nets,
+                              epochs=args.epochs, verify=not args.unverified)
+    print(kind.format(rows))
     return 0
 
 

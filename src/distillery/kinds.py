@@ -32,6 +32,9 @@ class Kind:
     help: str = ""
     table: Callable | str | None = None
     """The rows as printed at the end of a run; ``None``: ``format_rows``."""
+    evaluate: Callable | str | None = None
+    """``distillery eval RUN_DIR``: ``fn(run_dir, config: dict, **options) -> rows`` measuring what the run
+    produced again; ``None``: the kind's rows are in summary.json."""
 
     def _get(self, ref):
         if not isinstance(ref, str):
@@ -48,6 +51,16 @@ class Kind:
     def validate_fn(self) -> Callable | None:
         return None if self.validate is None else self._get(self.validate)
 
+    def evaluate_fn(self) -> Callable:
+        if self.evaluate is None:
+            from .errors import DistilleryError
+
+            def refuse(run_dir, *_, **__):
+                raise DistilleryError(f"{run_dir} is a {self.name} run; its measurements are in summary.json and "
+                                      "report/report.html (eval re-measures classify runs and synthetic sets).")
+            return refuse
+        return self._get(self.evaluate)
+
     def format(self, rows: list[dict]) -> str:
         return (format_rows if self.table is None else self._get(self.table))(rows)
 
@@ -56,8 +69,8 @@ KINDS: Registry[Kind] = Registry("recipe kind")
 
 
 def register(name: str, config: type | str, run: Callable | str, validate: Callable | str | None = None,
-             help: str = "", table: Callable | str | None = None) -> Kind:
-    return KINDS.add(name, Kind(name, config, run, validate, help, table))
+             help: str = "", table: Callable | str | None = None, evaluate: Callable | str | None = None) -> Kind:
+    return KINDS.add(name, Kind(name, config, run, validate, help, table, evaluate))
 
 
 def format_rows(rows: list[dict]) -> str:
@@ -78,11 +91,12 @@ def format_rows(rows: list[dict]) -> str:
 
 register("classify", "distillery.config:Recipe", "distillery.pipeline:run_classify", "distillery.pipeline:validate",
          "a classifier: teacher (trained, cached or given), the student alone, the distilled student",
-         "distillery.pipeline:format_rows")
+         "distillery.pipeline:format_rows", "distillery.pipeline:remeasure")
 register("lm", "distillery.lm.config:LMRecipe", "distillery.lm.run:run", "distillery.lm.run:validate",
          "a causal language model trained alone or distilled (token KD, sequence KD, on-policy, top-k, AdaSPEC)")
 register("condense", "distillery.condense.config:CondenseRecipe", "distillery.condense.run:run", None,
-         "a data set condensed into a few synthetic samples per class, then evaluated")
+         "a data set condensed into a few synthetic samples per class, then evaluated",
+         evaluate="distillery.condense.run:remeasure")
 register("embed", "distillery.embed.recipe:EmbedRecipe", "distillery.embed.recipe:run", None,
          "a sentence encoder distilled into fewer layers or a static embedding table")
 register("graph", "distillery.graph.recipe:GraphRecipe", "distillery.graph.recipe:run", None,

@@ -502,6 +502,26 @@ def measure(trained: dict[str, nn.Module], test: TensorData, run_dir: Path | Non
     return rows
 
 
+def remeasure(run_dir: Path, config: dict, *, verify: bool = True, **_) -> list[dict]:
+    """``distillery eval`` of a classify run: its saved models measured again on the test split."""
+    from .config import from_dict
+
+    recipe = from_dict(Recipe, config)
+    data = load_data(recipe)
+    trained = {}
+    for name, spec in (("teacher", recipe.teacher.model), ("baseline", recipe.student.model),
+                       ("distilled", recipe.student.model)):
+        path = run_dir / "models" / f"{name}.safetensors"
+        if name == "baseline" and not path.exists():
+            continue
+        if not path.exists():
+            raise DistilleryError(f"{name} weights {str(path)!r} are missing; is this a finished run directory?")
+        model = build_model(spec, data.train)
+        load_weights(model, path, verify=verify)
+        trained[name] = model
+    return measure(trained, data.test, None)
+
+
 def format_rows(rows: list[dict]) -> str:
     """The table printed at the end of a run."""
     head = f"{'model':<10} {'accuracy':>9} {'params':>9} {'latency/sample (1 thread)':>26} {'agreement':>10}"

@@ -64,8 +64,15 @@ def synthetic_files(path: Path) -> list[Path]:
     return files
 
 
+def remeasure(path: Path, config: dict, *, archs: list[str] | None = None, nets: int = 5, epochs: int = 500,
+              **_) -> list[dict]:
+    """``distillery eval`` of a condense run directory (or one synthetic set): fresh networks of each of
+    ``archs`` (default: convnet) trained on its sets, tested on the real test set."""
+    return evaluate_files(synthetic_files(Path(path)), archs or ["convnet"], nets, epochs)
+
+
 def evaluate_files(files: list[Path], archs: list[str], nets: int, epochs: int) -> list[dict]:
-    """``distillery eval`` on synthetic sets: each architecture's row, the sets checked against the data."""
+    """Each architecture's row on the synthetic sets in ``files``, the sets checked against the data."""
     sets = [SyntheticSet.load(f) for f in files]
     images = load(sets[0].meta["data"])
     for f, s in zip(files, sets):

@@ -23,7 +23,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from ..config import TrainConfig
+from ..config import TermConfig, TrainConfig
 from ..errors import DistilleryError
 
 # Training when ``train`` is null (as `embed-distill` did): sentence-transformers' lr 1e-4 with warm-up for
@@ -62,6 +62,10 @@ class EmbedRecipe:
     """static: the table's width after PCA (null: no reduction, the teacher's width)."""
     train: TrainConfig | None = None
     """How the student trains (null: the method's default, see the class docstring)."""
+    terms: list[TermConfig] | None = None
+    """The objective (null: ``embed.default_terms``: cosine hint on the sentence vectors plus
+    ``cosine_gram``; a projection when the widths differ). Terms read ``logits`` (the sentence vector)
+    or taps of the student and the teacher, as in every recipe."""
     verify: bool = True
     """Check the teacher folder against its distillery checksum record; false loads a folder from
     elsewhere (a plain transformers folder) unverified, knowingly. The built-in teacher is checked by pip."""
@@ -71,6 +75,12 @@ class EmbedRecipe:
     runs_dir: str = "runs"
 
     def __post_init__(self) -> None:
+        if self.terms is not None:  # losses and their parameters checked when the recipe loads
+            from ..objective import Term
+
+            if not self.terms:
+                raise DistilleryError("terms is empty; give at least one term, or null for the default.")
+            [Term.from_config(t) for t in self.terms]
         for key in ("teacher", "corpus"):
             if getattr(self, key) == "":
                 raise DistilleryError(f"{key} is empty; name a path, or null for the default.")
@@ -143,8 +153,11 @@ def run(recipe: EmbedRecipe, rd, *, progress: bool | None = None) -> list[dict[s
         student = distil_static(teacher, pca_dims=recipe.pca)
     cfg = recipe.training()
     if cfg is not None:  # phase "embed" in rd.path; a resumed run continues from its checkpoint
+        from ..objective import Term
+
+        terms = None if recipe.terms is None else [Term.from_config(t) for t in recipe.terms]
         train_student(student, teacher, train, train=cfg, run_dir=rd.path, seed=recipe.seed, progress=progress,
-                      eval_sentences=test[:1000])
+                      eval_sentences=test[:1000], terms=terms)
     seconds = time.perf_counter() - t0
 
     folder = rd.models / "student"

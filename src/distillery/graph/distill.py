@@ -110,7 +110,7 @@ def reliability(teacher: nn.Module, noise: float = 1.0, seed: int = 0) -> Tensor
     return entropy_shift(clean, noisy)
 
 
-def terms(method: str, *, lamb: float, temperature: float = 1.0) -> list[TermConfig]:
+def method_terms(method: str, *, lamb: float, temperature: float = 1.0) -> list[TermConfig]:
     """The objective of each method: lamb * CE(labelled) + (1 - lamb) * its distillation terms.
 
     - ``mlp``: CE alone.
@@ -141,17 +141,19 @@ def terms(method: str, *, lamb: float, temperature: float = 1.0) -> list[TermCon
 def distill(teacher: nn.Module | None, graph: Graph, split: Split, method: str = "glnn", *, seed: int = 0,
             lamb: float = 0.0, temperature: float = 1.0, train: TrainConfig | None = None,
             observed: Tensor | None = None, noise: float = 1.0, run_dir: str | Path | None = None,
-            resume: bool = False, progress: bool | None = False, **model_args) -> tuple[nn.Module, dict[str, Any]]:
+            resume: bool = False, progress: bool | None = False, terms: list[TermConfig] | None = None,
+            **model_args) -> tuple[nn.Module, dict[str, Any]]:
     """Train an MLP student by ``method`` (see ``terms``) and return it with ``fit``'s result.
 
     The student trains on every observed node (``observed``: all nodes when None; GLNN's inductive
     setting passes the observed ones): CE where the node is a training node, the teacher's terms
     everywhere. ``method="mlp"`` trains on the labelled nodes alone and needs no teacher. With ``run_dir``
-    the engine checkpoints and logs phase ``distill`` there (``resume`` continues it)."""
+    the engine checkpoints and logs phase ``distill`` there (``resume`` continues it). ``terms`` replaces
+    the method's objective (the method still picks the nodes and krd's reliability column)."""
     sets = node_sets(graph, split, observed=observed)
     seed_everything(seed)
     student = models.build("mlp", graph, **{**STUDENT_MODEL, **model_args})
-    objective = Objective(terms(method, lamb=lamb, temperature=temperature))
+    objective = Objective(terms if terms is not None else method_terms(method, lamb=lamb, temperature=temperature))
     if method == "mlp":
         data, answers = sets["train"], None
     else:

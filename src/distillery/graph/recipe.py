@@ -5,7 +5,7 @@
 
 One run: the graph and its CPF split (``data``, ``split``), the GNN teacher trained on the labelled
 nodes (phase ``teacher``), the MLP student trained by ``method`` (phase ``distill``; see
-``distill.terms``), both measured on the test nodes. The defaults are GLNN's (``distill.TeacherTrain``,
+``distill.method_terms``), both measured on the test nodes. The defaults are GLNN's (``distill.TeacherTrain``,
 ``TEACHER_MODELS``, ...), the same the Python API uses.
 """
 
@@ -19,7 +19,7 @@ from typing import Any, Literal
 import torch
 from torch import Tensor, nn
 
-from ..config import check_kwargs, to_dict
+from ..config import TermConfig, check_kwargs, to_dict
 from ..errors import DistilleryError, close_matches
 from . import models
 from .data import SOURCES, Graph, csbm, inductive, load, split
@@ -128,9 +128,13 @@ class GraphRecipe:
     teacher: GraphTeacher = field(default_factory=GraphTeacher)
     student: GraphStudent = field(default_factory=GraphStudent)
     method: Method = "glnn"
-    """mlp (the student alone) | glnn | ffg2m | krd (``distill.terms``)."""
+    """mlp (the student alone) | glnn | ffg2m | krd (``distill.method_terms``)."""
     lamb: float = 0.0
     """Weight of the labelled CE; the teacher's terms weigh 1 - lamb (GLNN: 0)."""
+    terms: list[TermConfig] | None = None
+    """The objective instead of the method's (``distill.method_terms`` of method, lamb, temperature), e.g.
+    ``[{loss: ce, teacher: null, weight: 0.3}, {loss: kd, temperature: 2.0, weight: 0.7}]``; the method
+    still chooses the nodes (mlp: the labelled ones) and krd's reliability column."""
     temperature: float = 1.0
     """ffg2m and krd (GLNN's KL has none)."""
     noise: float = 1.0
@@ -153,6 +157,12 @@ class GraphRecipe:
             raise DistilleryError(f"latency_nodes must be >= 0 (0: no timing), got {self.latency_nodes}.")
         if self.threads < 1:
             raise DistilleryError(f"threads must be >= 1, got {self.threads}.")
+        if self.terms is not None:  # losses and their parameters checked now, not after the teacher trained
+            from ..objective import Term
+
+            if not self.terms:
+                raise DistilleryError("terms is empty; give at least one term, or null for the method's.")
+            [Term.from_config(t) for t in self.terms]
 
 
 # --------------------------------------------------------------------------- the run
@@ -254,7 +264,7 @@ def run(recipe: GraphRecipe, rd, *, progress: bool | None = None) -> list[dict]:
     save_weights(teacher, rd.models / "teacher.safetensors",
                  {"model": recipe.teacher.model, "args": recipe.teacher.args, "graph": g.name})
     student, _ = D.distill(teacher, train_graph, train_split, recipe.method, seed=seed, lamb=recipe.lamb,
-                           temperature=recipe.temperature, train=recipe.student.train, observed=observed,
+                           temperature=recipe.temperature, terms=recipe.terms, train=recipe.student.train, observed=observed,
                            noise=recipe.noise, run_dir=rd.path, resume=rd.resume, progress=progress,
                            **recipe.student.args)
     save_weights(student, rd.models / "student.safetensors",
