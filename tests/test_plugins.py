@@ -124,3 +124,65 @@ def test_cp_copies_a_recipe_to_start_from_and_never_overwrites(tmp_path, capsys)
     assert main(["cp", "mnist1d/kd", str(copy)]) == 2
     assert "exists" in capsys.readouterr().err
     assert main(["validate", str(copy)]) == 0
+
+
+KIND_PLUGIN = '''
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from distillery import kinds
+from distillery.config import TrainConfig
+from distillery.data import TensorData
+from distillery.engine import fit
+from distillery.objective import Objective, Term
+from distillery.pipeline import save_weights
+
+
+@dataclass
+class Regress:
+    kind: Literal["{prefix}_regress"] = "{prefix}_regress"
+    name: str = ""
+    width: int = 4
+    train: TrainConfig | None = None
+    seed: int = 0
+    threads: int = 1
+    runs_dir: str = "runs"
+
+
+def run(recipe, rd, *, progress=None):
+    g = torch.Generator().manual_seed(recipe.seed)
+    x = torch.randn(64, recipe.width, generator=g)
+    y = (x.sum(1) > 0).long()
+    model = nn.Linear(recipe.width, 2)
+    fit(model, Objective([Term("ce", teacher=None)]), TensorData(x, y, torch.arange(64), 2, "toy"),
+        recipe.train or TrainConfig(epochs=2, batch_size=16), run_dir=rd.path, phase="train", seed=recipe.seed,
+        resume=rd.resume, progress=False)
+    save_weights(model, rd.models / "model.safetensors", {{"width": recipe.width}})
+    acc = float((model(x).argmax(1) == y).float().mean())
+    return [{{"model": "linear", "accuracy": acc}}]
+
+
+kinds.register("{prefix}_regress", Regress, run, help="a plugin's own flow")
+'''
+
+
+def test_a_plugin_brings_a_recipe_kind_of_its_own(tmp_path, monkeypatch, capsys):
+    _package(tmp_path / "src", "kindpkg", "kindpkg", body=KIND_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path / "src"))
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text(f"kind: kindpkg_regress\nwidth: 3\nruns_dir: {tmp_path / 'runs'}\n")
+    assert main(["run", str(recipe), "--out", str(tmp_path / "x"), "--quiet"]) == 2  # no plugin: unknown kind
+    assert "unknown recipe kind 'kindpkg_regress'" in capsys.readouterr().err
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--plugins", "kindpkg.distill", "--out", str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["kind"] == "kindpkg_regress" and summary["name"] == "mine" and summary["status"] == "done"
+    assert (out / "models" / "model.safetensors").is_file() and (out / "report" / "report.html").is_file()
+    assert (out / "checkpoints" / "train" / "last.json").is_file() and "width: 3" in (out / "config.yaml").read_text()
+    assert main(["runs", "--runs-dir", str(tmp_path / "runs")]) == 0
+    assert "linear" in capsys.readouterr().out
+    assert main(["ls", "kinds", "--plugins", "kindpkg.distill"]) == 0
+    assert "kindpkg_regress" in capsys.readouterr().out
