@@ -126,6 +126,39 @@ def _cmd_eval(args) -> int:
     return 0
 
 
+def _cmd_search(args) -> int:
+    """``distillery search RECIPE --space SPACE.yaml --trials N``: an Optuna study (``distillery.search``)."""
+    from . import config, kinds, recipes, search
+    from .rundir import slug
+
+    if args.workers < 1:
+        raise DistilleryError(f"--workers must be at least 1, got {args.workers}.")
+    recipe = recipes.load(args.recipe, args.overrides)
+    if recipe.kind != "classify":
+        raise DistilleryError(f"search runs classify recipes; {args.recipe} is kind {recipe.kind!r}.")
+    space = Path(args.space)
+    if not space.is_file():
+        raise DistilleryError(f"search space {args.space!r} does not exist; write one (see `distillery search --help`).")
+    cfg = search.SearchConfig(recipe=config.to_dict(recipe), space=config.load_yaml(space), trials=args.trials,
+                              storage=args.storage, name=f"{recipe.name}-search", seed=args.seed,
+                              threads=recipe.threads, runs_dir=recipe.runs_dir)
+    out = Path(args.out or Path(recipe.runs_dir) / "search" / slug(f"{recipe.name}-{space.stem}"))
+    progress = False if args.quiet else None
+    if args.worker:  # one of --workers K: trials only, against the study's storage
+        search.optimize(cfg, out, progress)
+        return 0
+    cfg.workers = args.workers
+    cfg.worker_argv = ["search", args.recipe, *args.overrides, "--space", str(space.resolve()), "--trials",
+                       str(args.trials), "--seed", str(args.seed), "--quiet",
+                       *(["--storage", args.storage] if args.storage else []),
+                       *[f"--plugins={p}" for p in args.plugins]]
+    result = kinds.run(cfg, run_dir=out, resume=(out / "config.yaml").is_file(), progress=progress)
+    print(kinds.of(cfg).format(result.rows))
+    print(f"best recipe: {out / 'best.yaml'} (distillery run {out / 'best.yaml'})")
+    print(f"report: {result.report}")
+    return 0
+
+
 def _cmd_report(args) -> int:
     from .report import write_report
 
@@ -285,6 +318,20 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--unverified", action="store_true",
                    help="load model files that have no distillery checksum record (from elsewhere), knowingly")
     s.set_defaults(fn=_cmd_eval)
+
+    s = sub.add_parser("search", help="an Optuna study over a recipe's search space; the best recipe written out")
+    _plugin_flag(s)
+    s.add_argument("recipe", help="a classify recipe (name or YAML file)")
+    s.add_argument("overrides", nargs="*", help="key=value overrides of the recipe")
+    s.add_argument("--space", required=True, help="the search space (YAML: params, objectives, pruner, validation)")
+    s.add_argument("--trials", type=int, default=20, help="finished trials the study holds (a rerun continues it)")
+    s.add_argument("--storage", default=None, help="an Optuna storage URL (default: SQLite in the run directory)")
+    s.add_argument("--workers", type=int, default=1, help="processes running trials against one storage")
+    s.add_argument("--seed", type=int, default=0, help="the sampler's seed and the validation split's")
+    s.add_argument("--out", default=None, help="run directory (default: <runs_dir>/search/<recipe>-<space>)")
+    s.add_argument("--quiet", action="store_true")
+    s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    s.set_defaults(fn=_cmd_search)
 
     s = sub.add_parser("report", help="(re)write report.html of a run directory")
     _plugin_flag(s)

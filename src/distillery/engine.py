@@ -30,7 +30,7 @@ from .callbacks import Callback, FunctionCallback, MetricsLog, State, make_track
 from .checkpoint import load_module_tensors, module_tensors
 from .config import RUNTIME_KEYS, TrainConfig, to_dict
 from .data.loader import Loader, as_dataset, iter_batches, num_samples, plan
-from .errors import DistilleryError
+from .errors import DistilleryError, NonFiniteLoss
 from .objective import Objective, check_finite
 from .taps import Taps
 from .teachers import Teacher, teacher_fingerprint
@@ -558,7 +558,7 @@ def fit(
                     if failed:
                         if bad is not None:
                             check_finite(bad, where)
-                        raise DistilleryError(f"non-finite loss at {where} on another rank; the run stopped.")
+                        raise NonFiniteLoss(f"non-finite loss at {where} on another rank; the run stopped.")
                     if scaler is not None:
                         scaler.unscale_(opt)
                     if cfg.clip_grad_norm is not None:

@@ -12,6 +12,10 @@ class DistilleryError(Exception):
     The CLI prints these as one line (no traceback)."""
 
 
+class NonFiniteLoss(DistilleryError):
+    """A loss became NaN or inf: the run stopped (a search records the trial as failed and goes on)."""
+
+
 def close_matches(name: str, options: Iterable[str], n: int = 5) -> list[str]:
     """The options closest to ``name``, best first (difflib ratio, plus substring hits)."""
     options = list(options)

@@ -99,6 +99,8 @@ register("condense", "distillery.condense.config:CondenseRecipe", "distillery.co
          evaluate="distillery.condense.run:remeasure")
 register("embed", "distillery.embed.recipe:EmbedRecipe", "distillery.embed.recipe:run", None,
          "a sentence encoder distilled into fewer layers or a static embedding table")
+register("search", "distillery.search:SearchConfig", "distillery.search:run", None,
+         "an Optuna study over a classify recipe's search space (written by `distillery search`)")
 register("graph", "distillery.graph.recipe:GraphRecipe", "distillery.graph.recipe:run", None,
          "a graph neural network teacher distilled into an MLP over node features (GLNN and kin)")
 

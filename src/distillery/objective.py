@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from . import adapters, losses
 from .config import TermConfig, check_kwargs
-from .errors import DistilleryError
+from .errors import DistilleryError, NonFiniteLoss
 from .losses import tokens
 from .runtime import as_bool_mask
 
@@ -409,7 +409,7 @@ def check_finite(result: dict[str, Any], where: str) -> None:
         return
     bad = {k: float(v.detach()) for k, v in result["terms"].items() if not bool(torch.isfinite(v).all())}
     detail = ", ".join(f"{k} = {v}" for k, v in bad.items()) or f"total = {float(total)}"
-    raise DistilleryError(
+    raise NonFiniteLoss(
         f"non-finite loss at {where}: {detail}. The run stopped; lower the learning rate, set "
         "train.clip_grad_norm, or check the inputs and teacher outputs for NaN/inf."
     )

@@ -32,6 +32,8 @@ def available() -> dict[str, Path]:
     found: dict[str, Path] = {}
     for d in search_dirs():
         for f in sorted(d.rglob("*.yaml")):
+            if f.name.endswith(".space.yaml"):  # a search space beside its recipe (distillery search)
+                continue
             found.setdefault(f.relative_to(d).with_suffix("").as_posix(), f)
     return found
 

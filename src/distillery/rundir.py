@@ -54,9 +54,10 @@ def writer() -> bool:
     return distributed.world()[0] == 0
 
 
-def _same(a: dict, b: dict) -> list[str]:
-    """Top-level keys whose values differ (``threads`` only changes speed: a resume may change it)."""
-    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k != "threads")
+def _same(a: dict, b: dict, mutable: tuple[str, ...] = ("threads",)) -> list[str]:
+    """Top-level keys whose values differ, but for ``mutable`` ones (``threads`` only changes speed; a
+    config class may name more in ``MUTABLE``: a resume may change them)."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in mutable)
 
 
 @dataclass
@@ -144,7 +145,8 @@ def open_run(recipe: Any, run_dir: str | Path | None, resume: bool, progress: bo
                               "or choose another --out.")
     if resume:
         have = yaml.safe_load(config.read_text()) or {}
-        differ = _same(have, want) if isinstance(have, dict) else ["config.yaml"]
+        mutable = getattr(type(recipe), "MUTABLE", ("threads",))
+        differ = _same(have, want, mutable) if isinstance(have, dict) else ["config.yaml"]
         if differ:
             raise DistilleryError(f"{str(path)!r} holds a run of another recipe ({', '.join(differ)} differ in "
                                   "config.yaml); resume it with its own recipe, or start a new run with --out.")
@@ -160,7 +162,7 @@ def open_run(recipe: Any, run_dir: str | Path | None, resume: bool, progress: bo
         path.mkdir(parents=True, exist_ok=True)
         for stale in path.rglob(".*.tmp"):  # left by a write that a crash (kill -9) interrupted
             stale.unlink(missing_ok=True)
-        if not resume:
+        if not resume or config.read_text() != text:  # a resume may change mutable keys: recorded
             atomic_write_text(config, text)
         rd._record()
     distributed.barrier()

@@ -22,6 +22,7 @@ import torch
 
 from ..errors import DistilleryError
 from ..io import cached_arrays
+from ..rundir import writer
 from . import corpus
 from . import distill as D
 from .config import LMRecipe
@@ -154,7 +155,7 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
         folder = Path(recipe.store) if recipe.store is not None else work / f"store-top{recipe.top_k}"
         D.distil(model, _store(teacher, train, folder, recipe.top_k), train, recipe.train, **fit)
     seconds = time.perf_counter() - t0
-    if rd_writes():
+    if writer():
         save_lm(model, tok, rd.models / "model", extra={"recipe": dataclasses.asdict(recipe)})
     rows = []
     if teacher is not None:
@@ -165,15 +166,9 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
                  "terms": ", ".join(t.name for t in terms), "params": model.num_parameters(),
                  "validation_perplexity": D.perplexity(model, splits["validation"]),
                  "test_perplexity": D.perplexity(model, splits["test"]), "train_seconds": seconds})
-    if rd_writes():
+    if writer():
         _plot(rows, rd.figure("perplexity.png", "Validation and test perplexity (lower is better)"))
     return rows
-
-
-def rd_writes() -> bool:
-    from ..rundir import writer
-
-    return writer()
 
 
 def _plot(rows: list[dict], path: Path) -> None:

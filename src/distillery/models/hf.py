@@ -75,8 +75,8 @@ def hf(input_shape: tuple[int, ...], num_classes: int, path: str = "", task: str
                                   f"{num_classes}; use a folder trained for this data, or head: new (a fresh "
                                   "classification head on the pretrained body).")
         config.num_labels = num_classes
-        if head == "new":
-            extra = {**extra, "ignore_mismatched_sizes": True}
+        if head == "new":  # a given config already holds num_labels
+            extra = {**extra, "ignore_mismatched_sizes": True, **({} if "config" in extra else {"num_labels": num_classes})}
     if pretrained:
         model = from_pretrained(cls, folder, **extra)
     else:
