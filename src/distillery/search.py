@@ -137,6 +137,16 @@ class Space:
     def directions(self) -> list[str]:
         return [OBJECTIVES[o] for o in self.objectives]
 
+    def first(self) -> dict[str, Any]:
+        """Each key at its first value: the context in which every other value is checked (a key inside
+        a searched section, ``distill.terms.2.loss`` beside ``distill.terms``, needs the section)."""
+        return {p.key: p.values()[0] for p in self.params}
+
+    def each_value(self):
+        for p in self.params:
+            for v in p.values():
+                yield p, (int(v) if p.kind == "int" else v)
+
 
 def parse_space(raw: Any, recipe_raw: dict) -> Space:
     """The space of ``raw`` (a mapping from YAML), each key and value checked against the recipe."""
@@ -163,9 +173,8 @@ def parse_space(raw: Any, recipe_raw: dict) -> Space:
     if isinstance(validation, bool) or not isinstance(validation, (int, float)) or not 0 < validation < 1:
         raise DistilleryError(f"validation is the share of the training split held out, in (0, 1); got {validation!r}.")
     space = Space([_param(str(k), v) for k, v in params.items()], list(objectives), pruner, float(validation))
-    for p in space.params:  # every value loads as a recipe: unknown keys, bad losses, wrong types named now
-        for v in p.values():
-            recipe_of(recipe_raw, {p.key: int(v) if p.kind == "int" else v})
+    for p, v in space.each_value():  # every value loads as a recipe: unknown keys, bad losses, wrong types
+        recipe_of(recipe_raw, {**space.first(), p.key: v})
     return space
 
 
@@ -265,8 +274,10 @@ class Trials:
         self.taps = sorted({t for v in self._variants() for t in _teacher_taps(v)} | set(_teacher_taps(base)))
 
     def _variants(self) -> list[Recipe]:
-        return [recipe_of(self.cfg.recipe, {p.key: v}) for p in self.cfg.parsed.params if p.kind == "choice"
-                for v in p.choices]
+        """A recipe for every choice (in the context of the others' first values): their teacher taps."""
+        space = self.cfg.parsed
+        return [recipe_of(self.cfg.recipe, {**space.first(), p.key: v}) for p, v in space.each_value()
+                if p.kind == "choice"]
 
     def recipe(self, values: dict[str, Any]) -> Recipe:
         r = recipe_of(self.cfg.recipe, values)
@@ -486,7 +497,8 @@ def _finish(cfg: SearchConfig, rd, trials: Trials) -> list[dict]:
     counts = {s.name.lower(): len(study.get_trials(deepcopy=False, states=(s,)))
               for s in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)}
     rows = [{"model": f"trial {best.number} (best)", "val_accuracy": best.values[0], "accuracy": test_acc,
-             "params": best.user_attrs.get("params"), **{k: _plain(v) for k, v in values.items()}}]
+             "params": best.user_attrs.get("params"),
+             **{p.key: _plain(values[p.key]) for p in space.params if len(p.values()) > 1 or p.kind != "choice"}}]
     for t in front:
         if t is not best:
             rows.append({"model": f"trial {t.number} (front)", "val_accuracy": t.values[0],
