@@ -152,3 +152,31 @@ def test_a_bad_storage_and_a_study_of_another_recipe_are_one_line(files, capsys)
     capsys.readouterr()
     assert _search(files, "--trials", "1", "--storage", url, space="space2.yaml", out="s3") == 2
     assert "created for another recipe or space" in capsys.readouterr().err
+
+
+def test_a_study_killed_mid_trial_continues_when_the_command_is_rerun(files):
+    import signal
+    import time
+
+    out = files / "out"
+    cmd = [sys.executable, "-m", "distillery", "search", str(files / "tiny.yaml"), "--space",
+           str(files / "space.yaml"), "--out", str(out), "--quiet", "--trials", "50"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline:  # until one trial is stored as finished
+            time.sleep(0.5)
+            if (out / "study.sqlite").is_file():
+                try:
+                    if any(t.state.is_finished() for t in _study(out).trials):
+                        break
+                except Exception:  # the study is being created
+                    continue
+        proc.send_signal(signal.SIGKILL)  # as a crash: no clean-up runs
+    finally:
+        proc.wait()
+    before = len([t for t in _study(out).trials if t.state.is_finished()])
+    assert 1 <= before < 50 and (out / "config.yaml").is_file()
+    assert _search(files, "--trials", str(before + 2)) == 0  # the same command (fewer trials): it continues
+    after = [t for t in _study(out).trials if t.state.is_finished()]
+    assert len(after) == before + 2 and json.loads((out / "summary.json").read_text())["status"] == "done"
