@@ -21,3 +21,15 @@ def _hermetic_cache(tmp_path_factory):
     import os
 
     os.environ["DISTILLERY_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _no_runs_in_the_working_folder():
+    """Tests write their runs under tmp paths (runs_dir=...): a test that leaves ./runs/ behind (a run
+    index in the checkout) is an error at the end of the session."""
+    from pathlib import Path
+
+    runs = Path.cwd() / "runs"
+    existed = runs.exists()
+    yield
+    assert existed or not runs.exists(), "a test wrote ./runs in the working folder; give it runs_dir=<tmp>"

@@ -125,7 +125,7 @@ def test_an_lm_distillation_killed_at_every_write_resumes_to_the_same_model(tmp_
     text = [f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(60)]
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in text))
     common = [f"data={docs}", "block=16", "vocab_size=300", "model=tiny", "train.batch_size=8", "train.log_every=1000",
-              "train.checkpoint_every_steps=2", "max_train_blocks=24", "--quiet"]
+              "train.checkpoint_every_steps=2", "max_train_blocks=24", f"runs_dir={tmp_path / 'runs'}", "--quiet"]
     assert main(["run", "lm/teacher", *common, "--out", str(tmp_path / "t")]) == 0
     teacher = f"teacher={tmp_path / 't' / 'models' / 'model'}"
 
