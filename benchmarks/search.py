@@ -30,7 +30,7 @@ import torch
 
 from distillery import kinds, recipes
 from distillery.config import load_yaml, to_dict
-from distillery.search import SearchConfig
+from distillery.search import SearchConfig, study_name
 
 from _common import RESULTS, command, machine, update_markdown, write
 
@@ -53,7 +53,7 @@ def study(name: str, pruner: str, trials: int, work: Path, budget: list[str]):
                        threads=recipe.threads, runs_dir=str(work))
     out = work / f"{name}-{pruner}"
     kinds.run(cfg, run_dir=out, resume=(out / "config.yaml").is_file(), progress=False)
-    st = optuna.load_study(study_name=f"distillery-{cfg.name}", storage=f"sqlite:///{out / 'study.sqlite'}")
+    st = optuna.load_study(study_name=study_name(cfg), storage=f"sqlite:///{out / 'study.sqlite'}")
     seconds = sum((t.datetime_complete - t.datetime_start).total_seconds() for t in st.trials
                   if t.datetime_complete is not None and t.datetime_start is not None)
     return st, seconds, out

@@ -81,6 +81,70 @@ def test_resume_a_finished_run_does_not_retrain(tiny, tmp_path, capsys):
     assert (out / "metrics.jsonl").read_text() == before
 
 
+def test_resume_may_change_where_a_run_goes_not_what_it_computes(tiny, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert main(["run", str(tiny), "--out", str(out), "--quiet"]) == 0
+    created = json.loads((out / "summary.json").read_text())["created"]
+    assert main(["run", str(tiny), "distill.train.log_every=3", "distill.train.checkpoint_every_steps=50",
+                 "--resume", str(out), "--quiet"]) == 0  # runtime keys: allowed, and recorded
+    assert "checkpoint_every_steps: 50" in (out / "config.yaml").read_text()
+    assert json.loads((out / "summary.json").read_text())["created"] == created
+    assert main(["run", str(tiny), "distill.train.lr=0.5", "--resume", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "distill differ" in err and f"distillery run {out / 'config.yaml'} --resume {out}" in err
+    assert main(["run", str(tiny), "--resume", str(out), "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "--out or --resume" in capsys.readouterr().err
+
+
+def test_a_failed_run_removes_what_it_wrote_and_nothing_else(tiny, tmp_path, monkeypatch):
+    from distillery import pipeline
+
+    out = tmp_path / "mine"
+    (out / "models").mkdir(parents=True)
+    (out / "models" / "weights.bin").write_text("the user's")
+    (out / "notes.md").write_text("the user's")
+    (out / "sub").mkdir()
+    (out / "sub" / ".x.tmp").write_text("the user's")
+
+    def boom(*a, **k):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(pipeline, "measure", boom)  # after every phase trained: checkpoints exist
+    with pytest.raises(RuntimeError):
+        main_raw(["run", str(tiny), "--out", str(out), "--quiet"])
+    assert json.loads((out / "summary.json").read_text())["status"] == "failed"  # progress: kept, resumable
+    monkeypatch.setattr(pipeline, "load_data", boom)  # before anything trained
+    fresh = tmp_path / "fresh"
+    fresh.mkdir()
+    (fresh / "notes.md").write_text("the user's")
+    with pytest.raises(RuntimeError):
+        main_raw(["run", str(tiny), "--out", str(fresh), "--quiet"])
+    assert sorted(p.name for p in fresh.iterdir()) == ["notes.md"]  # its own files gone, the user's kept
+    assert (out / "models" / "weights.bin").read_text() == "the user's" and (out / "sub" / ".x.tmp").is_file()
+
+
+def test_an_interrupted_run_is_recorded_as_interrupted(tiny, tmp_path, monkeypatch):
+    from distillery import pipeline
+
+    def stop(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "measure", stop)
+    out = tmp_path / "run"
+    assert main(["run", str(tiny), "--out", str(out), "--quiet"]) == 130
+    assert json.loads((out / "summary.json").read_text())["status"] == "interrupted"
+    monkeypatch.undo()
+    assert main(["run", str(tiny), "--resume", str(out), "--quiet"]) == 0
+
+
+def main_raw(argv):
+    """The CLI without its catch-all: the test sees the exception itself."""
+    from distillery import kinds, recipes
+
+    recipe = recipes.load(argv[1])
+    return kinds.run(recipe, run_dir=argv[argv.index("--out") + 1], progress=False)
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["run", "mnist1d/kdd"], "unknown recipe 'mnist1d/kdd'. Did you mean 'mnist1d/kd'"),
     (["run", "mnist1d/kd", "distill.train.lr=fast"], "distill.train.lr: expected a number"),

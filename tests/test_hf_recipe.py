@@ -143,5 +143,5 @@ def test_a_narrower_student_of_the_teachers_family_from_its_config(tmp_path):
     assert models.num_params(m) < models.num_params(models.build("hf", (), 3, {"path": str(tmp_path / "bert")})) / 4
     with pytest.raises(DistilleryError, match="did you mean 'hidden_size'"):
         models.build("hf", (), 3, {**spec, "config": {"hiden_size": 16}})
-    with pytest.raises(DistilleryError, match="readable model folder"):  # pretrained weights of another width
+    with pytest.raises(DistilleryError, match="add pretrained: false"):  # pretrained weights of another width
         models.build("hf", (), 3, {**spec, "pretrained": True})

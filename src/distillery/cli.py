@@ -53,6 +53,8 @@ def _cmd_run(args) -> int:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(args.nproc),
                "-m", "distillery", *argv]
         return subprocess.call(cmd)
+    if args.resume and args.out:
+        raise DistilleryError("give --out or --resume, not both (--resume DIR continues the run in DIR).")
     recipe = recipes.load(args.recipe, args.overrides)
     run_dir = args.resume or args.out
     joined = distributed.init_from_env()
@@ -115,8 +117,9 @@ def _cmd_eval(args) -> int:
     from . import config, kinds
 
     run_dir = Path(args.run_dir)
-    if run_dir.suffix == ".safetensors":  # one synthetic set
-        raw = {"kind": "condense"}
+    if run_dir.suffix == ".safetensors" or (not (run_dir / "config.yaml").exists()
+                                            and any(run_dir.glob("synthetic_*.safetensors"))):
+        raw = {"kind": "condense"}  # one synthetic set, or a folder of them
     else:
         raw = config.load_yaml(_need(run_dir / "config.yaml", "run config"))
     kind = kinds.KINDS.get(raw.get("kind", "classify"))
@@ -140,11 +143,15 @@ def _cmd_search(args) -> int:
     if not space.is_file():
         raise DistilleryError(f"search space {args.space!r} does not exist; write one (see `distillery search --help`).")
     cfg = search.SearchConfig(recipe=config.to_dict(recipe), space=config.load_yaml(space), trials=args.trials,
-                              storage=args.storage, name=f"{recipe.name}-search", seed=args.seed,
-                              threads=recipe.threads, runs_dir=recipe.runs_dir)
+                              name=f"{recipe.name}-search", seed=args.seed, threads=recipe.threads,
+                              runs_dir=recipe.runs_dir)
+    cfg.storage, cfg.worker = args.storage, args.worker
     out = Path(args.out or Path(recipe.runs_dir) / "search" / slug(f"{recipe.name}-{space.stem}"))
     progress = False if args.quiet else None
     if args.worker:  # one of --workers K: trials only, against the study's storage
+        import torch
+
+        torch.set_num_threads(recipe.threads)
         search.optimize(cfg, out, progress)
         return 0
     cfg.workers = args.workers
@@ -207,10 +214,14 @@ def _cmd_alias(args) -> int:
         raise DistilleryError(f"`distillery {args.command}` is now `distillery run RECIPE` with a kind: {args.kind} "
                               f"recipe (`distillery ls recipes` lists them, e.g. embed/layers; `distillery cp` copies "
                               "one to edit).")
-    out = [f"--out {args.out}"] if args.out else []
-    print(f"note: `distillery {args.command}` is `distillery run {' '.join([args.recipe, *args.overrides, *out])}`",
+    if getattr(args, "no_eval", False):
+        args.overrides = [*args.overrides, "eval.enabled=false"]
+    if args.out and not args.resume and (Path(args.out) / "config.yaml").is_file():
+        args.resume, args.out = args.out, None  # the old commands continued a run in their --out folder
+    where = [f"--out {args.out}"] if args.out else [f"--resume {args.resume}"] if args.resume else []
+    print(f"note: `distillery {args.command}` is `distillery run {' '.join([args.recipe, *args.overrides, *where])}`",
           file=sys.stderr)
-    args.resume, args.nproc = None, 1
+    args.nproc = 1
     return _cmd_run(args)
 
 
@@ -330,7 +341,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0, help="the sampler's seed and the validation split's")
     s.add_argument("--out", default=None, help="run directory (default: <runs_dir>/search/<recipe>-<space>)")
     s.add_argument("--quiet", action="store_true")
-    s.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    s.add_argument("--worker", type=int, default=0, help=argparse.SUPPRESS)  # the index of a spawned worker
     s.set_defaults(fn=_cmd_search)
 
     s = sub.add_parser("report", help="(re)write report.html of a run directory")
@@ -352,7 +363,10 @@ def parser() -> argparse.ArgumentParser:
         s.add_argument("recipe")
         s.add_argument("overrides", nargs="*")
         s.add_argument("--out", default=None)
+        s.add_argument("--resume", default=None, metavar="RUN_DIR")
         s.add_argument("--quiet", action="store_true")
+        if kind == "condense":
+            s.add_argument("--no-eval", action="store_true", help="condense only (eval.enabled=false)")
         s.set_defaults(fn=_cmd_alias, kind=kind)
     s = sub.add_parser("embed-distill", help="old form of `distillery run RECIPE` for kind: embed recipes")
     s.add_argument("rest", nargs=argparse.REMAINDER)

@@ -138,7 +138,7 @@ def run(recipe: Any, *, run_dir: str | Path | None = None, resume: bool = False,
     rd = open_run(recipe, run_dir, resume, progress)
     try:
         rows = kind.run_fn()(recipe, rd, progress=progress)
-    except Exception:
-        rd.failed()
+    except BaseException as e:  # an interrupt too: the summary never stays "running"
+        rd.failed(interrupted=isinstance(e, KeyboardInterrupt))
         raise
     return Result(rd.path, rows, rd.finish(rows))

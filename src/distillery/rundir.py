@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import json
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -54,10 +54,34 @@ def writer() -> bool:
     return distributed.world()[0] == 0
 
 
+def _settings(d: Any) -> Any:
+    """``d`` without the train settings that change where and how fast a run goes, not what it computes
+    (``config.RUNTIME_KEYS``: device, workers, trackers, ...), in every training section."""
+    from .config import RUNTIME_KEYS
+
+    if isinstance(d, dict):
+        train = "epochs" in d and "batch_size" in d
+        return {k: _settings(v) for k, v in d.items() if not (train and k in RUNTIME_KEYS)}
+    if isinstance(d, list):
+        return [_settings(v) for v in d]
+    return d
+
+
 def _same(a: dict, b: dict, mutable: tuple[str, ...] = ("threads",)) -> list[str]:
-    """Top-level keys whose values differ, but for ``mutable`` ones (``threads`` only changes speed; a
-    config class may name more in ``MUTABLE``: a resume may change them)."""
+    """Top-level keys whose settings differ, but for ``mutable`` ones (``threads`` only changes speed; a
+    config class may name more in ``MUTABLE``) and the runtime keys of training sections: a resume may
+    change them."""
+    a, b = _settings(a), _settings(b)
     return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k) and k not in mutable)
+
+
+OWN = ("config.yaml", "summary.json", "metrics.jsonl", "report", "predictions")
+"""What the run directory's writer and reports write; anything else a run writes (checkpoints, models,
+caches, stores, a study) is progress that a failed run keeps, to be resumed."""
+
+
+def _files(path: Path) -> set[Path]:
+    return {p for p in path.rglob("*") if p.is_file()} if path.is_dir() else set()
 
 
 @dataclass
@@ -66,6 +90,8 @@ class RunDir:
     recipe: Any
     resume: bool = False
     summary: dict[str, Any] = field(default_factory=dict)
+    before: set[Path] = field(default_factory=set)
+    """The files the folder held when the run opened (a failed run never deletes these)."""
 
     @property
     def models(self) -> Path:
@@ -107,23 +133,27 @@ class RunDir:
 
         return write_report(self.path)
 
-    def failed(self) -> None:
-        """A run that failed before its first checkpoint leaves nothing (``--out`` can be used again);
-        a later failure is recorded as failed, to be resumed."""
+    def failed(self, interrupted: bool = False) -> None:
+        """A run that failed (or was interrupted) before it wrote anything to resume from removes what it
+        wrote, and only that (``--out`` can be used again); a run with progress (a checkpoint, a saved
+        model, a cache) is recorded as failed, to be continued with ``--resume``."""
         if not writer():
             return
-        if not self.resume and not any((self.path / "checkpoints").glob("*/last.json")):
-            for name in ("config.yaml", "summary.json", "metrics.jsonl"):
-                (self.path / name).unlink(missing_ok=True)
-            for name in ("checkpoints", "models", "predictions", "report", "work"):
-                shutil.rmtree(self.path / name, ignore_errors=True)
+        new = _files(self.path) - self.before
+        progress = [p for p in new if p.relative_to(self.path).parts[0] not in OWN]
+        if not self.resume and not progress:
+            for p in sorted(new, key=lambda p: len(p.parts), reverse=True):
+                p.unlink(missing_ok=True)
+            for d in sorted((d for d in self.path.rglob("*") if d.is_dir()), key=lambda d: len(d.parts), reverse=True):
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only the folders left empty
             with contextlib.suppress(OSError):
                 self.path.rmdir()  # only if now empty
             from .report import RunIndex
 
             RunIndex(self.index).forget(self.path)
             return
-        self.summary["status"] = "failed"
+        self.summary["status"] = "interrupted" if interrupted else "failed"
         self._record()
 
 
@@ -149,19 +179,24 @@ def open_run(recipe: Any, run_dir: str | Path | None, resume: bool, progress: bo
         differ = _same(have, want, mutable) if isinstance(have, dict) else ["config.yaml"]
         if differ:
             raise DistilleryError(f"{str(path)!r} holds a run of another recipe ({', '.join(differ)} differ in "
-                                  "config.yaml); resume it with its own recipe, or start a new run with --out.")
+                                  f"config.yaml); resume it with its own recipe (`distillery run {path / 'config.yaml'}"
+                                  f" --resume {path}`), or start a new run with --out.")
     distributed.barrier()  # every rank has checked before rank 0 writes
     if progress is not False and rank == 0:
         import sys
 
         print(f"run directory: {path}", file=sys.stderr, flush=True)
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    if resume and (path / "summary.json").is_file():  # a resumed run keeps the time it was created
+        with contextlib.suppress(Exception):
+            created = json.loads((path / "summary.json").read_text()).get("created", created)
     rd = RunDir(path, recipe, resume, {"name": recipe.name, "recipe": recipe.name, "kind": recipe.kind,
-                                       "created": created, "status": "running", "rows": []})
+                                       "created": created, "status": "running", "rows": []}, _files(path))
     if rank == 0:
         path.mkdir(parents=True, exist_ok=True)
-        for stale in path.rglob(".*.tmp"):  # left by a write that a crash (kill -9) interrupted
-            stale.unlink(missing_ok=True)
+        own = [path / d for d in ("checkpoints", "models", "report", "predictions", "work")]
+        for stale in [*path.glob(".*.tmp"), *(p for d in own for p in d.rglob(".*.tmp"))]:
+            stale.unlink(missing_ok=True)  # left by a write of this run that a crash (kill -9) interrupted
         if not resume or config.read_text() != text:  # a resume may change mutable keys: recorded
             atomic_write_text(config, text)
         rd._record()

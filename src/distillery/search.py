@@ -121,8 +121,9 @@ def _param(key: str, spec: Any) -> Param:
     log, step = bool(spec.get("log", False)), spec.get("step")
     if log and low <= 0:
         raise DistilleryError(f"{where}: a log range needs low > 0, got {low}.")
-    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 or log):
-        raise DistilleryError(f"{where}: step must be a number > 0 (and not with log), got {step!r}.")
+    if step is not None and (isinstance(step, bool) or not isinstance(step, (int, float)) or step <= 0 or log
+                             or (kind == "int" and not float(step).is_integer())):
+        raise DistilleryError(f"{where}: step must be a number > 0 (a whole one for int; not with log), got {step!r}.")
     return Param(key, kind, float(low), float(high), log, None if step is None else float(step))
 
 
@@ -200,8 +201,6 @@ class SearchConfig:
     """The classify recipe searched (resolved mapping)."""
     space: dict[str, Any]
     trials: int = 20
-    storage: str | None = None
-    """An Optuna storage URL (``postgresql://...``, ``sqlite:///...``); null: SQLite in the run directory."""
     kind: Literal["search"] = "search"
     name: str = ""
     seed: int = 0
@@ -210,6 +209,11 @@ class SearchConfig:
 
     MUTABLE = ("threads", "trials")
     """Keys a continued study may change (more trials, other threads)."""
+    storage = None  # (not a field: never written to config.yaml)
+    """An Optuna storage URL (``postgresql://...``, ``sqlite:///...``; it may hold a password, so it is not
+    written to config.yaml or the report); None: SQLite in the run directory. Set by ``distillery search``."""
+    worker = 0  # (not a field)
+    """This process's index among the workers of the study (its sampler's seed is ``seed + worker``)."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.recipe, dict):
@@ -225,6 +229,11 @@ class SearchConfig:
         """What makes a study this study: the recipe, the space and the seed (not the trial count)."""
         key = {"recipe": self.recipe, "space": self.space, "seed": self.seed}
         return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def study_name(cfg: SearchConfig) -> str:
+    """One study per recipe, space and seed: searches of other spaces share a storage without colliding."""
+    return f"distillery-{cfg.name}-{cfg.signature()[:8]}"
 
 
 def storage_url(cfg: SearchConfig, run_dir: Path) -> str:
@@ -247,12 +256,16 @@ def open_study(cfg: SearchConfig, run_dir: Path):
     pruner = {"median": optuna.pruners.MedianPruner(n_startup_trials=4, n_warmup_steps=1),
               "hyperband": optuna.pruners.HyperbandPruner(),
               "none": optuna.pruners.NopPruner()}[space.pruner if len(space.objectives) == 1 else "none"]
-    name = f"distillery-{cfg.name}"
+    name = study_name(cfg)
+    # every worker's sampler draws its own start (one seed for all would repeat the first trials K times)
+    sampler = optuna.samplers.TPESampler(seed=cfg.seed + cfg.worker if cfg.worker >= 0 else None)
     study = optuna.create_study(study_name=name, storage=storage, directions=space.directions, load_if_exists=True,
-                                pruner=pruner, sampler=optuna.samplers.TPESampler(seed=cfg.seed))
+                                pruner=pruner, sampler=sampler)
     have = study.user_attrs.get("signature")
     if have is None:
         study.set_user_attr("signature", cfg.signature())
+    elif cfg.worker == 0:  # joining a study begun elsewhere (another machine, a rerun): a sampler of its own
+        study.sampler = optuna.samplers.TPESampler(seed=None)
     elif have != cfg.signature():
         raise DistilleryError(f"the storage holds a study {name!r} created for another recipe or space; use another "
                               "--out (or --storage), or the recipe and space it was created with.")
@@ -319,19 +332,17 @@ class Trials:
         folder.parent.mkdir(parents=True, exist_ok=True)
         with open(folder.with_name(folder.name + ".lock"), "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (folder / "manifest.json").is_file():
-                write_store(ModuleTeacher(teacher_model), distill_data, folder, teacher_fingerprint=tfp,
-                            taps=self.taps, progress=False)
+            write_store(ModuleTeacher(teacher_model), distill_data, folder, teacher_fingerprint=tfp,
+                        taps=self.taps, progress=False)  # a complete store is left as it is; a partial one resumes
         return CachedTeacher(TeacherStore(folder, expect={"teacher_fingerprint": tfp, "data_fingerprint": dfp}))
 
-    def __call__(self, trial) -> float | tuple[float, ...]:
-        optuna = _optuna()
-        from . import models, pipeline
+    def train(self, values: dict[str, Any], report: _Report | None = None, phase: str = "trial"):
+        """The student of the recipe with ``values``, distilled on the search data and scored on the
+        validation set after every epoch (``report`` may stop it); (student, validation accuracy)."""
+        from . import pipeline
         from .engine import fit, seed_everything
         from .objective import Objective
 
-        space = self.cfg.parsed
-        values = {p.key: p.suggest(trial) for p in space.params}
         recipe = self.recipe(values)
         data, val, _ = self.data(recipe)
         teacher_model = self.teacher(recipe, data)
@@ -339,26 +350,45 @@ class Trials:
         answers = self.answers(recipe, teacher_model, distill_data)
         seed_everything(recipe.seed)
         student = pipeline.build_model(recipe.student.model, data.train)
-        report = _Report(trial, len(space.objectives) == 1)
         acc = None
         for stage in pipeline.stages(recipe):
             objective = Objective(stage.terms, normalize=recipe.distill.normalize_terms,
                                   balance=recipe.distill.balance_terms)
             with pipeline.train_only(student, stage.trainable):
                 out = fit(student, objective, distill_data, stage.train or recipe.distill.train, teacher=answers,
-                          eval_data=val, run_dir=None, phase=f"trial-{trial.number}", seed=recipe.seed,
-                          progress=False, callbacks=[report])
+                          eval_data=val, run_dir=None, phase=phase, seed=recipe.seed, progress=False,
+                          callbacks=[] if report is None else [report])
             acc = out["final"].get("accuracy", acc)
-            if report.pruned:
-                raise optuna.TrialPruned(f"pruned at epoch {report.step} (validation accuracy {report.last:.4f})")
+            if report is not None and report.pruned:
+                break
+        return student, acc
+
+    def __call__(self, trial) -> float | tuple[float, ...]:
+        optuna = _optuna()
+        from . import models, pipeline
+
+        space = self.cfg.parsed
+        values = {p.key: p.suggest(trial) for p in space.params}
+        report = _Report(trial, len(space.objectives) == 1)
+        student, acc = self.train(values, report, f"trial-{trial.number}")
+        if report.pruned:
+            raise optuna.TrialPruned(f"pruned at epoch {report.step} (validation accuracy {report.last:.4f})")
         params = models.num_params(student)
         trial.set_user_attr("params", params)
-        pipeline.save_weights(student, self.run_dir / "trials" / f"{trial.number}.safetensors",
-                              {"trial": trial.number, "values": values})
+        self.save(student, trial.number, values)
         results = {"accuracy": float(acc), "params": float(params)}
         if "latency_ms" in space.objectives:
+            _, val, _ = self.data(self.recipe(values))
             results["latency_ms"] = pipeline.latency(student, val.x if hasattr(val, "x") else val)["ms"]
         return tuple(results[o] for o in space.objectives) if len(space.objectives) > 1 else results["accuracy"]
+
+    def weights(self, number: int) -> Path:
+        return self.run_dir / "trials" / f"{number}.safetensors"
+
+    def save(self, student, number: int, values: dict[str, Any]) -> None:
+        from . import pipeline
+
+        pipeline.save_weights(student, self.weights(number), {"trial": number, "values": values})
 
 
 def _teacher_taps(recipe: Recipe) -> list[str]:
@@ -434,6 +464,7 @@ def run(cfg: SearchConfig, rd, *, progress: bool | None = None) -> list[dict]:
     base = trials.recipe({})
     data, _, _ = trials.data(base)
     trials.teacher(base, data)  # trained once, before any worker starts
+    open_study(cfg, run_dir)  # created once, before any worker opens it
     workers = _spawn(cfg, run_dir, getattr(cfg, "workers", 1))
     try:
         optimize(cfg, run_dir, progress)
@@ -453,8 +484,8 @@ def _spawn(cfg: SearchConfig, run_dir: Path, workers: int) -> list:
     argv = getattr(cfg, "worker_argv", None)
     if workers <= 1 or not argv:
         return []
-    cmd = [sys.executable, "-m", "distillery", *argv, "--worker", "--out", str(run_dir)]
-    return [subprocess.Popen(cmd) for _ in range(workers - 1)]
+    cmd = [sys.executable, "-m", "distillery", *argv, "--out", str(run_dir)]
+    return [subprocess.Popen([*cmd, f"--worker={k}"]) for k in range(1, workers)]
 
 
 def _finish(cfg: SearchConfig, rd, trials: Trials) -> list[dict]:
@@ -477,8 +508,12 @@ def _finish(cfg: SearchConfig, rd, trials: Trials) -> list[dict]:
     values = {p.key: p.decode(best.params[p.key]) for p in space.params}
     recipe = trials.recipe(values)
     _, _, test = trials.data(recipe)
-    student = pipeline.build_model(recipe.student.model, test)
-    pipeline.load_weights(student, rd.path / "trials" / f"{best.number}.safetensors")
+    if trials.weights(best.number).is_file():
+        student = pipeline.build_model(recipe.student.model, test)
+        pipeline.load_weights(student, trials.weights(best.number))
+    else:  # the best trial ran on another machine of the study: trained again here, as it was (seeded)
+        student, _ = trials.train(values, phase=f"trial-{best.number}")
+        trials.save(student, best.number, values)
     with torch.no_grad():
         test_acc = evaluate(student, test)["accuracy"]
     best_raw = to_dict(recipe_of(cfg.recipe, values))

@@ -65,18 +65,20 @@ def hf(input_shape: tuple[int, ...], num_classes: int, path: str = "", task: str
                                   + (f" (did you mean {near[0]!r}?)" if near else "") + ".")
         setattr(config, key, value)
     if overrides and pretrained:
-        extra = {"config": config}
+        raise DistilleryError(f"model hf: config: changes {folder}'s architecture, which its pretrained weights do not "
+                              "fit; add pretrained: false (a fresh model of that config; layers: [...] keeps "
+                              "pretrained blocks instead).")
     if head not in ("keep", "new"):
         raise DistilleryError(f"model hf: head must be keep or new, got {head!r}.")
-    extra = extra if overrides and pretrained else {}
+    extra = {}
     if task.endswith("classification") and num_classes:
         if getattr(config, "num_labels", num_classes) != num_classes and pretrained and head == "keep":
             raise DistilleryError(f"model hf: {folder} classifies {config.num_labels} classes, the data set "
                                   f"{num_classes}; use a folder trained for this data, or head: new (a fresh "
                                   "classification head on the pretrained body).")
         config.num_labels = num_classes
-        if head == "new":  # a given config already holds num_labels
-            extra = {**extra, "ignore_mismatched_sizes": True, **({} if "config" in extra else {"num_labels": num_classes})}
+        if head == "new":
+            extra = {"num_labels": num_classes, "ignore_mismatched_sizes": True}
     if pretrained:
         model = from_pretrained(cls, folder, **extra)
     else:

@@ -64,10 +64,11 @@ def _load(model: nn.Module, path: Path, verify: bool, head: str) -> None:
                                   "classifier)") from None
         return
     tensors, _ = read_weights(path, verify=verify)
-    name = (getattr(model, "default_cfg", None) or {}).get("classifier", "")
+    names = (getattr(model, "default_cfg", None) or {}).get("classifier", "")
+    heads = tuple(f"{n}." for n in ([names] if isinstance(names, str) else names))  # DeiT: (head, head_dist)
     own = model.state_dict()
-    kept = {k: v for k, v in tensors.items() if not (k.startswith(f"{name}.") and own.get(k, v).shape != v.shape)}
+    kept = {k: v for k, v in tensors.items() if not (k.startswith(heads) and own.get(k, v).shape != v.shape)}
     missing, unexpected = model.load_state_dict(kept, strict=False)
-    if unexpected or any(not k.startswith(f"{name}.") for k in missing):
+    if unexpected or any(not k.startswith(heads) for k in missing):
         raise DistilleryError(f"model timm: {path} does not fit {type(model).__name__} (missing {missing[:3]}, "
                               f"unexpected {unexpected[:3]}).")
