@@ -161,3 +161,16 @@ def test_a_bad_storage_and_a_study_of_another_recipe_are_one_line(files, capsys)
     # another space's study shares the storage under a name of its own
     assert _search(files, "--trials", "1", "--storage", url, space="space2.yaml", out="s3") == 0
     assert len(optuna.get_all_study_names(url)) == 2
+
+
+def test_the_shipped_spaces_check_against_their_recipes():
+    from distillery import recipes
+    from distillery.config import load_yaml, to_dict
+    from distillery.search import SearchConfig
+
+    spaces = sorted(recipes.SHIPPED.rglob("*.space.yaml"))
+    assert len(spaces) >= 2
+    for f in spaces:
+        name = f.relative_to(recipes.SHIPPED).as_posix().removesuffix(".space.yaml")
+        cfg = SearchConfig(recipe=to_dict(recipes.load(name)), space=load_yaml(f), name=name)
+        assert cfg.parsed.params and f"distillery search {name} --space recipes/{name}.space.yaml" in f.read_text()
