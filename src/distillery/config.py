@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .compress.quantize import QuantizeConfig
 from .errors import DistilleryError, close_matches
 
 
@@ -227,6 +228,32 @@ class DistillConfig:
 
 
 @dataclass
+class CompressStage:
+    """One compress stage after distillation (stages chain, each on the previous one's model): the student
+    quantized (``quantize``), trained with ``terms`` from ``teacher`` when the method trains (QAT), then
+    exported as the real compressed model, loaded back and measured (a row of the run)."""
+
+    name: str
+    quantize: QuantizeConfig | None = None
+    teacher: Literal["teacher", "student"] = "teacher"
+    """Who teaches the recovery: the recipe's teacher, or the uncompressed student itself."""
+    terms: list[TermConfig] | None = None
+    """Default: the last distillation stage's terms."""
+    train: TrainConfig | None = None
+    """Default: ``distill.train``."""
+
+    def __post_init__(self) -> None:
+        if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name) or self.name in ("teacher", "baseline", "distilled"):
+            raise DistilleryError(f"compress stage name {self.name!r}: letters, digits, _ or -, and not teacher, "
+                                  "baseline or distilled.")
+        if self.quantize is None:
+            raise DistilleryError(f"compress stage {self.name!r} does nothing; give quantize: {{...}}.")
+        if self.quantize.method == "ptq" and (self.terms is not None or self.train is not None):
+            raise DistilleryError(f"compress stage {self.name!r}: ptq trains nothing; leave out terms and train, or "
+                                  "use method qat.")
+
+
+@dataclass
 class Recipe:
     """``kind: classify`` (the default kind): a classifier distilled from a teacher."""
 
@@ -245,6 +272,8 @@ class Recipe:
     runs_dir: str = "runs"
     cache_dir: str | None = None
     """Where trained teachers are kept for reuse; default ``<runs_dir>/cache``."""
+    compress: list[CompressStage] = field(default_factory=list)
+    """Stages after distillation that compress the student (quantization-aware distillation), each a row."""
 
     def __post_init__(self) -> None:
         share = self.distill.labelled_share
@@ -266,6 +295,11 @@ class Recipe:
                 raise DistilleryError(f"distill.stages {st.name!r} has no terms.")
         if self.threads < 1:
             raise DistilleryError("threads must be >= 1.")
+        names = [st.name for st in self.compress]
+        if len(set(names)) != len(names):
+            raise DistilleryError(f"compress stages need distinct names; got {names}.")
+        if any(st.quantize is not None for st in self.compress[:-1]):
+            raise DistilleryError("compress: a quantized model is final; put the quantize stage last.")
 
 
 # Keys of these dataclasses that collect the remaining mapping entries ("name: mlp, hidden: [256]").

@@ -184,14 +184,16 @@ def _record_digest(raw: bytes) -> tuple[str, dict]:
     return h.hexdigest(), metadata
 
 
-def save_with_record(path: str | os.PathLike, tensors: dict, meta: dict) -> Path:
+def save_with_record(path: str | os.PathLike, tensors: dict, meta: dict, header: dict[str, str] | None = None) -> Path:
     """Safetensors whose header carries its own checksum record (``distillery_sha256`` over the tensor entries
-    and data, ``distillery_meta``): weights and record commit together in one atomic rename."""
+    and data, ``distillery_meta``): weights and record commit together in one atomic rename. ``header`` adds
+    string entries of another writer's metadata (torchao's description of quantized tensors)."""
     from safetensors.torch import save
 
     tensors = {k: v.detach().contiguous() for k, v in tensors.items()}
     digest, _ = _record_digest(save(tensors))
-    blob = save(tensors, metadata={"distillery_sha256": digest, "distillery_meta": json.dumps(meta, default=_json_default)})
+    blob = save(tensors, metadata={**(header or {}), "distillery_sha256": digest,
+                                   "distillery_meta": json.dumps(meta, default=_json_default)})
     return atomic_write_bytes(path, blob)
 
 

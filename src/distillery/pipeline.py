@@ -138,15 +138,16 @@ def load_weights(model: nn.Module, path: Path, *, verify: bool = True) -> dict:
 
 
 @torch.no_grad()
-def latency(model: nn.Module, example: torch.Tensor, repeats: int = 50, rounds: int = 5) -> dict[str, float]:
-    """Wall time of one forward pass on a single sample at one CPU thread: ``rounds`` rounds of ``repeats``
+def latency(model: nn.Module, example: torch.Tensor, repeats: int = 50, rounds: int = 5,
+            batch: int = 1) -> dict[str, float]:
+    """Wall time of one forward pass on ``batch`` samples (one by default) at one CPU thread: ``rounds`` rounds of ``repeats``
     timed calls after a warm-up; ``ms`` is the median of the round medians, ``spread_ms`` their range
     (max - min). One thread and medians keep the figure stable on a shared machine, where a single
     timing at several threads varied a hundredfold between identical runs."""
     from .runtime import call_model
 
     model.eval()
-    batch = {"x": example[:1]} if isinstance(example, torch.Tensor) else example  # a tensor, or one batch of one
+    batch = {"x": example[:batch]} if isinstance(example, torch.Tensor) else example  # a tensor, or one batch
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
@@ -314,7 +315,51 @@ def run_classify(recipe: Recipe, rd, *, progress: bool | None = None) -> list[di
     student = unsharded(student, recipe.student.model, data)
     save_weights(student, models_dir / "distilled.safetensors", {"model": to_dict(recipe.student.model)})
     trained["distilled"] = student
-    return measure(trained, data.test, run_dir if _writer() else None)
+    current = student
+    for st in recipe.compress:  # each on the previous stage's model, each its own resumable phase
+        current = trained[st.name] = compress_stage(recipe, st, current, answers, distill_data, data, rd, progress)
+    rows = measure(trained, data.test, run_dir if _writer() else None, batch64=bool(recipe.compress))
+    if recipe.compress:
+        for r in rows:
+            f = models_dir / f"{r['model']}.safetensors"
+            r["size_kb"] = f.stat().st_size / 1024 if f.is_file() else None
+        if _writer():
+            from .report.plots import plot_size_accuracy
+
+            plot_size_accuracy(rows, rd.figure("compress.png", "Test accuracy against the model's size on disk"))
+    return rows
+
+
+def compress_stage(recipe: Recipe, st, student: nn.Module, answers, distill_data, data: Data, rd,
+                   progress: bool | None) -> nn.Module:
+    """One compress stage: ``student`` (copied) quantized with torchao, trained with the stage's terms when the
+    method is QAT, converted, exported to ``models/<name>.safetensors``; the model loaded back from that file."""
+    import copy
+
+    from .compress import quantize as Q
+
+    q = st.quantize
+    model = copy.deepcopy(student)
+    _say(progress, f"compress-{st.name}: {q.method}, {Q.describe(q)}")
+    if q.method == "qat":
+        Q.prepare(model, q)
+        teacher = answers if st.teacher == "teacher" else ModuleTeacher(copy.deepcopy(student))
+        terms = st.terms or stages(recipe)[-1].terms
+        seed_everything(recipe.seed)
+        fit(model, Objective(terms), distill_data, st.train or recipe.distill.train, teacher=teacher,
+            eval_data=data.test, run_dir=rd.path, phase=f"compress-{st.name}", seed=recipe.seed, resume=rd.resume,
+            progress=progress)
+        Q.convert(model, q)
+    else:
+        Q.ptq(model, q)
+    path = rd.models / f"{st.name}.safetensors"
+    if _writer():
+        Q.save(model.cpu(), path, {"model": to_dict(recipe.student.model), "quantize": to_dict(q),
+                                   "float_layers": Q.float_layers(student, Q.targets(student, q))})
+    distributed.barrier()
+    exported = build_model(recipe.student.model, data.train)
+    exported.eval()
+    return Q.load(exported, path, q)
 
 
 def distilling_teacher(recipe: Recipe, model: nn.Module) -> ModuleTeacher:
@@ -478,9 +523,9 @@ def train_only(model: nn.Module, paths: list[str] | None):
 PHASE = {"teacher": "teacher", "baseline": "baseline", "distilled": "distill"}
 
 
-def measure(trained: dict[str, nn.Module], test: TensorData, run_dir: Path | None) -> list[dict]:
-    """Accuracy, parameters, batch-1 CPU latency, agreement with the teacher and ECE on the test split;
-    writes ``predictions/<phase>.safetensors`` for the report."""
+def measure(trained: dict[str, nn.Module], test: TensorData, run_dir: Path | None, batch64: bool = False) -> list[dict]:
+    """Accuracy, parameters, batch-1 CPU latency (and batch-64 with ``batch64``), agreement with the teacher and
+    ECE on the test split; writes ``predictions/<phase>.safetensors`` for the report."""
     from .data.loader import iter_batches
 
     targets = test.y if isinstance(getattr(test, "y", None), torch.Tensor) else \
@@ -496,9 +541,11 @@ def measure(trained: dict[str, nn.Module], test: TensorData, run_dir: Path | Non
             atomic_save_safetensors(run_dir / "predictions" / f"{PHASE.get(name, name)}.safetensors",
                                     {"probs": probs, "targets": targets})
         lat = latency(model, example)
-        rows.append({"model": name, "phase": PHASE.get(name, name), "accuracy": ev["accuracy"],
+        rows.append({"model": name, "phase": PHASE.get(name, f"compress-{name}"), "accuracy": ev["accuracy"],
                      "params": models.num_params(model), "latency_ms": lat["ms"], "latency_spread_ms": lat["spread_ms"],
                      "agreement": ev["agreement"], "ece": _ece(probs, targets)})
+        if batch64 and isinstance(example, torch.Tensor):
+            rows[-1]["latency_64_ms"] = latency(model, example[:64], batch=64)["ms"]
     return rows
 
 
@@ -523,12 +570,18 @@ def remeasure(run_dir: Path, config: dict, *, verify: bool = True, **_) -> list[
 
 
 def format_rows(rows: list[dict]) -> str:
-    """The table printed at the end of a run."""
+    """The table printed at the end of a run (size and batch-64 latency when compress stages measured them)."""
+    extra = any("size_kb" in r for r in rows)
     head = f"{'model':<10} {'accuracy':>9} {'params':>9} {'latency/sample (1 thread)':>26} {'agreement':>10}"
+    head += f" {'size KB':>9} {'batch 64 ms':>11}" if extra else ""
     lines = [head, "-" * len(head)]
     for r in rows:
         agree = "-" if r["agreement"] is None else f"{100 * r['agreement']:.1f}%"
         spread = r.get("latency_spread_ms")
         lat = f"{r['latency_ms']:.3f} ms" + ("" if spread is None else f" ± {spread / 2:.3f}")
-        lines.append(f"{r['model']:<10} {100 * r['accuracy']:>8.2f}% {r['params']:>9,} {lat:>26} {agree:>10}")
+        line = f"{r['model']:<10} {100 * r['accuracy']:>8.2f}% {r['params']:>9,} {lat:>26} {agree:>10}"
+        if extra:
+            size, b64 = r.get("size_kb"), r.get("latency_64_ms")
+            line += f" {'-' if size is None else f'{size:.1f}':>9} {'-' if b64 is None else f'{b64:.3f}':>11}"
+        lines.append(line)
     return "\n".join(lines)

@@ -70,10 +70,12 @@ def _read_summary(run_dir: Path) -> dict[str, Any]:
 
 
 def _summary_table(rows: list[Any], predictions: dict[str, tuple[Any, Any]]) -> str:
+    more = [k for k in ("size_kb", "latency_64_ms") if any(isinstance(r, dict) and k in r for r in rows)]
+    titles = {"size_kb": "size KB (on disk)", "latency_64_ms": "latency ms, batch 64"}
     head = "".join(
         f"<th>{h}</th>"
         for h in ("model", "phase", "accuracy %", "params", "latency ms (1 thread, median ± half-range)", "agreement %",
-                  "ECE")
+                  "ECE", *(titles[k] for k in more))
     )
     body = []
     for row in rows:
@@ -83,6 +85,7 @@ def _summary_table(rows: list[Any], predictions: dict[str, tuple[Any, Any]]) -> 
         if not _is_num(ece_value) and row.get("phase") in predictions:
             # The summary may have been written before calibration was computed; fill the gap.
             ece_value = compute_ece(*predictions[row["phase"]])
+        extra = [f'<td class="num">{_fmt(row.get(k), ".1f" if k == "size_kb" else ".3f")}</td>' for k in more]
         cells = [
             f"<td>{_e(row.get('model', DASH))}</td>",
             f"<td>{_e(row.get('phase', DASH))}</td>",
@@ -92,6 +95,7 @@ def _summary_table(rows: list[Any], predictions: dict[str, tuple[Any, Any]]) -> 
             + (f' ± {row["latency_spread_ms"] / 2:.3f}' if _is_num(row.get("latency_spread_ms")) else "") + "</td>",
             f'<td class="num">{_pct(row.get("agreement"))}</td>',
             f'<td class="num">{_fmt(ece_value, ".4f")}</td>',
+            *extra,
         ]
         body.append("<tr>" + "".join(cells) + "</tr>")
     if not body:

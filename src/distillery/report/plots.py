@@ -160,3 +160,21 @@ def plot_reliability(
     for ax in axes[len(predictions) :]:
         ax.set_visible(False)
     return _save(fig, out_path)
+
+
+def plot_size_accuracy(rows: list[dict[str, Any]], out_path: str | os.PathLike) -> Path | None:
+    """Test accuracy (%) against size on disk (KB) of every model of a run with compress stages."""
+    pts = [(r["size_kb"], 100 * r["accuracy"], r["model"]) for r in rows
+           if isinstance(r.get("size_kb"), (int, float)) and isinstance(r.get("accuracy"), (int, float))]
+    if not pts:
+        return None
+    fig = _new_figure(5.5, 3.8)
+    ax = fig.subplots()
+    for size, acc, name in pts:
+        ax.scatter([size], [acc], color=phase_color(name))
+        ax.annotate(name, (size, acc), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("size on disk (KB, log scale)")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title("Quality against size")
+    return _save(fig, out_path)

@@ -1,0 +1,144 @@
+"""Quantization-aware distillation on torchao: fake quantization against a hand-computed reference, the
+converted model against the fake-quantized one, export and load, the recipe flow, and bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+pytest.importorskip("torchao")
+
+from distillery import models
+from distillery.cli import main
+from distillery.compress import quantize as Q
+from distillery.errors import DistilleryError
+
+
+def _mlp(seed=0):
+    torch.manual_seed(seed)
+    return models.build("mlp", (16,), 4, {"hidden": [32]})
+
+
+def test_fake_quantization_is_torchaos_symmetric_per_channel_int8():
+    m = _mlp()
+    w = m.body[0].weight.detach().clone()
+    Q.prepare(m, Q.QuantizeConfig(weights=8, granularity="per_channel", activations=None))
+    fq = m.body[0].weight_fake_quantizer(m.body[0].weight).detach()
+    scale = w.abs().amax(1, keepdim=True) / 127.5  # torchao's symmetric range: max |w| over (qmax - qmin) / 2
+    want = (w * (1.0 / scale)).round().clamp(-128, 127) * scale  # it multiplies by the inverse scale
+    torch.testing.assert_close(fq, want, atol=0, rtol=0)
+    assert not torch.equal(fq, w)
+
+
+@pytest.mark.parametrize("bits,gran,act", [(4, "per_group", 8), (2, "per_channel", None), (8, "per_group", None)])
+def test_converted_equals_fake_quantized_and_export_loads_back(tmp_path, bits, gran, act):
+    cfg = Q.QuantizeConfig(weights=bits, granularity=gran, group_size=8, activations=act)
+    m = _mlp().eval()
+    x = torch.randn(12, 16)
+    Q.prepare(m, cfg)
+    fake = m(x)
+    Q.convert(m, cfg)
+    torch.testing.assert_close(m(x), fake)  # what was trained is what runs
+    Q.save(m, tmp_path / "q.safetensors", {"bits": bits})
+    back = Q.load(_mlp(1).eval(), tmp_path / "q.safetensors", cfg)
+    torch.testing.assert_close(back(x), fake)
+
+
+def test_an_int8_export_is_over_3_5_times_smaller_than_fp32(tmp_path):
+    from distillery.pipeline import save_weights
+
+    torch.manual_seed(0)
+    m = models.build("mlp", (256,), 10, {"hidden": [512, 512]})
+    save_weights(m, tmp_path / "fp32.safetensors", {})
+    Q.ptq(m, Q.QuantizeConfig(weights=8, granularity="per_channel"))
+    Q.save(m, tmp_path / "int8.safetensors", {})
+    ratio = (tmp_path / "fp32.safetensors").stat().st_size / (tmp_path / "int8.safetensors").stat().st_size
+    assert ratio > 3.5, ratio
+
+
+def test_bad_quantization_input_is_one_line():
+    with pytest.raises(DistilleryError, match="2 to 8 bits"):
+        Q.QuantizeConfig(weights=1)
+    with pytest.raises(DistilleryError, match="int8"):
+        Q.QuantizeConfig(activations=4)
+    with pytest.raises(DistilleryError, match="not a multiple of group_size 5"):
+        Q.prepare(_mlp(), Q.QuantizeConfig(group_size=5))
+    with pytest.raises(DistilleryError, match=r"body\.9"):
+        Q.prepare(_mlp(), Q.QuantizeConfig(modules=["body.9"]))
+    convs = nn.Sequential(nn.Conv1d(1, 4, 3), nn.ReLU(), nn.Conv1d(4, 2, 3))
+    with pytest.raises(DistilleryError, match="no linear or embedding layer"):
+        Q.prepare(convs, Q.QuantizeConfig())
+    m = Q.prepare(_mlp(), Q.QuantizeConfig(group_size=8))
+    with pytest.raises(DistilleryError, match="convert it before export"):
+        Q.save(m, "/tmp/never.safetensors", {})
+    with pytest.raises(DistilleryError, match="prepare it first"):
+        Q.convert(_mlp(), Q.QuantizeConfig())
+
+
+def test_conv_layers_stay_float_and_are_named():
+    m = models.build("cnn1d", (40,), 10, {"channels": 8, "hidden": 32})
+    cfg = Q.QuantizeConfig(group_size=8)
+    assert list(Q.targets(m, cfg)) == ["fc.1", "head"]
+    assert Q.float_layers(m, Q.targets(m, cfg)) == ["features.0", "features.2", "features.4"]
+
+
+RECIPE = """
+name: tiny/qat
+seed: 0
+runs_dir: {runs}
+data: {{name: mnist1d, num_samples: 600}}
+teacher:
+  model: {{name: cnn1d, channels: 8, hidden: 16}}
+  train: {{epochs: 2, batch_size: 64, lr: 0.01}}
+student:
+  model: {{name: mlp, hidden: [64]}}
+baseline: {{enabled: false}}
+distill:
+  terms:
+    - {{loss: kd, temperature: 4.0}}
+  data: train
+  train: {{epochs: 2, batch_size: 64, lr: 0.01}}
+compress:
+  - name: int4
+    quantize: {{method: qat, weights: 4, group_size: 8}}
+    teacher: student
+    train: {{epochs: 2, batch_size: 64, lr: 0.003}}
+"""
+
+
+def test_a_recipe_distils_then_quantizes_with_kd_and_resumes(tmp_path, capsys):
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(RECIPE.format(runs=tmp_path / "runs"))
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    rows = {r["model"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert rows["int4"]["phase"] == "compress-int4" and rows["int4"]["size_kb"] < rows["distilled"]["size_kb"]
+    assert all(r["latency_64_ms"] > 0 for r in rows.values())
+    assert (out / "checkpoints" / "compress-int4" / "last.json").is_file()
+    html = (out / "report" / "report.html").read_text()
+    assert 'src="compress.png"' in html and "size KB" in html
+    assert "size KB" in capsys.readouterr().out
+    # the exported model is what was measured
+    exported = Q.load(models.build("mlp", (40,), 10, {"hidden": [64]}).eval(), out / "models" / "int4.safetensors",
+                      Q.QuantizeConfig(weights=4, group_size=8))
+    assert exported is not None
+    metrics = (out / "metrics.jsonl").read_text()
+    assert main(["run", str(recipe), "--resume", str(out), "--quiet"]) == 0  # finished: nothing trains again
+    assert (out / "metrics.jsonl").read_text() == metrics
+    assert json.loads((out / "summary.json").read_text())["rows"][2]["accuracy"] == rows["int4"]["accuracy"]
+
+
+@pytest.mark.parametrize("override,words", [
+    ("compress.0.quantize.weights=9", "2 to 8 bits"),
+    ("compress.0.quantize.method=ptq", "ptq trains nothing"),
+    ("compress.0.name=distilled", "not teacher, baseline or distilled"),
+])
+def test_bad_compress_stages_are_one_line(tmp_path, capsys, override, words):
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(RECIPE.format(runs=tmp_path / "runs"))
+    assert main(["validate", str(recipe), "--set", override]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and words in err[0], err
