@@ -142,3 +142,74 @@ def test_bad_compress_stages_are_one_line(tmp_path, capsys, override, words):
     assert main(["validate", str(recipe), "--set", override]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and words in err[0], err
+
+
+# ------------------------------------------------------------------------------------------ pruning
+
+pytest.importorskip("torch_pruning")
+
+from distillery.compress import prune as P  # noqa: E402
+
+
+def test_pruned_mlp_is_the_masked_original_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    m = models.build("mlp", (16,), 4, {"hidden": [32]})
+    orig = {k: v.clone() for k, v in m.state_dict().items()}
+    pr = P.Pruner(m, P.PruneConfig(ratio=0.5), torch.randn(2, 16))
+    pr.step(torch.randn(8, 16), None)
+    w = m.body[0].weight
+    assert w.shape == (16, 16) and m.head.weight.shape == (4, 16) and m.head.out_features == 4
+    kept = [int((orig["body.0.weight"] == row).all(1).nonzero()) for row in w]  # which neurons survived
+    assert len(set(kept)) == 16
+    masked = models.build("mlp", (16,), 4, {"hidden": [32]})
+    masked.load_state_dict(orig)
+    gone = [i for i in range(32) if i not in kept]
+    with torch.no_grad():
+        masked.body[0].weight[gone] = 0
+        masked.body[0].bias[gone] = 0
+    x = torch.randn(10, 16)
+    torch.testing.assert_close(m(x), masked(x))
+    P.save(m, tmp_path / "p.safetensors", {})
+    back = P.load(models.build("mlp", (16,), 4, {"hidden": [32]}), tmp_path / "p.safetensors")
+    torch.testing.assert_close(back(x), m(x))
+    assert sum(p.numel() for p in back.parameters()) == sum(p.numel() for p in m.parameters())
+
+
+def test_bad_pruning_input_is_one_line():
+    with pytest.raises(DistilleryError, match="would leave layers empty"):
+        P.PruneConfig(ratio=1.0)
+    with pytest.raises(DistilleryError, match=r"body\.7"):
+        P.Pruner(_mlp(), P.PruneConfig(ignore=["body.7"]), torch.randn(2, 16))
+    pr = P.Pruner(_mlp(), P.PruneConfig(importance="taylor"), torch.randn(2, 16))
+    with pytest.raises(DistilleryError, match="labelled calibration data"):
+        pr.step(torch.randn(4, 16), None)
+
+
+PRUNE = RECIPE.replace("""compress:
+  - name: int4
+    quantize: {{method: qat, weights: 4, group_size: 8}}
+    teacher: student
+    train: {{epochs: 2, batch_size: 64, lr: 0.003}}""", """compress:
+  - name: pruned
+    prune: {{ratio: 0.5, importance: taylor, steps: 2}}
+    train: {{epochs: 2, batch_size: 64, lr: 0.003}}
+  - name: int8
+    quantize: {{method: ptq, weights: 8, granularity: per_channel}}""")
+
+
+def test_a_recipe_prunes_with_kd_recovery_then_quantizes_and_resumes(tmp_path):
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text(PRUNE.format(runs=tmp_path / "runs"))
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    rows = {r["model"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert rows["pruned"]["params"] < 0.6 * rows["distilled"]["params"] and rows["int8"]["params"] == rows["pruned"]["params"]
+    assert rows["int8"]["size_kb"] < rows["pruned"]["size_kb"] < rows["distilled"]["size_kb"]
+    assert {p.name for p in (out / "checkpoints").iterdir()} >= {"compress-pruned-1", "compress-pruned-2"}
+    metrics = (out / "metrics.jsonl").read_text()
+    assert main(["run", str(recipe), "--resume", str(out), "--quiet"]) == 0  # finished: replayed, not retrained
+    assert (out / "metrics.jsonl").read_text() == metrics
+    again = {r["model"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert again["pruned"]["accuracy"] == rows["pruned"]["accuracy"] and again["int8"]["params"] == rows["int8"]["params"]
+    assert main(["validate", str(recipe), "--set", "compress.1.name=x", "--set",
+                 "compress=[{name: a, quantize: {}}, {name: b, prune: {}}]"]) == 2

@@ -19,6 +19,7 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from .compress.prune import PruneConfig
 from .compress.quantize import QuantizeConfig
 from .errors import DistilleryError, close_matches
 
@@ -230,10 +231,12 @@ class DistillConfig:
 @dataclass
 class CompressStage:
     """One compress stage after distillation (stages chain, each on the previous one's model): the student
-    quantized (``quantize``), trained with ``terms`` from ``teacher`` when the method trains (QAT), then
-    exported as the real compressed model, loaded back and measured (a row of the run)."""
+    pruned (``prune``: then recovered by training) or quantized (``quantize``: trained when the method is
+    QAT), with ``terms`` from ``teacher``; then exported as the real compressed model, loaded back and
+    measured (a row of the run)."""
 
     name: str
+    prune: PruneConfig | None = None
     quantize: QuantizeConfig | None = None
     teacher: Literal["teacher", "student"] = "teacher"
     """Who teaches the recovery: the recipe's teacher, or the uncompressed student itself."""
@@ -246,9 +249,10 @@ class CompressStage:
         if not re.fullmatch(r"[A-Za-z0-9_-]+", self.name) or self.name in ("teacher", "baseline", "distilled"):
             raise DistilleryError(f"compress stage name {self.name!r}: letters, digits, _ or -, and not teacher, "
                                   "baseline or distilled.")
-        if self.quantize is None:
-            raise DistilleryError(f"compress stage {self.name!r} does nothing; give quantize: {{...}}.")
-        if self.quantize.method == "ptq" and (self.terms is not None or self.train is not None):
+        if (self.prune is None) == (self.quantize is None):
+            raise DistilleryError(f"compress stage {self.name!r}: give prune: {{...}} or quantize: {{...}}, one of them.")
+        if self.quantize is not None and self.quantize.method == "ptq" and \
+                (self.terms is not None or self.train is not None):
             raise DistilleryError(f"compress stage {self.name!r}: ptq trains nothing; leave out terms and train, or "
                                   "use method qat.")
 

@@ -6,6 +6,7 @@ Each stage is one call of the engine; this module only wires recipe sections to 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import statistics
@@ -332,34 +333,63 @@ def run_classify(recipe: Recipe, rd, *, progress: bool | None = None) -> list[di
 
 def compress_stage(recipe: Recipe, st, student: nn.Module, answers, distill_data, data: Data, rd,
                    progress: bool | None) -> nn.Module:
-    """One compress stage: ``student`` (copied) quantized with torchao, trained with the stage's terms when the
-    method is QAT, converted, exported to ``models/<name>.safetensors``; the model loaded back from that file."""
+    """One compress stage on a copy of ``student``: pruned (torch-pruning) and recovered by training, or
+    quantized (torchao; trained first when QAT) and converted; exported to ``models/<name>.safetensors``
+    and returned as loaded back from that file (what is measured is what was exported). Each training is
+    its own resumable phase (``compress-<name>``, ``compress-<name>-<step>`` when pruning iteratively)."""
     import copy
 
+    model = copy.deepcopy(student)
+    teacher = answers if st.teacher == "teacher" else ModuleTeacher(copy.deepcopy(student))
+    terms = st.terms or stages(recipe)[-1].terms
+    cfg = st.train or recipe.distill.train
+    path = rd.models / f"{st.name}.safetensors"
+
+    def train(phase: str, train_cfg) -> None:
+        seed_everything(recipe.seed)
+        fit(model, Objective(terms), distill_data, train_cfg, teacher=teacher, eval_data=data.test, run_dir=rd.path,
+            phase=phase, seed=recipe.seed, resume=rd.resume, progress=progress)
+
+    if st.prune is not None:
+        from .compress import prune as P
+
+        p = st.prune
+        x, y = _calibration(data.train, p.calibration)
+        pruner = P.Pruner(model, p, x[:2])
+        _say(progress, f"compress-{st.name}: prune {p.ratio:.0%} of channels by {p.importance}, {p.steps} step(s)")
+        for k in range(p.steps):  # each step: prune, then its share of the recovery
+            pruner.step(x, y)
+            epochs = max(1, round(cfg.epochs / p.steps))
+            train(f"compress-{st.name}" + (f"-{k + 1}" if p.steps > 1 else ""),
+                  dataclasses.replace(cfg, epochs=epochs, warmup_epochs=min(cfg.warmup_epochs, epochs)))
+        if _writer():
+            P.save(model.cpu(), path, {"model": to_dict(recipe.student.model), "prune": to_dict(p),
+                                       "sparsity": P.sparsity(model, pruner.before)})
+        distributed.barrier()
+        return P.load(copy.deepcopy(student).cpu(), path).eval()
     from .compress import quantize as Q
 
     q = st.quantize
-    model = copy.deepcopy(student)
     _say(progress, f"compress-{st.name}: {q.method}, {Q.describe(q)}")
     if q.method == "qat":
         Q.prepare(model, q)
-        teacher = answers if st.teacher == "teacher" else ModuleTeacher(copy.deepcopy(student))
-        terms = st.terms or stages(recipe)[-1].terms
-        seed_everything(recipe.seed)
-        fit(model, Objective(terms), distill_data, st.train or recipe.distill.train, teacher=teacher,
-            eval_data=data.test, run_dir=rd.path, phase=f"compress-{st.name}", seed=recipe.seed, resume=rd.resume,
-            progress=progress)
+        train(f"compress-{st.name}", cfg)
         Q.convert(model, q)
     else:
         Q.ptq(model, q)
-    path = rd.models / f"{st.name}.safetensors"
     if _writer():
         Q.save(model.cpu(), path, {"model": to_dict(recipe.student.model), "quantize": to_dict(q),
                                    "float_layers": Q.float_layers(student, Q.targets(student, q))})
     distributed.barrier()
-    exported = build_model(recipe.student.model, data.train)
-    exported.eval()
-    return Q.load(exported, path, q)
+    return Q.load(copy.deepcopy(student).cpu().eval(), path, q)
+
+
+def _calibration(train: TensorData, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The first ``n`` training samples as one batch: what the taylor and activation importances read."""
+    from .data.loader import iter_batches
+
+    batch = next(iter(iter_batches(train, min(n, len(train)))))
+    return batch["x"], batch.get("y")
 
 
 def distilling_teacher(recipe: Recipe, model: nn.Module) -> ModuleTeacher:
