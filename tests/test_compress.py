@@ -213,3 +213,12 @@ def test_a_recipe_prunes_with_kd_recovery_then_quantizes_and_resumes(tmp_path):
     assert again["pruned"]["accuracy"] == rows["pruned"]["accuracy"] and again["int8"]["params"] == rows["int8"]["params"]
     assert main(["validate", str(recipe), "--set", "compress.1.name=x", "--set",
                  "compress=[{name: a, quantize: {}}, {name: b, prune: {}}]"]) == 2
+
+
+def test_compress_paths_are_checked_before_anything_trains(tmp_path, capsys):
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(RECIPE.format(runs=tmp_path / "runs"))
+    assert main(["validate", str(recipe), "--set", "compress.0.quantize.modules=[body.5]"]) == 2
+    assert "body.5" in capsys.readouterr().err
+    assert main(["run", str(recipe), "compress.0.quantize.modules=[bdy]", "--out", str(tmp_path / "x"), "--quiet"]) == 2
+    assert "body" in capsys.readouterr().err and not (tmp_path / "x").exists()

@@ -515,11 +515,27 @@ def _log_reused_history(run_dir: Path, history: list[dict], source: str) -> None
 
 
 def check_module_paths(recipe: Recipe, student: nn.Module, teacher: nn.Module) -> None:
-    """Every module path of every stage, checked before anything trains (close matches named)."""
+    """Every module path of every stage (and compress stage), checked before anything trains (close matches
+    named); a compress stage's library (torchao, torch-pruning) checked importable."""
     for stage in stages(recipe):
         objective = Objective(stage.terms)
         check_paths(student, [*objective.student_taps, *(stage.trainable or [])])
         check_paths(teacher, objective.teacher_taps)
+    for st in recipe.compress:
+        if st.terms is not None:
+            objective = Objective(st.terms)
+            check_paths(student, objective.student_taps)
+            check_paths(teacher, objective.teacher_taps)
+        if st.prune is not None:
+            from .compress.prune import require_torch_pruning
+
+            require_torch_pruning()
+            check_paths(student, st.prune.ignore or [])
+        if st.quantize is not None:
+            from .compress.quantize import require_torchao
+
+            require_torchao()
+            check_paths(student, st.quantize.modules or [])
 
 
 def teacher_taps(recipe: Recipe) -> list[str]:
