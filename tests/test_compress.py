@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 pytest.importorskip("torchao")
@@ -222,3 +223,60 @@ def test_compress_paths_are_checked_before_anything_trains(tmp_path, capsys):
     assert "body.5" in capsys.readouterr().err
     assert main(["run", str(recipe), "compress.0.quantize.modules=[bdy]", "--out", str(tmp_path / "x"), "--quiet"]) == 2
     assert "body" in capsys.readouterr().err and not (tmp_path / "x").exists()
+
+
+# ------------------------------------------------------------------- differentiable quantization
+
+from distillery.compress import dq as DQ  # noqa: E402
+
+
+def test_dq_maps_each_bucket_to_the_nearest_learned_point_and_gives_points_their_gradient():
+    w = torch.tensor([[0.0, 1.0, 0.2, 0.6], [-2.0, 2.0, 0.9, -0.7]])
+    q = DQ.DQWeight(w, bits=2, bucket=4)  # points 0, 1/3, 2/3, 1 on each bucket's [min, max]
+    # by hand: row 1 scaled (0, 1, .2, .6) -> points (0, 1, 1/3, 2/3); row 2 scaled (0, 1, .725, .325) -> (0, 1, 2/3, 1/3)
+    want = torch.tensor([[0.0, 1.0, 1 / 3, 2 / 3], [-2.0, 2.0, -2 + 4 * 2 / 3, -2 + 4 / 3]])
+    torch.testing.assert_close(q(), want)
+    g = torch.randn_like(w)
+    (q() * g).sum().backward()
+    idx = q.index()
+    alpha = q.alpha.expand_as(idx)
+    expect = torch.stack([(g.reshape(-1, 4) * alpha)[idx == i].sum() for i in range(4)])
+    torch.testing.assert_close(q.points.grad, expect)
+
+
+def test_dq_trains_only_the_points_and_exports_what_it_learned(tmp_path):
+    torch.manual_seed(0)
+    teacher = models.build("mlp", (16,), 4, {"hidden": [64]})
+    student = models.build("mlp", (16,), 4, {"hidden": [64]})
+    student.load_state_dict(teacher.state_dict())
+    x = torch.randn(256, 16)
+    paths = DQ.prepare(student, bits=2, bucket=16)
+    assert paths == ["body.0", "head"] and [n for n, p in student.named_parameters() if p.requires_grad] == \
+        ["body.0.dq.points", "head.dq.points"]
+    opt = torch.optim.Adam([p for p in student.parameters() if p.requires_grad], lr=0.01)
+
+    def kl():
+        return F.kl_div(student(x).log_softmax(-1), teacher(x).softmax(-1), reduction="batchmean")
+
+    before = float(kl().detach())
+    for _ in range(100):
+        opt.zero_grad()
+        kl().backward()
+        opt.step()
+    assert float(kl().detach()) < 0.8 * before  # the learned points fit the teacher better than uniform ones
+    DQ.save(student, tmp_path / "dq.safetensors", {})
+    back = DQ.load(models.build("mlp", (16,), 4, {"hidden": [64]}), tmp_path / "dq.safetensors")
+    torch.testing.assert_close(back(x), student(x))
+
+
+def test_dq_in_a_recipe_and_its_bad_settings(tmp_path, capsys):
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(RECIPE.format(runs=tmp_path / "runs").replace(
+        "quantize: {method: qat, weights: 4, group_size: 8}",
+        "quantize: {method: dq, weights: 2, group_size: 16, activations: null}"))
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    rows = {r["model"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert rows["int4"]["size_kb"] < rows["distilled"]["size_kb"]
+    assert main(["validate", str(recipe), "--set", "compress.0.quantize.activations=8"]) == 2
+    assert "set activations: null" in capsys.readouterr().err

@@ -371,6 +371,15 @@ def compress_stage(recipe: Recipe, st, student: nn.Module, answers, distill_data
 
     q = st.quantize
     _say(progress, f"compress-{st.name}: {q.method}, {Q.describe(q)}")
+    if q.method == "dq":  # Polino et al.: the points learn, the float weights stay
+        from .compress import dq
+
+        dq.prepare(model, q.weights, q.group_size, q.modules)
+        train(f"compress-{st.name}", cfg)
+        if _writer():
+            dq.save(model.cpu(), path, {"model": to_dict(recipe.student.model), "quantize": to_dict(q)})
+        distributed.barrier()
+        return dq.load(copy.deepcopy(student).cpu().eval(), path)
     if q.method == "qat":
         Q.prepare(model, q)
         train(f"compress-{st.name}", cfg)
@@ -534,7 +543,8 @@ def check_module_paths(recipe: Recipe, student: nn.Module, teacher: nn.Module) -
         if st.quantize is not None:
             from .compress.quantize import require_torchao
 
-            require_torchao()
+            if st.quantize.method != "dq":  # dq is distillery's own (no torchao)
+                require_torchao()
             check_paths(student, st.quantize.modules or [])
 
 

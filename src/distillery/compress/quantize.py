@@ -38,8 +38,9 @@ BITS = (2, 3, 4, 5, 6, 7, 8)
 class QuantizeConfig:
     """How a compress stage quantizes (``compress: [{name, quantize: {...}}]``)."""
 
-    method: Literal["qat", "ptq"] = "qat"
-    """qat: fake-quantized training (with the stage's terms), then converted; ptq: converted as it is."""
+    method: Literal["qat", "ptq", "dq"] = "qat"
+    """qat: fake-quantized training (with the stage's terms), then converted; ptq: converted as it is; dq:
+    Polino et al.'s differentiable quantization (learned quantization points; ``compress.dq``)."""
     weights: int = 4
     """Weight bits (2 to 8: torch.int2 ... torch.int8)."""
     activations: int | None = 8
@@ -59,6 +60,9 @@ class QuantizeConfig:
                                   f"all (null), got {self.activations}.")
         if self.group_size < 1:
             raise DistilleryError(f"quantize.group_size must be at least 1, got {self.group_size}.")
+        if self.method == "dq" and (self.activations is not None or self.granularity != "per_group"):
+            raise DistilleryError("quantize method dq learns weight quantization points per layer over buckets of "
+                                  "group_size weights: set activations: null and granularity: per_group.")
 
 
 def require_torchao():
@@ -219,6 +223,8 @@ def load(model: nn.Module, path: str | Path, cfg: QuantizeConfig, *, verify: boo
 
 
 def describe(cfg: QuantizeConfig) -> str:
+    if cfg.method == "dq":
+        return f"{2 ** cfg.weights} learned points per layer ({cfg.weights} bits), buckets of {cfg.group_size}"
     act = "int8 activations" if cfg.activations else "weight-only"
     gran = "per channel" if cfg.granularity == "per_channel" else f"groups of {cfg.group_size}"
     return json.dumps(f"int{cfg.weights} weights ({gran}), {act}")[1:-1]
