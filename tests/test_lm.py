@@ -368,3 +368,48 @@ def test_settings_a_recipe_does_not_use_are_not_held_against_it():
     LMRecipe(block=16, teacher="t", method="kd")
     with pytest.raises(DistilleryError, match=r"seq_kd\.prompt"):
         LMRecipe(block=16, teacher="t", method="seq_kd")
+
+
+def test_minitron_pruning_by_depth_and_width_then_kd_recovery(tmp_path, tok, data):
+    from transformers import AutoModelForCausalLM
+
+    from distillery.cli import main
+    from distillery.compress.lm_prune import LMPrune, importances, prune
+
+    v = tok.get_vocab_size()
+    teacher = llama("tiny", vocab_size=v, seed=0)
+    D.train(teacher, data, _cfg(epochs=1), progress=False)
+    ids = data.x[:8]
+    block, chan = importances(teacher, ids)
+    assert block.shape == (2,) and len(chan) == 2 and chan[0].shape == (teacher.config.intermediate_size,)
+    # width: the pruned MLP is the original with the removed channels' down_proj columns zeroed
+    narrow = prune(teacher, LMPrune(mlp=0.5), ids)
+    inter = teacher.config.intermediate_size
+    assert narrow.config.intermediate_size == inter // 2 and narrow.hf.model.layers[0].mlp.up_proj.out_features == inter // 2
+    masked = llama("tiny", vocab_size=v, seed=0)
+    masked.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        for blk, imp in zip(masked.hf.model.layers, chan):
+            gone = imp.topk(inter - inter // 2, largest=False).indices
+            blk.mlp.down_proj.weight[:, gone] = 0
+    torch.testing.assert_close(narrow(ids), masked(ids), atol=1e-5, rtol=1e-4)
+    # depth: the most important layer kept, its weights copied
+    shallow = prune(teacher, LMPrune(layers=1), ids)
+    kept = int(block.argmax())
+    assert shallow.config.num_hidden_layers == 1
+    assert torch.equal(shallow.hf.model.layers[0].mlp.up_proj.weight, teacher.hf.model.layers[kept].mlp.up_proj.weight)
+    with pytest.raises(DistilleryError, match="leave the MLPs empty"):
+        LMPrune(mlp=1.0)
+    # the recipe: prune the teacher's own folder, recover by KD from it; transformers loads the result
+    folder = tmp_path / "t"
+    save_lm(teacher, tok, folder)
+    docs = tmp_path / "docs.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
+    out = tmp_path / "run"
+    assert main(["run", "lm/kd", f"data={docs}", "block=16", "vocab_size=300", f"teacher={folder}", f"model={folder}",
+                 "prune={layers: 1, mlp: 0.5, calibration: 8}", "train.batch_size=8", f"runs_dir={tmp_path}",
+                 "--out", str(out), "--quiet"]) == 0
+    rows = {r["model"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
+    assert rows["model"]["params"] < 0.75 * rows["unpruned"]["params"] and rows["model"]["method"] == "kd"
+    hf = AutoModelForCausalLM.from_pretrained(str(out / "models" / "model"), local_files_only=True)
+    assert hf.config.num_hidden_layers == 1 and hf.config.intermediate_size == inter // 2

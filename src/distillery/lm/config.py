@@ -17,6 +17,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
+from ..compress.lm_prune import LMPrune
 from ..config import TermConfig, TrainConfig
 from ..errors import DistilleryError, unknown
 from ..objective import Term
@@ -68,6 +69,10 @@ class LMRecipe:
     data's cross-entropy, and feature terms on taps (``student: hf.model.layers.1``). Null: ``[kd]`` with
     a teacher, ``[ce]`` without (the data alone) and for seq_kd (cross-entropy on the teacher's text, as
     Kim & Rush; terms that read the teacher add token KD on that text)."""
+    prune: LMPrune | None = None
+    """Minitron: the ``model`` (e.g. the teacher's folder) pruned by depth and / or MLP width on calibration
+    blocks before it trains; with ``teacher`` the unpruned model, training is KD recovery
+    (``compress.lm_prune``)."""
     chunk_size: int | None = 512
     top_k: int = 8
     store: str | None = None

@@ -125,6 +125,12 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
     teacher, ttok = (None, None) if recipe.teacher is None else load_lm(recipe.teacher, verify=recipe.verify)
     splits, tok = load_data(recipe, ttok)
     model = build_model(recipe, tok)
+    unpruned = None
+    if recipe.prune is not None:  # Minitron: prune on calibration blocks, then recover (KD from the teacher)
+        from ..compress.lm_prune import prune
+
+        unpruned = model.num_parameters()
+        model = prune(model, recipe.prune, splits["train"].x[: recipe.prune.calibration])
     terms = recipe.objective()
     reads_teacher = any(t.teacher is not None for t in terms)
     t0 = time.perf_counter()
@@ -162,6 +168,8 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
         rows.append({"model": "teacher", "phase": "teacher", "params": teacher.num_parameters(),
                      "validation_perplexity": D.perplexity(teacher, splits["validation"]),
                      "test_perplexity": D.perplexity(teacher, splits["test"])})
+    if unpruned is not None:
+        rows.append({"model": "unpruned", "phase": "prune", "params": unpruned})
     rows.append({"model": recipe.model if recipe.model in PRESETS else "model", "phase": fit["phase"], "method": "alone" if teacher is None else recipe.method,
                  "terms": ", ".join(t.name for t in terms), "params": model.num_parameters(),
                  "validation_perplexity": D.perplexity(model, splits["validation"]),
@@ -181,6 +189,7 @@ def _plot(rows: list[dict], path: Path) -> None:
 
     from ..io import atomic_write_bytes
 
+    rows = [r for r in rows if "validation_perplexity" in r]
     fig, ax = plt.subplots(figsize=(5, 3))
     names = [r["model"] for r in rows]
     for k, split in enumerate(("validation", "test")):

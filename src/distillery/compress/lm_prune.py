@@ -1,0 +1,140 @@
+"""Minitron-style pruning of a transformers causal LM (Muralidharan et al. 2024, "Compact Language Models
+via Pruning and Knowledge Distillation"): importances from activations on a calibration set, a smaller
+model of the same architecture (transformers loads it), then recovery by token KD from the unpruned model.
+
+- **Depth** (``layers: N``): keep the N decoder layers of highest block importance, in order. The
+  importance of a layer is 1 - the mean cosine similarity of its input and output hidden states over
+  the calibration tokens (the "BI" metric Minitron compares for depth; ShortGPT's); Minitron's other
+  depth criterion (the LM loss without the layer) is not used.
+- **Width** (``mlp: r``): remove the share ``r`` of every MLP's intermediate channels, ranked per layer
+  by Minitron's activation importance: the channel's activation (the input of ``down_proj``) with an
+  L2 norm over the sequence, then the mean over the batch. Attention heads and embedding channels are
+  not pruned here.
+
+Works on Llama-style models (``model.layers[i].mlp.{gate,up,down}_proj``), the built-in ones included.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import DistilleryError
+
+
+@dataclass
+class LMPrune:
+    """``prune:`` of an lm recipe: the recipe's ``model`` pruned before it trains."""
+
+    layers: int | None = None
+    """Decoder layers kept (depth pruning); null keeps them all."""
+    mlp: float | None = None
+    """Share of every MLP's intermediate channels removed (width pruning); null removes none."""
+    calibration: int = 64
+    """Training blocks the importances are measured on."""
+
+    def __post_init__(self) -> None:
+        if self.layers is None and self.mlp is None:
+            raise DistilleryError("prune: give layers (depth) or mlp (width), or leave prune out.")
+        if self.layers is not None and self.layers < 1:
+            raise DistilleryError(f"prune.layers keeps at least 1 layer, got {self.layers}.")
+        if self.mlp is not None and not (math.isfinite(self.mlp) and 0 < self.mlp < 1):
+            raise DistilleryError(f"prune.mlp is the share of MLP channels removed, in (0, 1); got {self.mlp} (1 would "
+                                  "leave the MLPs empty).")
+        if self.calibration < 1:
+            raise DistilleryError("prune.calibration must be at least 1.")
+
+
+def _layers(hf: nn.Module) -> nn.ModuleList:
+    inner = getattr(hf, "model", None)
+    layers = getattr(inner, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or not all(hasattr(blk, "mlp") and hasattr(blk.mlp, "down_proj")
+                                                        for blk in layers):
+        raise DistilleryError(f"prune: {type(hf).__name__} is not a Llama-style model (model.layers[i].mlp."
+                              "down_proj); prune one that is, or leave prune out.")
+    return layers
+
+
+@torch.no_grad()
+def importances(model, ids: Tensor) -> tuple[Tensor, list[Tensor]]:
+    """(block importance per layer (L,), channel importance per layer [(I,)]) on the calibration ``ids``."""
+    layers = _layers(model.hf)
+    cos: list[list[Tensor]] = [[] for _ in layers]
+    chan: list[list[Tensor]] = [[] for _ in layers]
+    hooks = []
+    for i, blk in enumerate(layers):
+        def block_hook(mod, args, kwargs, out, i=i):
+            h_in = args[0] if args else kwargs["hidden_states"]
+            h_out = out[0] if isinstance(out, tuple) else out
+            cos[i].append(nn.functional.cosine_similarity(h_in.float(), h_out.float(), dim=-1).reshape(-1))
+
+        def down_hook(mod, args, i=i):
+            a = args[0].float()  # (B, T, I): the channels' activations
+            chan[i].append(a.norm(dim=1))  # L2 over the sequence -> (B, I)
+        hooks.append(blk.register_forward_hook(block_hook, with_kwargs=True))
+        hooks.append(blk.mlp.down_proj.register_forward_pre_hook(down_hook))
+    was = model.training
+    model.eval()
+    try:
+        for lo in range(0, len(ids), 16):
+            model(ids[lo:lo + 16])
+    finally:
+        model.train(was)
+        for h in hooks:
+            h.remove()
+    block = torch.stack([1 - torch.cat(c).mean() for c in cos])
+    return block, [torch.cat(c).mean(0) for c in chan]  # mean over the batch
+
+
+def prune(model, cfg: LMPrune, ids: Tensor):
+    """A smaller copy of ``model`` (a ``CausalLM``), pruned by ``cfg`` on the calibration ``ids``."""
+    from ..lm.models import CausalLM
+
+    block, chan = importances(model, ids)
+    hf = copy.deepcopy(model.hf)
+    layers = _layers(hf)
+    if cfg.mlp is not None:
+        inter = layers[0].mlp.down_proj.in_features
+        keep_n = max(1, round(inter * (1 - cfg.mlp)))
+        for blk, imp in zip(layers, chan):
+            keep = imp.topk(keep_n).indices.sort().values
+            mlp = blk.mlp
+            for name in ("gate_proj", "up_proj"):
+                setattr(mlp, name, _rows(getattr(mlp, name), keep))
+            mlp.down_proj = _cols(mlp.down_proj, keep)
+        hf.config.intermediate_size = keep_n
+    if cfg.layers is not None:
+        if cfg.layers > len(layers):
+            raise DistilleryError(f"prune.layers: the model has {len(layers)} layers, cannot keep {cfg.layers}.")
+        keep = block.topk(cfg.layers).indices.sort().values.tolist()
+        hf.model.layers = nn.ModuleList([layers[i] for i in keep])
+        for i, blk in enumerate(hf.model.layers):  # attention layers that know their index (key-value cache)
+            for m in blk.modules():
+                if hasattr(m, "layer_idx"):
+                    m.layer_idx = i
+        hf.config.num_hidden_layers = cfg.layers
+        if getattr(hf.config, "layer_types", None) is not None:
+            hf.config.layer_types = [hf.config.layer_types[i] for i in keep]
+    return CausalLM(hf, model.vocab_size)
+
+
+def _rows(layer: nn.Linear, keep: Tensor) -> nn.Linear:
+    out = nn.Linear(layer.in_features, len(keep), bias=layer.bias is not None, dtype=layer.weight.dtype,
+                    device=layer.weight.device)
+    out.weight.data.copy_(layer.weight.data[keep])
+    if layer.bias is not None:
+        out.bias.data.copy_(layer.bias.data[keep])
+    return out
+
+
+def _cols(layer: nn.Linear, keep: Tensor) -> nn.Linear:
+    out = nn.Linear(len(keep), layer.out_features, bias=layer.bias is not None, dtype=layer.weight.dtype,
+                    device=layer.weight.device)
+    out.weight.data.copy_(layer.weight.data[:, keep])
+    if layer.bias is not None:
+        out.bias.data.copy_(layer.bias.data)
+    return out
