@@ -380,8 +380,9 @@ def test_minitron_pruning_by_depth_and_width_then_kd_recovery(tmp_path, tok, dat
     teacher = llama("tiny", vocab_size=v, seed=0)
     D.train(teacher, data, _cfg(epochs=1), progress=False)
     ids = data.x[:8]
-    block, chan = importances(teacher, ids)
+    block, chan, emb = importances(teacher, ids)
     assert block.shape == (2,) and len(chan) == 2 and chan[0].shape == (teacher.config.intermediate_size,)
+    assert emb.shape == (teacher.config.hidden_size,)
     # width: the pruned MLP is the original with the removed channels' down_proj columns zeroed
     narrow = prune(teacher, LMPrune(mlp=0.5), ids)
     inter = teacher.config.intermediate_size
@@ -398,8 +399,15 @@ def test_minitron_pruning_by_depth_and_width_then_kd_recovery(tmp_path, tok, dat
     kept = int(block.argmax())
     assert shallow.config.num_hidden_layers == 1
     assert torch.equal(shallow.hf.model.layers[0].mlp.up_proj.weight, teacher.hf.model.layers[kept].mlp.up_proj.weight)
-    with pytest.raises(DistilleryError, match="leave the MLPs empty"):
+    with pytest.raises(DistilleryError, match="leave the layers empty"):
         LMPrune(mlp=1.0)
+    # embedding channels: every matrix on the residual stream sliced, the head size kept
+    thin = prune(teacher, LMPrune(hidden=0.5), ids)
+    h = teacher.config.hidden_size
+    assert thin.config.hidden_size == h // 2 and thin.hf.model.embed_tokens.weight.shape[1] == h // 2
+    assert thin.hf.model.layers[0].self_attn.q_proj.weight.shape == (teacher.config.num_attention_heads *
+                                                                     thin.config.head_dim, h // 2)
+    assert thin(ids).shape == teacher(ids).shape and torch.isfinite(thin(ids)).all()
     # the recipe: prune the teacher's own folder, recover by KD from it; transformers loads the result
     folder = tmp_path / "t"
     save_lm(teacher, tok, folder)
@@ -407,9 +415,10 @@ def test_minitron_pruning_by_depth_and_width_then_kd_recovery(tmp_path, tok, dat
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
     out = tmp_path / "run"
     assert main(["run", "lm/kd", f"data={docs}", "block=16", "vocab_size=300", f"teacher={folder}", f"model={folder}",
-                 "prune={layers: 1, mlp: 0.5, calibration: 8}", "train.batch_size=8", f"runs_dir={tmp_path}",
+                 "prune={layers: 1, mlp: 0.5, hidden: 0.5, calibration: 8}", "train.batch_size=8", f"runs_dir={tmp_path}",
                  "--out", str(out), "--quiet"]) == 0
     rows = {r["model"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
     assert rows["model"]["params"] < 0.75 * rows["unpruned"]["params"] and rows["model"]["method"] == "kd"
     hf = AutoModelForCausalLM.from_pretrained(str(out / "models" / "model"), local_files_only=True)
     assert hf.config.num_hidden_layers == 1 and hf.config.intermediate_size == inter // 2
+    assert hf.config.hidden_size == teacher.config.hidden_size // 2

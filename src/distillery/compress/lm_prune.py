@@ -8,8 +8,11 @@ model of the same architecture (transformers loads it), then recovery by token K
   depth criterion (the LM loss without the layer) is not used.
 - **Width** (``mlp: r``): remove the share ``r`` of every MLP's intermediate channels, ranked per layer
   by Minitron's activation importance: the channel's activation (the input of ``down_proj``) with an
-  L2 norm over the sequence, then the mean over the batch. Attention heads and embedding channels are
-  not pruned here.
+  L2 norm over the sequence, then the mean over the batch.
+- **Embedding channels** (``hidden: r``): remove the share ``r`` of the hidden size, ranked by the same
+  aggregation of every RMSNorm's output (Minitron's LayerNorm-activation importance), summed over the
+  norms; every matrix reading or writing the residual stream, the norms and the embeddings are sliced
+  (the attention's head size is kept: ``config.head_dim``). Attention heads are not pruned here.
 
 Works on Llama-style models (``model.layers[i].mlp.{gate,up,down}_proj``), the built-in ones included.
 """
@@ -34,17 +37,21 @@ class LMPrune:
     """Decoder layers kept (depth pruning); null keeps them all."""
     mlp: float | None = None
     """Share of every MLP's intermediate channels removed (width pruning); null removes none."""
+    hidden: float | None = None
+    """Share of the embedding (hidden) channels removed; null removes none."""
     calibration: int = 64
     """Training blocks the importances are measured on."""
 
     def __post_init__(self) -> None:
-        if self.layers is None and self.mlp is None:
-            raise DistilleryError("prune: give layers (depth) or mlp (width), or leave prune out.")
+        if self.layers is None and self.mlp is None and self.hidden is None:
+            raise DistilleryError("prune: give layers (depth), mlp or hidden (width), or leave prune out.")
         if self.layers is not None and self.layers < 1:
             raise DistilleryError(f"prune.layers keeps at least 1 layer, got {self.layers}.")
-        if self.mlp is not None and not (math.isfinite(self.mlp) and 0 < self.mlp < 1):
-            raise DistilleryError(f"prune.mlp is the share of MLP channels removed, in (0, 1); got {self.mlp} (1 would "
-                                  "leave the MLPs empty).")
+        for key in ("mlp", "hidden"):
+            r = getattr(self, key)
+            if r is not None and not (math.isfinite(r) and 0 < r < 1):
+                raise DistilleryError(f"prune.{key} is the share of channels removed, in (0, 1); got {r} (1 would "
+                                      "leave the layers empty).")
         if self.calibration < 1:
             raise DistilleryError("prune.calibration must be at least 1.")
 
@@ -60,12 +67,17 @@ def _layers(hf: nn.Module) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def importances(model, ids: Tensor) -> tuple[Tensor, list[Tensor]]:
-    """(block importance per layer (L,), channel importance per layer [(I,)]) on the calibration ``ids``."""
+def importances(model, ids: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+    """(block importance per layer (L,), MLP channel importance per layer [(I,)], embedding channel
+    importance (H,)) on the calibration ``ids``."""
     layers = _layers(model.hf)
     cos: list[list[Tensor]] = [[] for _ in layers]
     chan: list[list[Tensor]] = [[] for _ in layers]
+    emb: list[Tensor] = []
     hooks = []
+    for m in model.hf.modules():
+        if type(m).__name__.endswith("RMSNorm") or isinstance(m, nn.LayerNorm):
+            hooks.append(m.register_forward_hook(lambda mod, a, out: emb.append(out.float().norm(dim=1).mean(0))))
     for i, blk in enumerate(layers):
         def block_hook(mod, args, kwargs, out, i=i):
             h_in = args[0] if args else kwargs["hidden_states"]
@@ -87,16 +99,18 @@ def importances(model, ids: Tensor) -> tuple[Tensor, list[Tensor]]:
         for h in hooks:
             h.remove()
     block = torch.stack([1 - torch.cat(c).mean() for c in cos])
-    return block, [torch.cat(c).mean(0) for c in chan]  # mean over the batch
+    return block, [torch.cat(c).mean(0) for c in chan], torch.stack(emb).sum(0)  # means over the batch
 
 
 def prune(model, cfg: LMPrune, ids: Tensor):
     """A smaller copy of ``model`` (a ``CausalLM``), pruned by ``cfg`` on the calibration ``ids``."""
     from ..lm.models import CausalLM
 
-    block, chan = importances(model, ids)
+    block, chan, emb = importances(model, ids)
     hf = copy.deepcopy(model.hf)
     layers = _layers(hf)
+    if cfg.hidden is not None:
+        _prune_hidden(hf, emb.topk(max(1, round(len(emb) * (1 - cfg.hidden)))).indices.sort().values)
     if cfg.mlp is not None:
         inter = layers[0].mlp.down_proj.in_features
         keep_n = max(1, round(inter * (1 - cfg.mlp)))
@@ -120,6 +134,32 @@ def prune(model, cfg: LMPrune, ids: Tensor):
         if getattr(hf.config, "layer_types", None) is not None:
             hf.config.layer_types = [hf.config.layer_types[i] for i in keep]
     return CausalLM(hf, model.vocab_size)
+
+
+def _prune_hidden(hf: nn.Module, keep: Tensor) -> None:
+    """Keep the embedding channels ``keep`` everywhere the residual stream is read or written."""
+    cfg = hf.config
+    cfg.head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads  # kept as it was
+    emb = hf.get_input_embeddings()
+    new = nn.Embedding(emb.num_embeddings, len(keep), padding_idx=emb.padding_idx, dtype=emb.weight.dtype,
+                       device=emb.weight.device)
+    new.weight.data.copy_(emb.weight.data[:, keep])
+    hf.set_input_embeddings(new)
+    for name, m in list(hf.named_modules()):
+        parent_name, _, attr = name.rpartition(".")
+        parent = hf.get_submodule(parent_name) if parent_name else hf
+        if type(m).__name__.endswith("RMSNorm"):
+            m.weight = nn.Parameter(m.weight.data[keep].clone())
+        elif isinstance(m, nn.Linear) and attr in ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"):
+            setattr(parent, attr, _cols(m, keep))
+        elif isinstance(m, nn.Linear) and attr in ("o_proj", "down_proj"):
+            setattr(parent, attr, _rows(m, keep))
+    head = hf.get_output_embeddings()
+    if getattr(cfg, "tie_word_embeddings", False):
+        hf.tie_weights()
+    else:
+        hf.set_output_embeddings(_cols(head, keep))
+    cfg.hidden_size = len(keep)
 
 
 def _rows(layer: nn.Linear, keep: Tensor) -> nn.Linear:
