@@ -422,3 +422,9 @@ def test_minitron_pruning_by_depth_and_width_then_kd_recovery(tmp_path, tok, dat
     hf = AutoModelForCausalLM.from_pretrained(str(out / "models" / "model"), local_files_only=True)
     assert hf.config.num_hidden_layers == 1 and hf.config.intermediate_size == inter // 2
     assert hf.config.hidden_size == teacher.config.hidden_size // 2
+    # self-data distillation: the unpruned model rewrites the training text, the pruned one learns it
+    assert main(["run", "lm/kd", f"data={docs}", "block=16", "vocab_size=300", f"teacher={folder}", f"model={folder}",
+                 "prune={layers: 1, calibration: 8}", "method=seq_kd", "terms=[{loss: ce, teacher: null}]",
+                 "seq_kd.prompt=4", "seq_kd.new_tokens=12", "train.batch_size=8", f"runs_dir={tmp_path}",
+                 "--out", str(tmp_path / "sdd"), "--quiet"]) == 0
+    assert any((tmp_path / "sdd" / "work").glob("seq_kd-*.npz"))

@@ -70,9 +70,12 @@ class LMRecipe:
     a teacher, ``[ce]`` without (the data alone) and for seq_kd (cross-entropy on the teacher's text, as
     Kim & Rush; terms that read the teacher add token KD on that text)."""
     prune: LMPrune | None = None
-    """Minitron: the ``model`` (e.g. the teacher's folder) pruned by depth and / or MLP width on calibration
-    blocks before it trains; with ``teacher`` the unpruned model, training is KD recovery
-    (``compress.lm_prune``)."""
+    """Minitron: the ``model`` (e.g. the teacher's folder) pruned by depth, MLP width and / or embedding
+    channels on calibration blocks before it trains; with ``teacher`` the unpruned model, training is KD
+    recovery (``compress.lm_prune``). With ``method: seq_kd`` it is self-data distillation in its
+    sequence-level form: the unpruned model rewrites each block's continuation from its prompt and the
+    pruned one learns that text (arXiv 2410.09982 rewrites instruction answers conditioned on the
+    original answer; chat data arrive with the LLM-practice issue)."""
     chunk_size: int | None = 512
     top_k: int = 8
     store: str | None = None
