@@ -65,11 +65,17 @@ class QuantizeConfig:
                                   "group_size weights: set activations: null and granularity: per_group.")
 
 
-def require_torchao():
+def quiet_torchao() -> None:
+    """torchao's import warns about GPU kernels a CPU build lacks, and torch about its pytree registrations:
+    noise on every run once torchao is installed (transformers imports it too)."""
     import logging
 
-    for name in ("torchao", "torch.utils._pytree"):  # kernels this CPU build lacks; pytree deprecations
+    for name in ("torchao", "torch.utils._pytree"):
         logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def require_torchao():
+    quiet_torchao()
     try:
         import torchao  # noqa: F401
         from torchao.quantization import quantize_  # noqa: F401

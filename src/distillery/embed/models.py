@@ -40,6 +40,9 @@ FORMAT = 1
 
 
 def require_transformers():
+    from ..compress.quantize import quiet_torchao
+
+    quiet_torchao()  # transformers imports torchao when it is installed
     try:
         import transformers
     except ImportError:

@@ -44,6 +44,9 @@ PRESETS: dict[str, dict[str, int]] = {
 
 
 def require_transformers():
+    from ..compress.quantize import quiet_torchao
+
+    quiet_torchao()  # transformers imports torchao when it is installed
     try:
         import transformers
     except ImportError:
