@@ -380,9 +380,23 @@ def test_minitron_pruning_by_depth_and_width_then_kd_recovery(tmp_path, tok, dat
     teacher = llama("tiny", vocab_size=v, seed=0)
     D.train(teacher, data, _cfg(epochs=1), progress=False)
     ids = data.x[:8]
-    block, chan, emb = importances(teacher, ids)
+    block, chan, emb, heads = importances(teacher, ids)
     assert block.shape == (2,) and len(chan) == 2 and chan[0].shape == (teacher.config.intermediate_size,)
-    assert emb.shape == (teacher.config.hidden_size,)
+    assert emb.shape == (teacher.config.hidden_size,) and heads[0].shape == (teacher.config.num_attention_heads,)
+    # heads: a key-value group and its query heads removed = the original with those heads' o_proj columns zeroed
+    few = prune(teacher, LMPrune(heads=0.5), ids)
+    cfg = teacher.config
+    assert few.config.num_key_value_heads == cfg.num_key_value_heads // 2
+    assert few.config.num_attention_heads == cfg.num_attention_heads // 2
+    group, d = cfg.num_attention_heads // cfg.num_key_value_heads, cfg.hidden_size // cfg.num_attention_heads
+    silent = llama("tiny", vocab_size=v, seed=0)
+    silent.load_state_dict(teacher.state_dict())
+    with torch.no_grad():
+        for blk, imp in zip(silent.hf.model.layers, heads):
+            kv = imp.reshape(-1, group).sum(1)
+            for g in kv.topk(cfg.num_key_value_heads - cfg.num_key_value_heads // 2, largest=False).indices:
+                blk.self_attn.o_proj.weight[:, int(g) * group * d:(int(g) + 1) * group * d] = 0
+    torch.testing.assert_close(few(ids), silent(ids), atol=1e-5, rtol=1e-4)
     # width: the pruned MLP is the original with the removed channels' down_proj columns zeroed
     narrow = prune(teacher, LMPrune(mlp=0.5), ids)
     inter = teacher.config.intermediate_size
@@ -415,13 +429,14 @@ def test_minitron_pruning_by_depth_and_width_then_kd_recovery(tmp_path, tok, dat
     docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXT))
     out = tmp_path / "run"
     assert main(["run", "lm/kd", f"data={docs}", "block=16", "vocab_size=300", f"teacher={folder}", f"model={folder}",
-                 "prune={layers: 1, mlp: 0.5, hidden: 0.5, calibration: 8}", "train.batch_size=8", f"runs_dir={tmp_path}",
+                 "prune={layers: 1, mlp: 0.5, hidden: 0.5, heads: 0.5, calibration: 8}", "train.batch_size=8", f"runs_dir={tmp_path}",
                  "--out", str(out), "--quiet"]) == 0
     rows = {r["model"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
     assert rows["model"]["params"] < 0.75 * rows["unpruned"]["params"] and rows["model"]["method"] == "kd"
     hf = AutoModelForCausalLM.from_pretrained(str(out / "models" / "model"), local_files_only=True)
     assert hf.config.num_hidden_layers == 1 and hf.config.intermediate_size == inter // 2
     assert hf.config.hidden_size == teacher.config.hidden_size // 2
+    assert hf.config.num_key_value_heads == teacher.config.num_key_value_heads // 2
     # self-data distillation: the unpruned model rewrites the training text, the pruned one learns it
     assert main(["run", "lm/kd", f"data={docs}", "block=16", "vocab_size=300", f"teacher={folder}", f"model={folder}",
                  "prune={layers: 1, calibration: 8}", "method=seq_kd", "terms=[{loss: ce, teacher: null}]",

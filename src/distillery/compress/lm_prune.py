@@ -12,7 +12,11 @@ model of the same architecture (transformers loads it), then recovery by token K
 - **Embedding channels** (``hidden: r``): remove the share ``r`` of the hidden size, ranked by the same
   aggregation of every RMSNorm's output (Minitron's LayerNorm-activation importance), summed over the
   norms; every matrix reading or writing the residual stream, the norms and the embeddings are sliced
-  (the attention's head size is kept: ``config.head_dim``). Attention heads are not pruned here.
+  (the attention's head size is kept: ``config.head_dim``).
+- **Attention heads** (``heads: r``): remove the share ``r`` of the key-value groups (with grouped-query
+  attention a key-value head and its query heads go together), ranked by the summed importance of
+  their query heads: each head's output (the input of ``o_proj``) with an L2 norm over the sequence
+  and the head's vector, the mean over the batch.
 
 Works on Llama-style models (``model.layers[i].mlp.{gate,up,down}_proj``), the built-in ones included.
 """
@@ -39,15 +43,17 @@ class LMPrune:
     """Share of every MLP's intermediate channels removed (width pruning); null removes none."""
     hidden: float | None = None
     """Share of the embedding (hidden) channels removed; null removes none."""
+    heads: float | None = None
+    """Share of the attention's key-value groups removed (with their query heads); null removes none."""
     calibration: int = 64
     """Training blocks the importances are measured on."""
 
     def __post_init__(self) -> None:
-        if self.layers is None and self.mlp is None and self.hidden is None:
-            raise DistilleryError("prune: give layers (depth), mlp or hidden (width), or leave prune out.")
+        if self.layers is None and self.mlp is None and self.hidden is None and self.heads is None:
+            raise DistilleryError("prune: give layers (depth), mlp, hidden or heads (width), or leave prune out.")
         if self.layers is not None and self.layers < 1:
             raise DistilleryError(f"prune.layers keeps at least 1 layer, got {self.layers}.")
-        for key in ("mlp", "hidden"):
+        for key in ("mlp", "hidden", "heads"):
             r = getattr(self, key)
             if r is not None and not (math.isfinite(r) and 0 < r < 1):
                 raise DistilleryError(f"prune.{key} is the share of channels removed, in (0, 1); got {r} (1 would "
@@ -67,14 +73,21 @@ def _layers(hf: nn.Module) -> nn.ModuleList:
 
 
 @torch.no_grad()
-def importances(model, ids: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
+def importances(model, ids: Tensor) -> tuple[Tensor, list[Tensor], Tensor, list[Tensor]]:
     """(block importance per layer (L,), MLP channel importance per layer [(I,)], embedding channel
-    importance (H,)) on the calibration ``ids``."""
+    importance (H,), attention head importance per layer [(heads,)]) on the calibration ``ids``."""
     layers = _layers(model.hf)
     cos: list[list[Tensor]] = [[] for _ in layers]
     chan: list[list[Tensor]] = [[] for _ in layers]
+    head: list[list[Tensor]] = [[] for _ in layers]
     emb: list[Tensor] = []
     hooks = []
+    n_heads = model.hf.config.num_attention_heads
+    for i, blk in enumerate(layers):
+        def o_hook(mod, args, i=i):
+            a = args[0].float()  # (B, T, heads * head_dim)
+            head[i].append(a.reshape(*a.shape[:2], n_heads, -1).pow(2).sum((1, 3)).sqrt())  # (B, heads)
+        hooks.append(blk.self_attn.o_proj.register_forward_pre_hook(o_hook))
     for m in model.hf.modules():
         if type(m).__name__.endswith("RMSNorm") or isinstance(m, nn.LayerNorm):
             hooks.append(m.register_forward_hook(lambda mod, a, out: emb.append(out.float().norm(dim=1).mean(0))))
@@ -99,16 +112,19 @@ def importances(model, ids: Tensor) -> tuple[Tensor, list[Tensor], Tensor]:
         for h in hooks:
             h.remove()
     block = torch.stack([1 - torch.cat(c).mean() for c in cos])
-    return block, [torch.cat(c).mean(0) for c in chan], torch.stack(emb).sum(0)  # means over the batch
+    return (block, [torch.cat(c).mean(0) for c in chan], torch.stack(emb).sum(0),  # means over the batch
+            [torch.cat(h).mean(0) for h in head])
 
 
 def prune(model, cfg: LMPrune, ids: Tensor):
     """A smaller copy of ``model`` (a ``CausalLM``), pruned by ``cfg`` on the calibration ``ids``."""
     from ..lm.models import CausalLM
 
-    block, chan, emb = importances(model, ids)
+    block, chan, emb, head = importances(model, ids)
     hf = copy.deepcopy(model.hf)
     layers = _layers(hf)
+    if cfg.heads is not None:
+        _prune_heads(hf, layers, head, cfg.heads)
     if cfg.hidden is not None:
         _prune_hidden(hf, emb.topk(max(1, round(len(emb) * (1 - cfg.hidden)))).indices.sort().values)
     if cfg.mlp is not None:
@@ -134,6 +150,27 @@ def prune(model, cfg: LMPrune, ids: Tensor):
         if getattr(hf.config, "layer_types", None) is not None:
             hf.config.layer_types = [hf.config.layer_types[i] for i in keep]
     return CausalLM(hf, model.vocab_size)
+
+
+def _prune_heads(hf: nn.Module, layers: nn.ModuleList, importance: list[Tensor], share: float) -> None:
+    """Keep the most important key-value groups of every layer (the same count in each), with their
+    query heads: q, k, v rows and o columns of the removed heads go."""
+    cfg = hf.config
+    n_q, n_kv = cfg.num_attention_heads, getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads
+    group, d = n_q // n_kv, getattr(cfg, "head_dim", None) or cfg.hidden_size // n_q
+    keep_n = max(1, round(n_kv * (1 - share)))
+    for blk, imp in zip(layers, importance):
+        kv = imp.reshape(n_kv, group).sum(1).topk(keep_n).indices.sort().values
+        q_heads = (kv[:, None] * group + torch.arange(group)).reshape(-1)
+        q_rows = (q_heads[:, None] * d + torch.arange(d)).reshape(-1)
+        kv_rows = (kv[:, None] * d + torch.arange(d)).reshape(-1)
+        att = blk.self_attn
+        att.q_proj = _rows(att.q_proj, q_rows)
+        att.k_proj = _rows(att.k_proj, kv_rows)
+        att.v_proj = _rows(att.v_proj, kv_rows)
+        att.o_proj = _cols(att.o_proj, q_rows)
+    cfg.head_dim = d
+    cfg.num_attention_heads, cfg.num_key_value_heads = keep_n * group, keep_n
 
 
 def _prune_hidden(hf: nn.Module, keep: Tensor) -> None:
