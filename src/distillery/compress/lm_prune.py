@@ -9,7 +9,8 @@ model of the same architecture (transformers loads it), then recovery by token K
 - **Width** (``mlp: r``): remove the share ``r`` of every MLP's intermediate channels, ranked per layer
   by Minitron's activation importance: the channel's activation (the input of ``down_proj``) with an
   L2 norm over the sequence, then the mean over the batch.
-- **Embedding channels** (``hidden: r``): remove the share ``r`` of the hidden size, ranked by the same
+- **Embedding channels** (``hidden: r``): remove the share ``r`` of the hidden size (rounded to a multiple of
+  the head count, which transformers requires of ``hidden_size``), ranked by the same
   aggregation of every RMSNorm's output (Minitron's LayerNorm-activation importance), summed over the
   norms; every matrix reading or writing the residual stream, the norms and the embeddings are sliced
   (the attention's head size is kept: ``config.head_dim``).
@@ -125,8 +126,10 @@ def prune(model, cfg: LMPrune, ids: Tensor):
     layers = _layers(hf)
     if cfg.heads is not None:
         _prune_heads(hf, layers, head, cfg.heads)
-    if cfg.hidden is not None:
-        _prune_hidden(hf, emb.topk(max(1, round(len(emb) * (1 - cfg.hidden)))).indices.sort().values)
+    if cfg.hidden is not None:  # a multiple of the head count: transformers checks hidden_size % heads
+        heads_n = hf.config.num_attention_heads
+        keep_n = max(heads_n, round(len(emb) * (1 - cfg.hidden) / heads_n) * heads_n)
+        _prune_hidden(hf, emb.topk(keep_n).indices.sort().values)
     if cfg.mlp is not None:
         inter = layers[0].mlp.down_proj.in_features
         keep_n = max(1, round(inter * (1 - cfg.mlp)))
