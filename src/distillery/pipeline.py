@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import statistics
@@ -27,6 +28,7 @@ from .engine import MetricsLog, evaluate, fit, seed_everything
 from .errors import DistilleryError
 from .io import atomic_save_safetensors, atomic_write_json, read_json, sha256_file
 from .objective import Objective
+from .rundir import writer
 from .taps import check_paths, find_module
 from .teachers import ModuleTeacher, PrecomputedTeacher
 
@@ -76,17 +78,11 @@ def validate(recipe: Recipe) -> None:
 # --------------------------------------------------------------------------- weights on disk
 
 
-def _writer() -> bool:
-    from .rundir import writer
-
-    return writer()
-
-
 def save_weights(model: nn.Module, path: Path, meta: dict) -> None:
     """``path``: safetensors whose header holds the checksum record and ``meta`` (one atomic write: the
     weights and their record cannot disagree after a crash); then ``path``.json, the same record for
     people and tools (its sha256 is the whole file's)."""
-    if not _writer():
+    if not writer():
         return
     from .io import save_with_record
 
@@ -319,12 +315,12 @@ def run_classify(recipe: Recipe, rd, *, progress: bool | None = None) -> list[di
     current = student
     for st in recipe.compress:  # each on the previous stage's model, each its own resumable phase
         current = trained[st.name] = compress_stage(recipe, st, current, answers, distill_data, data, rd, progress)
-    rows = measure(trained, data.test, run_dir if _writer() else None, batch64=bool(recipe.compress))
+    rows = measure(trained, data.test, run_dir if writer() else None, batch64=bool(recipe.compress))
     if recipe.compress:
         for r in rows:
             f = models_dir / f"{r['model']}.safetensors"
             r["size_kb"] = f.stat().st_size / 1024 if f.is_file() else None
-        if _writer():
+        if writer():
             from .report.plots import plot_size_accuracy
 
             plot_size_accuracy(rows, rd.figure("compress.png", "Test accuracy against the model's size on disk"))
@@ -350,6 +346,7 @@ def compress_stage(recipe: Recipe, st, student: nn.Module, answers, distill_data
         fit(model, Objective(terms), distill_data, train_cfg, teacher=teacher, eval_data=data.test, run_dir=rd.path,
             phase=phase, seed=recipe.seed, resume=rd.resume, progress=progress)
 
+    meta = {"model": to_dict(recipe.student.model)}
     if st.prune is not None:
         from .compress import prune as P
 
@@ -362,35 +359,33 @@ def compress_stage(recipe: Recipe, st, student: nn.Module, answers, distill_data
             epochs = max(1, round(cfg.epochs / p.steps))
             train(f"compress-{st.name}" + (f"-{k + 1}" if p.steps > 1 else ""),
                   dataclasses.replace(cfg, epochs=epochs, warmup_epochs=min(cfg.warmup_epochs, epochs)))
-        if _writer():
-            P.save(model.cpu(), path, {"model": to_dict(recipe.student.model), "prune": to_dict(p),
-                                       "sparsity": P.sparsity(model, pruner.before)})
-        distributed.barrier()
-        return P.load(copy.deepcopy(student).cpu(), path).eval()
-    from .compress import quantize as Q
-
-    q = st.quantize
-    _say(progress, f"compress-{st.name}: {q.method}, {Q.describe(q)}")
-    if q.method == "dq":  # Polino et al.: the points learn, the float weights stay
-        from .compress import dq
-
-        dq.prepare(model, q.weights, q.group_size, q.modules)
-        train(f"compress-{st.name}", cfg)
-        if _writer():
-            dq.save(model.cpu(), path, {"model": to_dict(recipe.student.model), "quantize": to_dict(q)})
-        distributed.barrier()
-        return dq.load(copy.deepcopy(student).cpu().eval(), path)
-    if q.method == "qat":
-        Q.prepare(model, q)
-        train(f"compress-{st.name}", cfg)
-        Q.convert(model, q)
+        meta.update(prune=to_dict(p), sparsity=P.sparsity(model, pruner.before))
+        save, load = P.save, P.load
     else:
-        Q.ptq(model, q)
-    if _writer():
-        Q.save(model.cpu(), path, {"model": to_dict(recipe.student.model), "quantize": to_dict(q),
-                                   "float_layers": Q.float_layers(student, Q.targets(student, q))})
+        from .compress import quantize as Q
+
+        q = st.quantize
+        meta["quantize"] = to_dict(q)
+        _say(progress, f"compress-{st.name}: {q.method}, {Q.describe(q)}")
+        if q.method == "dq":  # Polino et al.: the points learn, the float weights stay
+            from .compress import dq
+
+            dq.prepare(model, q.weights, q.group_size, q.modules)
+            train(f"compress-{st.name}", cfg)
+            save, load = dq.save, dq.load
+        else:
+            if q.method == "qat":
+                Q.prepare(model, q)
+                train(f"compress-{st.name}", cfg)
+                Q.convert(model, q)
+            else:
+                Q.ptq(model, q)
+            meta["float_layers"] = Q.float_layers(student, Q.targets(student, q))
+            save, load = Q.save, functools.partial(Q.load, cfg=q)
+    if writer():
+        save(model.cpu(), path, meta)
     distributed.barrier()
-    return Q.load(copy.deepcopy(student).cpu().eval(), path, q)
+    return load(copy.deepcopy(student).cpu().eval(), path)
 
 
 def _calibration(train: TensorData, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -463,7 +458,7 @@ def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, 
         if meta is not None:
             load_weights(teacher_model, weights, verify=False)  # verified by _cached just now
             _say(progress, f"teacher: reused from the cache {cache}")
-            if run_dir is not None and _writer():
+            if run_dir is not None and writer():
                 _log_reused_history(run_dir, meta.get("history", []), str(cache))
         else:
             _say(progress, "teacher: training")

@@ -28,7 +28,6 @@ the report shows the optimisation history, fANOVA parameter importances and the 
 from __future__ import annotations
 
 import copy
-import fcntl
 import hashlib
 import json
 import math
@@ -37,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from .callbacks import Callback
 from .config import Recipe, apply_overrides, from_dict, to_dict
 from .errors import DistilleryError, NonFiniteLoss, close_matches
 
@@ -281,10 +281,10 @@ class Trials:
 
     def __init__(self, cfg: SearchConfig, run_dir: Path, progress: bool | None):
         self.cfg, self.run_dir, self.progress = cfg, run_dir, progress
+        from .pipeline import teacher_taps
+
         self._data: dict[str, Any] = {}
-        self._teachers: dict[str, Any] = {}
-        base = self.recipe({})
-        self.taps = sorted({t for v in self._variants() for t in _teacher_taps(v)} | set(_teacher_taps(base)))
+        self.taps = sorted({t for v in [self.recipe({}), *self._variants()] for t in teacher_taps(v)})
 
     def _variants(self) -> list[Recipe]:
         """A recipe for every choice (in the context of the others' first values): their teacher taps."""
@@ -323,17 +323,20 @@ class Trials:
     def answers(self, recipe: Recipe, teacher_model, distill_data):
         """The teacher's answers on ``distill_data`` from a store in the run directory, written by the first
         trial (or worker) that needs it, under a lock; every other reads it."""
-        from .store import CachedTeacher, TeacherStore, data_fingerprint, model_fingerprint, write_store
+        from .store import (
+            CachedTeacher,
+            TeacherStore,
+            data_fingerprint,
+            model_fingerprint,
+            write_store_shared,
+        )
         from .teachers import ModuleTeacher
 
         tfp = model_fingerprint(teacher_model, to_dict(recipe.teacher.model))
         dfp = data_fingerprint(distill_data)
         folder = self.run_dir / "stores" / f"{tfp[:12]}-{dfp[:12]}"
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        with open(folder.with_name(folder.name + ".lock"), "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            write_store(ModuleTeacher(teacher_model), distill_data, folder, teacher_fingerprint=tfp,
-                        taps=self.taps, progress=False)  # a complete store is left as it is; a partial one resumes
+        write_store_shared(ModuleTeacher(teacher_model), distill_data, folder, teacher_fingerprint=tfp,
+                           taps=self.taps)  # a complete store is left as it is; a partial one resumes
         return CachedTeacher(TeacherStore(folder, expect={"teacher_fingerprint": tfp, "data_fingerprint": dfp}))
 
     def train(self, values: dict[str, Any], report: _Report | None = None, phase: str = "trial"):
@@ -391,28 +394,13 @@ class Trials:
         pipeline.save_weights(student, self.weights(number), {"trial": number, "values": values})
 
 
-def _teacher_taps(recipe: Recipe) -> list[str]:
-    from .pipeline import teacher_taps
-
-    return teacher_taps(recipe)
-
-
-class _Report:
+class _Report(Callback):
     """The engine callback that reports each epoch's validation accuracy to the trial and stops the run
     when Optuna's pruner says so (epochs count on across stages)."""
 
     def __init__(self, trial, prunable: bool):
         self.trial, self.prunable = trial, prunable
         self.step, self.last, self.pruned = 0, float("nan"), False
-
-    def on_step(self, state, record) -> None:
-        pass
-
-    def on_epoch(self, state) -> None:
-        pass
-
-    def on_checkpoint(self, state, path) -> None:
-        pass
 
     def on_eval(self, state, record: dict) -> None:
         acc = record.get("accuracy")
@@ -435,10 +423,11 @@ def finished(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)))
 
 
-def optimize(cfg: SearchConfig, run_dir: Path, progress: bool | None = None) -> None:
-    """Run trials of the study until it holds ``cfg.trials`` finished ones (every worker does this)."""
+def optimize(cfg: SearchConfig, run_dir: Path, progress: bool | None = None, trials: Trials | None = None) -> None:
+    """Run trials of the study until it holds ``cfg.trials`` finished ones (every worker does this);
+    ``trials``: this process's shared data and teacher, when it has them already."""
     study = open_study(cfg, run_dir)
-    trials = Trials(cfg, run_dir, progress)
+    trials = trials or Trials(cfg, run_dir, progress)
 
     def stop_when_done(study, _trial) -> None:
         if finished(study) >= cfg.trials:
@@ -467,7 +456,7 @@ def run(cfg: SearchConfig, rd, *, progress: bool | None = None) -> list[dict]:
     open_study(cfg, run_dir)  # created once, before any worker opens it
     workers = _spawn(cfg, run_dir, getattr(cfg, "workers", 1))
     try:
-        optimize(cfg, run_dir, progress)
+        optimize(cfg, run_dir, progress, trials)
     finally:
         for w in workers:
             w.wait()

@@ -215,6 +215,18 @@ def write_store(
     return out
 
 
+def write_store_shared(teacher: Teacher, data: TensorData, out: str | Path, **kwargs) -> Path:
+    """``write_store`` under a lock file beside ``out``: processes that share one store (runs of one teacher
+    and data, the trials and workers of a search) write it once; the others wait, then find it complete."""
+    import fcntl
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return write_store(teacher, data, out, **kwargs)
+
+
 def _seal(manifest: dict) -> str:
     body = {k: v for k, v in manifest.items() if k != "sha256"}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()

@@ -91,16 +91,11 @@ def _store(teacher: CausalLM, data: corpus.TokenData, folder: Path, top_k: int |
     """A ``CachedTeacher`` over the teacher's store of ``data`` in ``folder`` (top-k, or dense float16
     with ``top_k`` None), written first when missing or incomplete. A lock file lets runs in other
     processes share one store: the second waits for the first to finish writing."""
-    import fcntl
-
-    from ..store import CachedTeacher, model_fingerprint, write_store
+    from ..store import CachedTeacher, model_fingerprint, write_store_shared
     from ..teachers import ModuleTeacher
 
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    with open(folder.with_name(folder.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        write_store(ModuleTeacher(teacher), data, folder, teacher_fingerprint=model_fingerprint(teacher.hf),
-                    top_k=top_k, dtype=None if top_k is not None else "float16", shard_size=256)
+    write_store_shared(ModuleTeacher(teacher), data, folder, teacher_fingerprint=model_fingerprint(teacher.hf),
+                       top_k=top_k, dtype=None if top_k is not None else "float16", shard_size=256)
     return CachedTeacher(folder)
 
 
