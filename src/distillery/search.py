@@ -264,11 +264,12 @@ def open_study(cfg: SearchConfig, run_dir: Path):
     have = study.user_attrs.get("signature")
     if have is None:
         study.set_user_attr("signature", cfg.signature())
-    elif cfg.worker == 0:  # joining a study begun elsewhere (another machine, a rerun): a sampler of its own
-        study.sampler = optuna.samplers.TPESampler(seed=None)
     elif have != cfg.signature():
         raise DistilleryError(f"the storage holds a study {name!r} created for another recipe or space; use another "
                               "--out (or --storage), or the recipe and space it was created with.")
+    if cfg.worker == 0 and study.get_trials(deepcopy=False):
+        # joining trials begun elsewhere (another machine, a rerun): a start of its own, not the seed's again
+        study.sampler = optuna.samplers.TPESampler(seed=None)
     return study
 
 
