@@ -28,7 +28,7 @@ from .engine import MetricsLog, evaluate, fit, seed_everything
 from .errors import DistilleryError
 from .io import atomic_save_safetensors, atomic_write_json, read_json, sha256_file
 from .objective import Objective
-from .rundir import writer
+from .rundir import say, writer
 from .taps import check_paths, find_module
 from .teachers import ModuleTeacher, PrecomputedTeacher
 
@@ -247,13 +247,6 @@ class RunResult:
     report: Path | None = None
 
 
-def _say(progress: bool | None, msg: str) -> None:
-    if progress is not False:
-        import sys
-
-        print(msg, file=sys.stderr, flush=True)
-
-
 def run(recipe: Recipe, *, run_dir: str | Path | None = None, resume: bool = False,
         progress: bool | None = None) -> RunResult:
     """Train or reuse the teacher, train the student alone (when asked), distil, evaluate, report
@@ -298,14 +291,14 @@ def run_classify(recipe: Recipe, rd, *, progress: bool | None = None) -> list[di
         answers = CachedTeacher(TeacherStore(recipe.distill.teacher_store, expect={
             "teacher_fingerprint": model_fingerprint(teacher_model, to_dict(recipe.teacher.model)),
             "data_fingerprint": data_fingerprint(distill_data)}))
-        _say(progress, f"teacher: answers from the store {recipe.distill.teacher_store}")
+        say(progress, f"teacher: answers from the store {recipe.distill.teacher_store}")
     elif recipe.distill.precompute_teacher:  # logits and every tap any stage reads, once per sample
         answers = PrecomputedTeacher(teacher, distill_data, teacher_taps(recipe))
     for stage in stages(recipe):
         objective = Objective(stage.terms, normalize=recipe.distill.normalize_terms,
                               balance=recipe.distill.balance_terms)
         phase = "distill" if not recipe.distill.stages else f"distill-{stage.name}"
-        _say(progress, f"{phase}: {', '.join(t.name for t in objective.terms)}")
+        say(progress, f"{phase}: {', '.join(t.name for t in objective.terms)}")
         with train_only(student, stage.trainable):
             fit(student, objective, distill_data, stage.train or recipe.distill.train, teacher=answers,
                 eval_data=data.test, run_dir=run_dir, phase=phase, seed=seed, resume=resume, progress=progress)
@@ -353,7 +346,7 @@ def compress_stage(recipe: Recipe, st, student: nn.Module, answers, distill_data
         p = st.prune
         x, y = _calibration(data.train, p.calibration)
         pruner = P.Pruner(model, p, x[:2])
-        _say(progress, f"compress-{st.name}: prune {p.ratio:.0%} of channels by {p.importance}, {p.steps} step(s)")
+        say(progress, f"compress-{st.name}: prune {p.ratio:.0%} of channels by {p.importance}, {p.steps} step(s)")
         for k in range(p.steps):  # each step: prune, then its share of the recovery
             pruner.step(x, y)
             epochs = max(1, round(cfg.epochs / p.steps))
@@ -366,7 +359,7 @@ def compress_stage(recipe: Recipe, st, student: nn.Module, answers, distill_data
 
         q = st.quantize
         meta["quantize"] = to_dict(q)
-        _say(progress, f"compress-{st.name}: {q.method}, {Q.describe(q)}")
+        say(progress, f"compress-{st.name}: {q.method}, {Q.describe(q)}")
         if q.method == "dq":  # Polino et al.: the points learn, the float weights stay
             from .compress import dq
 
@@ -447,9 +440,9 @@ def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, 
     check_module_paths(recipe, build_model(recipe.student.model, data.train), teacher_model)
     if recipe.teacher.checkpoint:
         load_weights(teacher_model, Path(recipe.teacher.checkpoint), verify=recipe.teacher.verify)
-        _say(progress, f"teacher: loaded {recipe.teacher.checkpoint}")
+        say(progress, f"teacher: loaded {recipe.teacher.checkpoint}")
     elif recipe.teacher.train is None:
-        _say(progress, f"teacher: {recipe.teacher.model.name} as built (teacher.train is null)")
+        say(progress, f"teacher: {recipe.teacher.model.name} as built (teacher.train is null)")
     else:
         fingerprint = teacher_fingerprint(recipe, teacher_model)
         cache = Path(recipe.cache_dir or Path(recipe.runs_dir) / "cache") / "teachers" / fingerprint[:16]
@@ -457,11 +450,11 @@ def get_teacher(recipe: Recipe, data: Data, run_dir: Path | None, resume: bool, 
         meta = _cached(weights)
         if meta is not None:
             load_weights(teacher_model, weights, verify=False)  # verified by _cached just now
-            _say(progress, f"teacher: reused from the cache {cache}")
+            say(progress, f"teacher: reused from the cache {cache}")
             if run_dir is not None and writer():
                 _log_reused_history(run_dir, meta.get("history", []), str(cache))
         else:
-            _say(progress, "teacher: training")
+            say(progress, "teacher: training")
             out = fit(teacher_model, Objective(CE), data.train, recipe.teacher.train, eval_data=data.test,
                       run_dir=run_dir, phase="teacher", seed=seed, resume=resume, progress=progress)
             save_weights(teacher_model, weights, {"model": to_dict(recipe.teacher.model),

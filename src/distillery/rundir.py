@@ -49,6 +49,14 @@ def new_path(runs_dir: str | Path, name: str) -> Path:
     raise DistilleryError(f"cannot create a run directory under {str(base)!r}.")
 
 
+def say(progress: bool | None, msg: str) -> None:
+    """A progress line on stderr, unless ``progress`` is False (``--quiet``)."""
+    if progress is not False:
+        import sys
+
+        print(msg, file=sys.stderr, flush=True)
+
+
 def writer() -> bool:
     """Rank 0 writes run files under torch.distributed; every process does otherwise."""
     return distributed.world()[0] == 0
@@ -182,10 +190,7 @@ def open_run(recipe: Any, run_dir: str | Path | None, resume: bool, progress: bo
                                   f"config.yaml); resume it with its own recipe (`distillery run {path / 'config.yaml'}"
                                   f" --resume {path}`), or start a new run with --out.")
     distributed.barrier()  # every rank has checked before rank 0 writes
-    if progress is not False and rank == 0:
-        import sys
-
-        print(f"run directory: {path}", file=sys.stderr, flush=True)
+    say(progress if rank == 0 else False, f"run directory: {path}")
     created = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
     if resume and (path / "summary.json").is_file():  # a resumed run keeps the time it was created
         with contextlib.suppress(Exception):

@@ -39,6 +39,7 @@ from typing import Any, Literal
 from .callbacks import Callback
 from .config import Recipe, apply_overrides, from_dict, to_dict
 from .errors import DistilleryError, NonFiniteLoss, close_matches
+from .rundir import say
 
 OBJECTIVES = {"accuracy": "maximize", "params": "minimize", "latency_ms": "minimize"}
 SPACE_KEYS = ("params", "objectives", "pruner", "validation")
@@ -434,16 +435,13 @@ def optimize(cfg: SearchConfig, run_dir: Path, progress: bool | None = None, tri
         if finished(study) >= cfg.trials:
             study.stop()
 
-    def say(study, trial) -> None:
-        if progress is not False:
-            import sys
-
-            value = "" if trial.values is None else " ".join(f"{v:.4f}" for v in trial.values)
-            print(f"trial {trial.number}: {trial.state.name.lower()} {value}", file=sys.stderr, flush=True)
+    def report(study, trial) -> None:
+        value = "" if trial.values is None else " ".join(f"{v:.4f}" for v in trial.values)
+        say(progress, f"trial {trial.number}: {trial.state.name.lower()} {value}")
 
     while finished(study) < cfg.trials:
         study.optimize(trials, n_trials=cfg.trials - finished(study), catch=(NonFiniteLoss,),
-                       callbacks=[stop_when_done, say])
+                       callbacks=[stop_when_done, report])
 
 
 def run(cfg: SearchConfig, rd, *, progress: bool | None = None) -> list[dict]:
@@ -538,7 +536,6 @@ def _plain(v: Any) -> Any:
 
 def _plots(study, space: Space, rd) -> None:
     """Optuna's matplotlib plots as PNGs in the report: history, fANOVA importances, the Pareto front."""
-    import io
 
     import matplotlib
 
@@ -547,7 +544,7 @@ def _plots(study, space: Space, rd) -> None:
     import optuna.visualization.matplotlib as vis
     from optuna.importance import FanovaImportanceEvaluator
 
-    from .io import atomic_write_bytes
+    from .report.plots import save_png
 
     target = (lambda t: t.values[0]) if len(space.objectives) > 1 else None
     plots = [("history.png", "Optimisation history (validation accuracy per trial)",
@@ -567,7 +564,5 @@ def _plots(study, space: Space, rd) -> None:
         fig = ax.figure if hasattr(ax, "figure") else plt.gcf()
         fig.set_size_inches(7, 4)
         fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=90)
+        save_png(fig, rd.figure(filename, caption), dpi=90)
         plt.close(fig)
-        atomic_write_bytes(rd.figure(filename, caption), buf.getvalue())

@@ -86,14 +86,12 @@ def condense(images: Images | str, method: str, ipc: int, *, flip: bool = False,
 
 def grid_png(syn: SyntheticSet, path: str | Path, images: Images | None = None) -> Path:
     """The synthetic images as a grid (one row per class; 1-D signals as curves), written atomically as PNG."""
-    import io
-
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_write_bytes
+    from ..report.plots import save_png
 
     y = syn.hard_labels
     k = syn.num_classes
@@ -111,7 +109,6 @@ def grid_png(syn: SyntheticSet, path: str | Path, images: Images | None = None) 
             elif j < len(imgs):
                 ax.imshow(imgs[j, 0].numpy(), cmap="gray")
     fig.suptitle(f"{syn.meta.get('data', '')} ipc {syn.meta.get('ipc', '')} {syn.meta.get('method', '')}", fontsize=8)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
+    out = save_png(fig, path, dpi=80)
     plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return out

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import DistilleryError
-from ..rundir import writer
+from ..rundir import say, writer
 from . import condense, evaluate, grid_png, load
 from .config import CondenseRecipe
 from .synthetic import SyntheticSet
@@ -35,10 +35,7 @@ def run(recipe: CondenseRecipe, rd, *, progress: bool | None = None) -> list[dic
                 syn.save(path)
         if k == 0 and writer():
             grid_png(syn, rd.figure("grid.png", f"Synthetic set 0: {recipe.ipc} per class, one row per class"))
-        if progress is not False:
-            import sys
-
-            print(f"set {k}: {path} ({syn.meta['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        say(progress, f"set {k}: {path} ({syn.meta['seconds']:.0f} s)")
         sets.append(syn)
     if not recipe.eval.enabled:
         return [{"model": f"synthetic_{k}", "method": recipe.method, "ipc": recipe.ipc,

@@ -13,7 +13,6 @@ checkpoints and metrics (phase ``embed``), the student folder ``models/student``
 
 from __future__ import annotations
 
-import io
 import os
 import time
 from dataclasses import dataclass
@@ -203,7 +202,7 @@ def _plot(student: torch.Tensor, teacher: torch.Tensor, agree: dict, path: Path)
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..io import atomic_write_bytes
+    from ..report.plots import save_png
 
     s, t = student.double(), teacher.double()
     n = s.shape[0]
@@ -229,6 +228,4 @@ def _plot(student: torch.Tensor, teacher: torch.Tensor, agree: dict, path: Path)
         ax.set_ylabel("sentences")
         ax.set_title(f"mean {cos.mean():.3f}", fontsize=10)
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=110)

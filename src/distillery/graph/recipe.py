@@ -21,6 +21,7 @@ from torch import Tensor, nn
 
 from ..config import TermConfig, check_kwargs, to_dict
 from ..errors import DistilleryError, close_matches
+from ..rundir import say
 from . import models
 from .data import SOURCES, Graph, csbm, inductive, load, split
 from .distill import STUDENT_MODEL, TEACHER_MODELS, Method, StudentTrain, TeacherTrain
@@ -168,13 +169,6 @@ class GraphRecipe:
 # --------------------------------------------------------------------------- the run
 
 
-def _say(progress: bool | None, msg: str) -> None:
-    if progress is not False:
-        import sys
-
-        print(msg, file=sys.stderr, flush=True)
-
-
 @torch.no_grad()
 def _predict(model: nn.Module, n: int) -> Tensor:
     """The class of every node (N,), on the CPU."""
@@ -202,13 +196,11 @@ def degree_buckets(g: Graph, nodes: Tensor) -> list[tuple[str, Tensor]]:
 
 def plot_by_degree(path, g: Graph, nodes: Tensor, preds: dict[str, Tensor], title: str) -> None:
     """Grouped bars: test accuracy of each model per degree bucket (node counts under the labels)."""
-    import io
 
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from ..io import atomic_write_bytes
-    from ..report.plots import phase_color
+    from ..report.plots import phase_color, save_png
 
     buckets = degree_buckets(g, nodes)
     fig = Figure(figsize=(6.4, 3.6), dpi=110, layout="constrained")
@@ -227,9 +219,7 @@ def plot_by_degree(path, g: Graph, nodes: Tensor, preds: dict[str, Tensor], titl
     ax.set_yticks(range(0, 101, 20))
     ax.set_title(title, fontsize=10)
     ax.legend(loc="upper center", ncols=len(preds), fontsize=8, frameon=False)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    atomic_write_bytes(path, buf.getvalue())
+    save_png(fig, path, dpi=110)
 
 
 def run(recipe: GraphRecipe, rd, *, progress: bool | None = None) -> list[dict]:
@@ -256,7 +246,7 @@ def run(recipe: GraphRecipe, rd, *, progress: bool | None = None) -> list[dict]:
         keep = torch.ones(g.num_nodes, dtype=torch.bool)
         keep[hidden] = False
         observed = keep.nonzero().squeeze(1)
-    _say(progress, f"graph: {g.name}, {g.num_nodes} nodes, {g.num_edges} edges, {g.num_classes} classes; "
+    say(progress, f"graph: {g.name}, {g.num_nodes} nodes, {g.num_edges} edges, {g.num_classes} classes; "
                    f"{len(s.train)} train / {len(s.val)} val / {len(s.test)} test nodes ({recipe.split.setting})")
 
     teacher = D.train_teacher(train_graph, train_split, recipe.teacher.model, seed=seed, train=recipe.teacher.train,

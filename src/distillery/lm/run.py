@@ -175,14 +175,13 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
 
 
 def _plot(rows: list[dict], path: Path) -> None:
-    import io
 
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ..io import atomic_write_bytes
+    from ..report.plots import save_png
 
     rows = [r for r in rows if "validation_perplexity" in r]
     fig, ax = plt.subplots(figsize=(5, 3))
@@ -194,7 +193,5 @@ def _plot(rows: list[dict], path: Path) -> None:
     ax.set_ylabel("perplexity")
     ax.legend()
     fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    save_png(fig, path, dpi=90)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())

@@ -48,10 +48,10 @@ def _new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def _save(fig: Figure, out_path: str | os.PathLike) -> Path:
+def save_png(fig: Figure, out_path: str | os.PathLike, dpi: int = DPI) -> Path:
+    """``fig`` as a PNG, written atomically; no "Software"/date metadata: the same run gives the same bytes."""
     buf = io.BytesIO()
-    # No "Software"/date metadata: the same run gives the same bytes.
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    fig.savefig(buf, format="png", dpi=dpi, metadata={"Software": None})
     return atomic_write_bytes(out_path, buf.getvalue())
 
 
@@ -88,7 +88,7 @@ def plot_loss_terms(records: list[dict[str, Any]], out_path: str | os.PathLike) 
         ax.legend(fontsize="small")
     for ax in axes[len(panels) :]:
         ax.set_visible(False)
-    return _save(fig, out_path)
+    return save_png(fig, out_path)
 
 
 def _plot_eval(records: list[dict[str, Any]], key: str, ylabel: str, title: str, out_path) -> Path | None:
@@ -109,7 +109,7 @@ def _plot_eval(records: list[dict[str, Any]], key: str, ylabel: str, title: str,
     ax.set_ylabel(ylabel)
     ax.grid(alpha=0.3)
     ax.legend()
-    return _save(fig, out_path)
+    return save_png(fig, out_path)
 
 
 def plot_accuracy(records: list[dict[str, Any]], out_path: str | os.PathLike) -> Path | None:
@@ -159,7 +159,7 @@ def plot_reliability(
         ax.legend(loc="upper left", fontsize="small")
     for ax in axes[len(predictions) :]:
         ax.set_visible(False)
-    return _save(fig, out_path)
+    return save_png(fig, out_path)
 
 
 def plot_size_accuracy(rows: list[dict[str, Any]], out_path: str | os.PathLike) -> Path | None:
@@ -177,4 +177,4 @@ def plot_size_accuracy(rows: list[dict[str, Any]], out_path: str | os.PathLike) 
     ax.set_xlabel("size on disk (KB, log scale)")
     ax.set_ylabel("test accuracy (%)")
     ax.set_title("Quality against size")
-    return _save(fig, out_path)
+    return save_png(fig, out_path)
