@@ -219,3 +219,29 @@ def read_record(path: str | os.PathLike) -> dict | None:
         return json.loads(metadata.get("distillery_meta") or "{}")
     except json.JSONDecodeError:
         raise DistilleryError(f"weights file {str(path)!r} has a damaged record in its header.") from None
+
+
+def jsonl_rows(lines, where: str):
+    """(line number, object) of every non-blank JSONL line; a line that is not a JSON object is one error
+    naming ``where:line``."""
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DistilleryError(f"{where}:{n} is not JSON ({e.msg}); each line must be a JSON object.") from None
+        if not isinstance(obj, dict):
+            raise DistilleryError(f"{where}:{n} is not a JSON object; each line must be one.")
+        yield n, obj
+
+
+def jsonl_texts(lines, where: str, field: str) -> list[str]:
+    """The string ``field`` of every JSONL object (``jsonl_rows``); a line without it is one error."""
+    out = []
+    for n, obj in jsonl_rows(lines, where):
+        if not isinstance(obj.get(field), str):
+            raise DistilleryError(f'{where}:{n} has no string field {field!r}; each line must be {{"{field}": "..."}} '
+                                  "(name the field that holds the text).")
+        out.append(obj[field])
+    return out

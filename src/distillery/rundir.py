@@ -196,7 +196,8 @@ def open_run(recipe: Any, run_dir: str | Path | None, resume: bool, progress: bo
         with contextlib.suppress(Exception):
             created = json.loads((path / "summary.json").read_text()).get("created", created)
     rd = RunDir(path, recipe, resume, {"name": recipe.name, "recipe": recipe.name, "kind": recipe.kind,
-                                       "created": created, "status": "running", "rows": []}, _files(path))
+                                       "created": created, "status": "running", "rows": []},
+                set() if resume else _files(path))  # a resumed run is never cleaned up, so never walked
     if rank == 0:
         path.mkdir(parents=True, exist_ok=True)
         own = [path / d for d in ("checkpoints", "models", "report", "predictions", "work")]

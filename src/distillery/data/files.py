@@ -17,7 +17,6 @@ an image that does not decode is a one-line error naming it.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -32,18 +31,10 @@ def _rows(path: str, what: str) -> list[dict]:
     p = Path(path)
     if not p.is_file():
         raise DistilleryError(f"data jsonl: {what} file {path!r} does not exist.")
-    rows = []
+    from ..io import jsonl_rows
+
     with open(p, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DistilleryError(f"data jsonl: {path}:{number} is not JSON ({e.msg}).") from None
-            if not isinstance(row, dict):
-                raise DistilleryError(f"data jsonl: {path}:{number} is not a JSON object.")
-            rows.append(row)
+        rows = [row for _, row in jsonl_rows(f, f"data jsonl: {path}")]
     if not rows:
         raise DistilleryError(f"data jsonl: {what} file {path!r} holds no rows.")
     return rows

@@ -12,7 +12,6 @@ are kept, first occurrence only, in file order. On CPython 3.11 that gives about
 from __future__ import annotations
 
 import ast
-import json
 import random
 import re
 import sys
@@ -96,18 +95,9 @@ def read_sentences(path: str | Path, field: str = "text") -> list[str]:
         raise DistilleryError(f"corpus file {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}); "
                               "convert it to UTF-8.") from None
     if path.suffix == ".jsonl":
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DistilleryError(f"{path}:{n}: not a JSON object ({e.msg}); each line of a .jsonl corpus is "
-                                      f"an object with a {field!r} field.") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                raise DistilleryError(f"{path}:{n}: no string field {field!r}; name the field that holds the text.")
-            out.append(obj[field].strip())
+        from ..io import jsonl_texts
+
+        out = [t.strip() for t in jsonl_texts(text.splitlines(), str(path), field)]
     else:
         out = [line.strip() for line in text.splitlines()]
     out = _dedupe(s for s in out if s)

@@ -20,7 +20,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import random
 import sys
 import sysconfig
@@ -81,19 +80,9 @@ def read_texts(path: str | Path, field: str = "text") -> list[str]:
     if not path.is_file():
         raise DistilleryError(f"text file {str(path)!r} does not exist.")
     if path.suffix == ".jsonl":
-        out = []
-        for i, line in enumerate(_read(path).splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DistilleryError(f"{path}:{i} is not JSON ({e.msg}); each line must be an object with {field!r}.") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(field), str):
-                raise DistilleryError(f"{path}:{i} has no string field {field!r}; each line must be "
-                                      f'{{"{field}": "..."}}.')
-            out.append(obj[field])
-        return out
+        from ..io import jsonl_texts
+
+        return jsonl_texts(_read(path).splitlines(), str(path), field)
     return [_read(path)]
 
 
