@@ -363,7 +363,7 @@ def fit(
     Taps(student, objective.student_taps)  # wrong paths fail now, before any step
     student.to(device)
     if not objective.built:
-        probe(student, objective, teacher, data, seed, inputs=cfg.inputs)
+        probe(student, objective, teacher, data, seed, inputs=cfg.inputs, task=task)
     modules = {**objective.modules(), **(modules or {})}
     for m in modules.values():
         m.to(device)
@@ -666,11 +666,14 @@ def _result(history: list[dict], best: dict, cfg: TrainConfig, resumed: bool) ->
 
 @torch.no_grad()
 def probe(student: nn.Module, objective: Objective, teacher: Teacher | None, data, seed: int,
-          inputs: Sequence[str] | None = None) -> None:
-    """Run two samples through both models (eval mode, taps on) so the objective can size its adapters."""
+          inputs: Sequence[str] | None = None, task: Any = None) -> None:
+    """Run two samples through both models (eval mode, taps on) so the objective can size its adapters
+    (through the ``task``'s ``prepare`` when there is one: the model sees what it prepares)."""
     batch = data.batch(torch.arange(min(2, len(data))))
     device = _device_of(student)
     runtime.check_one_device(batch, "the data set")
+    if task is not None:
+        batch = task.prepare(runtime.to_device(batch, device), epoch=0)
     was_training = student.training
     student.eval()
     try:

@@ -103,6 +103,9 @@ register("search", "distillery.search:SearchConfig", "distillery.search:run", No
          "an Optuna study over a classify recipe's search space (written by `distillery search`)")
 register("graph", "distillery.graph.recipe:GraphRecipe", "distillery.graph.recipe:run", None,
          "a graph neural network teacher distilled into an MLP over node features (GLNN and kin)")
+register("diffusion", "distillery.diffusion.recipe:DiffusionRecipe", "distillery.diffusion.recipe:run",
+         "distillery.diffusion.recipe:validate",
+         "a many-step diffusion or flow teacher distilled into a few-step student (PD, CD, reflow, DMD, SDS/VSD, Hyper-SD)")
 
 
 def of(recipe: Any) -> Kind:
