@@ -31,6 +31,17 @@ TINY: dict[str, list[str]] = {
                             "eval.nets=1", "eval.epochs=2"],
     "condense/mnist1d_dm": ["ipc=1", "settings.iterations=2", "eval.nets=1", "eval.epochs=2", "eval.archs=[mlp]"],
 }
+DIFFUSION = ["samples=512", "teacher.train.epochs=1", "student.train.epochs=1", "eval.samples=200",
+             "eval.teacher_steps=[1,2]"]
+TINY.update({
+    "diffusion/cd": DIFFUSION,
+    "diffusion/cd_guidance": DIFFUSION,
+    "diffusion/pd": [*DIFFUSION, "settings.pd_start=4"],
+    "diffusion/hyper_sd": [*DIFFUSION, "settings.segments=[2,1]", "settings.solver_steps=8"],
+    "diffusion/reflow": [*DIFFUSION, "settings.pairs=256", "settings.pair_steps=4", "settings.one_step.epochs=1"],
+    "diffusion/dmd": DIFFUSION,
+    "diffusion/sds_points": [*DIFFUSION, "settings.points=200", "eval.teacher_steps=[2]"],
+})
 ELSEWHERE = {
     "condense/digits_dm": "test_condense.py",
     "embed/layers": "test_embed.py",

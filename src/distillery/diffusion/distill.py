@@ -49,11 +49,12 @@ def copy_of(model: nn.Module, process: Process | None = None, sampler: str | Non
 
 def _fit(student: nn.Module, task, data: TensorData, train: TrainConfig, *, phase: str, seed: int,
          run_dir: str | Path | None, resume: bool, progress: bool | None, loss: str = "diffusion_l2",
-         loss_params: dict | None = None, extra_terms: list[Term] = (), callbacks=()) -> dict:
+         loss_params: dict | None = None, extra_terms: list[Term] = (), callbacks=(),
+         modules: dict[str, nn.Module] | None = None) -> dict:
     cfg = dataclasses.replace(train, inputs=task.inputs())
     terms = [Term(loss, teacher=None, params=loss_params or {}, name="student"), *extra_terms]
     return fit(student, Objective(terms), data, cfg, task=task, run_dir=run_dir, phase=phase, seed=seed,
-               resume=resume, progress=progress, callbacks=callbacks)
+               resume=resume, progress=progress, callbacks=callbacks, modules=modules)
 
 
 def train_teacher(model: Denoiser, data: TensorData, train: TrainConfig | None = None, *, seed: int = 0,
@@ -105,7 +106,7 @@ def consistency(teacher: nn.Module, student: Denoiser, data: TensorData, *, solv
     task = ConsistencyTask(teacher, fn, solver_steps, seed, student.num_classes, guidance, ema_decay)
     _fit(fn, task, data, train or TrainConfig(), phase=phase, seed=seed, run_dir=run_dir, resume=resume,
          progress=progress, loss=loss, loss_params={"c": huber_c} if loss == "pseudo_huber" else {},
-         callbacks=[task.callback])
+         callbacks=[task.callback], modules={"ema": task.ema})  # the EMA target is checkpointed with the student
     student.sampler = "ddim" if segments else "consistency"
     return student.eval()
 

@@ -348,9 +348,9 @@ def run(recipe: DiffusionRecipe, rd, *, progress: bool | None = None) -> list[di
         if writer() and isinstance(model, Denoiser):
             save_folder(model, rd.models / folder, {"method": recipe.method, "steps": ks})
         elif writer() and isinstance(model, PointSet):
-            from safetensors.torch import save_file
+            from ..pipeline import save_weights
 
-            save_file({"points": model.points.detach().contiguous()}, str(rd.models / f"{label}-points.safetensors"))
+            save_weights(model, rd.models / f"{label}-points.safetensors", {"method": recipe.method, "data": recipe.data})
     if not recipe.eval.enabled:
         return [{"method": label, "data": recipe.data, "steps": k, "seconds": secs} for label, k, _, secs in students]
 
