@@ -403,3 +403,24 @@ def test_metrics_against_hand_values():
     mix = named("mixture2d")
     pts = mix.means.repeat(10, 1)
     assert M.coverage(mix, pts) == 1.0 and M.coverage(mix, mix.means[:4].repeat(10, 1)) == 0.5
+
+
+def test_a_diffusers_folder_is_a_teacher_and_bad_recipes_are_one_line_errors(tmp_path, capsys):
+    from distillery.cli import main
+
+    torch.manual_seed(0)
+    folder = save_folder(Denoiser(MLPDenoiser(2, 32, 2), Process("vp", "v_prediction"), (2,)), tmp_path / "teacher")
+    out = tmp_path / "run"
+    assert main(["run", "diffusion/cd", f"teacher.source={folder}", "samples=256", "student.train.epochs=1",
+                 "eval.samples=100", "eval.teacher_steps=[1]", "threads=1", f"runs_dir={tmp_path / 'runs'}", "--out",
+                 str(out), "--quiet"]) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["rows"][0]["teacher"] == "folder" and (out / "models" / "cd" / "unet").is_dir()
+    (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
+    for override, message in ((f"teacher.source={folder}", "safetensors"), ("settings.pd_start=6", "power of two"),
+                              ("data=digits", "exact"), ("method=lcm", "not known")):
+        extra = ["teacher.source=exact"] if override == "data=digits" else []
+        capsys.readouterr()
+        assert main(["run", "diffusion/cd", override, *extra, f"runs_dir={tmp_path / 'runs'}", "--quiet"]) != 0
+        err = capsys.readouterr().err.strip()
+        assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err

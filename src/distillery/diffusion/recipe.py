@@ -29,7 +29,7 @@ from ..errors import DistilleryError
 from ..rundir import say, writer
 
 METHODS = ("none", "pd", "cd", "reflow", "dmd", "sds", "vsd", "hyper_sd")
-DATA = ("mixture2d", "mixture64d", "digits")
+DATA = ("mixture2d", "mixture64d", "digits", "digits32")
 
 
 @dataclass
@@ -120,7 +120,8 @@ class DiffusionRecipe:
     kind: Literal["diffusion"] = "diffusion"
     name: str = ""
     data: str = "mixture2d"
-    """mixture2d | mixture64d (exact Gaussian mixtures) | digits (scikit-learn's 8x8 digits in [-1, 1])."""
+    """mixture2d | mixture64d (exact Gaussian mixtures) | digits (scikit-learn's 8x8 digits in [-1, 1]) |
+    digits32 (the same upscaled to 32x32, bilinear: an image size for GPU runs)."""
     samples: int = 20000
     """Mixtures: training samples drawn with the seed (digits: all 1,797)."""
     teacher: DiffusionTeacher = field(default_factory=DiffusionTeacher)
@@ -175,8 +176,10 @@ def load_data(recipe: DiffusionRecipe):
 
     d = load_digits()
     x = torch.tensor(d.images, dtype=torch.float32)[:, None] / 8.0 - 1.0  # [0, 16] -> [-1, 1]
+    if recipe.data == "digits32":
+        x = torch.nn.functional.interpolate(x, size=32, mode="bilinear", align_corners=False)
     y = torch.tensor(d.target, dtype=torch.long)
-    return TensorData(x, y, torch.arange(len(x)), 10, "digits"), x, None
+    return TensorData(x, y, torch.arange(len(x)), 10, recipe.data), x, None
 
 
 def build_net(shape: tuple[int, ...], args: dict[str, Any], num_classes: int, guidance: bool):
@@ -222,6 +225,7 @@ def load_teacher(recipe: DiffusionRecipe, data, mix, rd, progress):
         say(progress, f"teacher: reused from the cache {cache}")
         return load_folder(cache).requires_grad_(False), "cached"
     classes = data.num_classes if t.class_conditional else 0
+    torch.manual_seed(recipe.seed)  # the initial weights are the seed's, whatever ran before
     model = Denoiser(build_net(shape, t.net, classes, False), Process(t.process, t.prediction,
                                                                       beta_schedule=t.beta_schedule), shape)
     train_teacher(model, data, t.train, seed=recipe.seed, run_dir=rd.path, resume=rd.resume, progress=progress)
@@ -248,6 +252,7 @@ def new_student(recipe: DiffusionRecipe, teacher, data, process=None):
         if not guidance or getattr(teacher, "takes_w", False):
             return copy_of(teacher, process)
     shape = tuple(data.x.shape[1:])
+    torch.manual_seed(recipe.seed + 1)
     net = build_net(shape, {**t.net, **recipe.student.net}, data.num_classes if t.class_conditional else 0, guidance)
     if recipe.student.init == "teacher":
         net.load_state_dict(teacher.net.state_dict(), strict=False)
@@ -322,8 +327,13 @@ def measure(x: torch.Tensor, ref: torch.Tensor, mix, fid_net, labels) -> dict[st
     if mix is not None:
         row.update(loglik=M.loglik(mix, x), coverage=M.coverage(mix, x))
     else:
+        x, ref = _as8(x), _as8(ref)  # the FID classifier reads 8x8 digits
         row.update(fid=M.fid(fid_net, x, ref), coverage=None, **M.classifier(fid_net, x, labels))
     return row
+
+
+def _as8(x: torch.Tensor) -> torch.Tensor:
+    return x if x.shape[-1] == 8 else torch.nn.functional.adaptive_avg_pool2d(x, 8)
 
 
 def run(recipe: DiffusionRecipe, rd, *, progress: bool | None = None) -> list[dict[str, Any]]:
@@ -362,7 +372,7 @@ def run(recipe: DiffusionRecipe, rd, *, progress: bool | None = None) -> list[di
     if mix is None:
         from .metrics import train_features
 
-        fid_net = train_features(data.x, data.y, seed=recipe.seed)
+        fid_net = train_features(_as8(data.x), data.y, seed=recipe.seed)
     rows, shown = [], {}
     entries = [("teacher", k, teacher, teacher_secs if origin == "trained" else None) for k in recipe.eval.teacher_steps]
     entries += students

@@ -25,12 +25,12 @@ def plot_samples(path: Path, shown: dict[tuple[str, int], torch.Tensor], ref: to
         ax = fig.add_subplot(rows, cols, i + 1)
         if x.dim() == 4:  # images: a grid of up to 40
             x = x[:40].clamp(-1, 1)
-            n = len(x)
-            per = 8
-            grid = torch.ones((-(-n // per)) * 9, per * 9)
+            n, side = len(x), x.shape[-1]
+            per, cell = 8, x.shape[-1] + 1
+            grid = torch.ones((-(-n // per)) * cell, per * cell)
             for j in range(n):
                 r, c = divmod(j, per)
-                grid[r * 9:r * 9 + 8, c * 9:c * 9 + 8] = (x[j, 0] + 1) / 2
+                grid[r * cell:r * cell + side, c * cell:c * cell + side] = (x[j, 0] + 1) / 2
             ax.imshow(grid.numpy(), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
