@@ -4,8 +4,9 @@ many-step teacher, on the exact 2-D and 64-D Gaussian mixtures and on scikit-lea
 Rows ``{"method", "data", "steps", "swd", "energy", "loglik" | "fid", "coverage", "samples_per_s",
 "seconds"}``: ``teacher`` at 1, 2, 4, 8, 50 steps (DDIM for the v-prediction DDPM teacher; Euler for
 the flow-matching teacher, rows with ``"teacher": "flow"``, the reflow teacher), then ``pd``, ``cd``,
-``hyper_sd`` and ``reflow`` at 1, 2, 4 steps and the one-step generators ``dmd``, ``vsd``, ``sds``
-at 1 (mixtures add ``sds_points`` / ``vsd_points``: score distillation into a set of points, where
+``hyper_sd`` and ``reflow`` at 1, 2, 4 steps, the one-step generators ``dmd``, ``vsd``, ``sds`` at 1
+and DMD2's multi-step generator (``settings.generator_steps=4``, backward simulation) as ``dmd`` at 2
+and 4 (mixtures add ``sds_points`` / ``vsd_points``: score distillation into a set of points, where
 SDS's mode seeking shows). ``seconds``: the distillation's wall time (the teacher's training for
 teacher rows). Mixtures: metrics against 2,000 held-out samples, exact log-likelihood, mode coverage;
 digits: FID on a digits classifier's features (``diffusion.metrics``) against the 1,797 digits, and
@@ -35,6 +36,7 @@ MIXTURE = [
     ("hyper_sd", "diffusion/hyper_sd", []),
     ("reflow", "diffusion/reflow", []),
     ("dmd", "diffusion/dmd", []),
+    ("dmd", "diffusion/dmd", ["settings.generator_steps=4"]),
     ("vsd", "diffusion/dmd", ["method=vsd"]),
     ("sds", "diffusion/dmd", ["method=sds", "settings.ratio=1", "student.train.lr=0.0001"]),
     ("sds_points", "diffusion/sds_points", []),
@@ -50,6 +52,8 @@ DIGITS = [
     ("reflow", "diffusion/reflow", [*UNET, "settings.pairs=4000", "student.train={epochs: 40, batch_size: 128, lr: 0.0005}",
                                     "settings.one_step={epochs: 20, batch_size: 128, lr: 0.0002}"]),
     ("dmd", "diffusion/dmd", [*UNET, "student.train={epochs: 40, batch_size: 128, lr: 0.0002, schedule: constant}"]),
+    ("dmd", "diffusion/dmd", [*UNET, "settings.generator_steps=4",
+                              "student.train={epochs: 40, batch_size: 128, lr: 0.0002, schedule: constant}"]),
     ("vsd", "diffusion/dmd", [*UNET, "method=vsd", "student.train={epochs: 40, batch_size: 128, lr: 0.0002, "
                               "schedule: constant}"]),
     ("sds", "diffusion/dmd", [*UNET, "method=sds", "settings.ratio=1",
@@ -86,8 +90,12 @@ def main() -> None:
             over = [f"data={data}", f"seed={args.seed}", f"runs_dir={args.work}", *extra, *(QUICK if args.quick else [])]
             if name == "sds_points" or name == "vsd_points":
                 over.append("eval.teacher_steps=[50]")
-            print(f"== {data} {name}", flush=True)
-            for r in run_one(recipe_name, over, args.work / f"{data}-{name}"):
+            multi = any(o.startswith("settings.generator_steps=") for o in extra)
+            folder = f"{data}-{name}" + ("-multistep" if multi else "")
+            print(f"== {data} {folder}", flush=True)
+            for r in run_one(recipe_name, over, args.work / folder):
+                if r["method"] != "teacher" and name in ("dmd", "vsd", "sds") and (r["steps"] > 1) != multi:
+                    continue  # 1 step: the one-step generator; 2 and 4: DMD2's multi-step generator (4-step schedule)
                 if r["method"] == "teacher":
                     key = "flow" if name == "reflow" else "vp"
                     if key in teachers or name.endswith("_points"):

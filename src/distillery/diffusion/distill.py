@@ -170,19 +170,21 @@ def reflow(teacher: nn.Module, student: Denoiser, n_pairs: int, store_dir: str |
 
 
 def score_distill(teacher: nn.Module, generator: nn.Module, mode: str, n: int, *, fake: Denoiser | None = None,
-                  ratio: int = 1, labels=None, w: float | None = None, train: TrainConfig | None = None,
+                  ratio: int = 1, labels=None, w: float | None = None, steps: int = 1, train: TrainConfig | None = None,
                   seed: int = 0, run_dir=None, resume: bool = True, progress: bool | None = None) -> nn.Module:
     """DMD / VSD / SDS into ``generator`` (a ``Denoiser`` used in one step from tau = 1, or a
     ``PointSet`` of ``n`` points); ``fake``: the fake-score model (vsd, dmd), trained on the
-    generator's samples by a second term. ``n`` is the epoch size (the point count for a PointSet)."""
+    generator's samples by a second term. ``n`` is the epoch size (the point count for a PointSet).
+    ``steps`` > 1: a multi-step generator trained on its own ``steps``-step schedule by DMD2's backward
+    simulation; it samples with ``sampler="renoise"`` in any step count that divides ``steps``."""
     pair = ScorePair(generator, fake)
     shape = tuple(generator.points.shape[1:]) if isinstance(generator, PointSet) else tuple(generator.shape)
     task = ScoreTask(teacher, pair, mode, seed, shape, ratio, num_classes=getattr(generator, "num_classes", 0)
-                     if labels is not None else 0, w=w)
+                     if labels is not None else 0, w=w, steps=steps)
     data = TensorData(torch.zeros(n, 1), labels, torch.arange(n), 1, "ids")
     extra = [] if fake is None else [Term("fake_score_l2", teacher=None, student="fake", name="fake_score")]
     _fit(pair, task, data, train or TrainConfig(), phase=mode, seed=seed, run_dir=run_dir, resume=resume,
          progress=progress, extra_terms=extra)
     if isinstance(generator, Denoiser):
-        generator.sampler = "ddim"
+        generator.sampler = "renoise" if steps > 1 else "ddim"
     return generator.eval()

@@ -252,20 +252,21 @@ class ScorePair(nn.Module):
         self.generator, self.fake = generator, fake
         self.register_buffer("updates", torch.zeros((), dtype=torch.long))
 
-    def generate(self, z: Tensor, ids: Tensor, class_labels: Tensor | None = None) -> Tensor:
+    def generate(self, z: Tensor, ids: Tensor, tau: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
+        """The generator's sample: the points ``ids``, or its x0 prediction from z at tau (default 1)."""
         if isinstance(self.generator, PointSet):
             return self.generator(ids)
-        tau = full(1.0, len(z), z.device)
+        tau = full(1.0, len(z), z.device) if tau is None else tau
         return self.generator.x0_eps(z, tau, class_labels)[0]
 
-    def forward(self, z: Tensor, ids: Tensor, gen_step: Tensor, fake_x: Tensor | None = None,
+    def forward(self, z: Tensor, ids: Tensor, gen_step: Tensor, tau: Tensor | None = None, fake_x: Tensor | None = None,
                 fake_tau: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
         if self.training:
             self.updates += 1
         if self.fake is not None:
             self.fake(fake_x, fake_tau, class_labels)  # recorded by the tap "fake"
         if bool(gen_step):
-            return self.generate(z, ids, class_labels)
+            return self.generate(z, ids, tau, class_labels)
         return torch.zeros(z.shape if not isinstance(self.generator, PointSet) else
                            (len(ids), *self.generator.points.shape[1:]), device=z.device)
 
@@ -273,7 +274,7 @@ class ScorePair(nn.Module):
 class ScoreTask:
     def __init__(self, teacher: nn.Module, pair: ScorePair, mode: str, seed: int, shape: tuple[int, ...],
                  ratio: int = 1, tau_range: tuple[float, float] = (0.02, 0.98), num_classes: int = 0,
-                 w: float | None = None):
+                 w: float | None = None, steps: int = 1):
         if mode not in ("dmd", "vsd", "sds"):
             raise DistilleryError(f"score distillation mode {mode!r} is not known; use dmd, vsd or sds.")
         if (pair.fake is None) != (mode == "sds"):
@@ -281,10 +282,13 @@ class ScoreTask:
         if ratio < 1:
             raise DistilleryError(f"the two-time-scale ratio must be >= 1, got {ratio}.")
         self.teacher, self.pair, self.mode, self.seed, self.shape = teacher, pair, mode, int(seed), tuple(shape)
+        if steps < 1 or (steps > 1 and isinstance(pair.generator, PointSet)):
+            raise DistilleryError(f"a generator's step count must be >= 1 (1 for a point set), got {steps}.")
         self.ratio, self.tau_range, self.num_classes, self.w = int(ratio), tau_range, num_classes, w
+        self.steps = int(steps)
 
     def inputs(self) -> list[str]:
-        keys = ["z", "ids", "gen_step"] + (["fake_x", "fake_tau"] if self.pair.fake is not None else [])
+        keys = ["z", "ids", "gen_step", "tau"] + (["fake_x", "fake_tau"] if self.pair.fake is not None else [])
         return keys + (["class_labels"] if self.num_classes else [])
 
     def prepare(self, batch: dict, *, epoch: int) -> dict:
@@ -295,12 +299,14 @@ class ScoreTask:
         z = _randn((n, *self.shape), g, device)
         labels = batch["y"] if self.num_classes else None
         gen_step = bool(int(self.pair.updates) % self.ratio == 0)  # counted by the pair's training forward
-        out = {"id": ids, "z": z, "ids": ids, "gen_step": torch.tensor(gen_step)}
+        out = {"id": ids, "z": z, "ids": ids, "gen_step": torch.tensor(gen_step), "tau": full(1.0, n, device)}
         if labels is not None:
             out["class_labels"] = labels
         p = self.teacher.process
         with torch.no_grad():
-            x = self.pair.generate(z, ids, labels)
+            if self.steps > 1:  # DMD2's backward simulation: the generator's own input at a step of its schedule
+                out["z"], out["tau"] = self._simulate(z, ids, labels, g)
+            x = self.pair.generate(out["z"], ids, out["tau"], labels)
             lo, hi = self.tau_range
             tau = lo + (hi - lo) * _rand(n, g, device)
             eps = _randn(x.shape, g, device)
@@ -326,6 +332,21 @@ class ScoreTask:
                 out["fake_tau"] = f_tau
                 out["fake_target"] = fp.from_x0_eps(x, f_eps, f_tau)
         return out
+
+    @torch.no_grad()
+    def _simulate(self, z: Tensor, ids: Tensor, labels: Tensor | None, g: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Per sample a step i of the generator's ``steps``-step schedule (tau_i = 1 - i / steps) and its input
+        there, made by running the generator from z through steps 0..i-1 (predict x0, renoise to the next
+        time with fresh noise): what the generator meets when it samples (Yin et al. 2024b, section 4.5)."""
+        n, p = len(z), self.pair.generator.process
+        i = torch.randint(0, self.steps, (n,), generator=g).to(z.device)
+        x = z.clone()
+        for j in range(int(i.max())):
+            tau = full(1 - j / self.steps, n, z.device)
+            x0 = self.pair.generate(x, ids, tau, labels)
+            nxt = p.noise(x0, _randn(x.shape, g, z.device), full(1 - (j + 1) / self.steps, n, z.device))
+            x = torch.where(_expand(i > j, x), nxt, x)
+        return x, 1 - i.float() / self.steps
 
 
 def ratio_as(process: Process, tau: Tensor) -> Tensor:

@@ -88,6 +88,9 @@ class DiffusionSettings:
     """dmd / vsd / sds into a one-step generator (the student network) or a set of points (mixtures)."""
     points: int = 2000
     """generator: points: the number of points."""
+    generator_steps: int = 1
+    """dmd / vsd / sds: the one-step generator's schedule; 4: DMD2's multi-step generator (backward
+    simulation), sampled in 1, 2 or 4 steps (every count that divides it)."""
 
     def __post_init__(self) -> None:
         if self.pd_start < 2 or self.pd_start & (self.pd_start - 1):
@@ -95,7 +98,7 @@ class DiffusionSettings:
                                   f"each round), got {self.pd_start}.")
         if self.guidance is not None and (len(self.guidance) != 2 or self.guidance[0] > self.guidance[1]):
             raise DistilleryError(f"settings.guidance must be [w_min, w_max] with w_min <= w_max, got {self.guidance}.")
-        for k in ("solver_steps", "pairs", "pair_steps", "ratio", "points"):
+        for k in ("solver_steps", "pairs", "pair_steps", "ratio", "points", "generator_steps"):
             if getattr(self, k) < 1:
                 raise DistilleryError(f"settings.{k} must be >= 1, got {getattr(self, k)}.")
         if not 0 <= self.ema_decay < 1:
@@ -148,12 +151,18 @@ class DiffusionRecipe:
         if self.method == "pd" and self.teacher.prediction == "epsilon" and self.student.init == "teacher":
             raise DistilleryError("progressive distillation cannot train an epsilon-prediction student (x0 is "
                                   "undefined where a -> 0); give the teacher prediction v_prediction or sample.")
+        if self.settings.generator == "points" and self.settings.generator_steps != 1:
+            raise DistilleryError("a point set is a one-step generator; set settings.generator_steps: 1.")
         if self.settings.generator == "points" and (self.method not in ("dmd", "vsd", "sds")
                                                    or not self.data.startswith("mixture")):
             raise DistilleryError("settings.generator points is for dmd, vsd and sds on mixtures.")
         if self.settings.guidance and not self.teacher.class_conditional:
             raise DistilleryError("settings.guidance distils classifier-free guidance; set teacher.class_conditional: "
                                   "true.")
+        segs = self.settings.segments
+        if self.method == "hyper_sd" and (not segs or min(segs) < 1 or any(self.settings.solver_steps % k for k in segs)):
+            raise DistilleryError(f"hyper_sd needs settings.solver_steps ({self.settings.solver_steps}) divisible by "
+                                  f"every segment count {segs} (each segment edge on the solver's grid); e.g. 64.")
         if self.samples < 2 or self.threads < 1:
             raise DistilleryError("samples must be >= 2 and threads >= 1.")
 
@@ -282,9 +291,8 @@ def distil(recipe: DiffusionRecipe, teacher, data, rd, progress) -> list[tuple[s
                            guidance=tuple(s.guidance) if s.guidance else None, **common)
         out = [(m, k, st, time.perf_counter() - t0) for k in recipe.eval.steps]
     elif m == "hyper_sd":
-        solver = s.solver_steps if s.solver_steps % max(s.segments) == 0 else 64
         students = D.hyper_sd(teacher, new_student(recipe, teacher, data), data, segments=tuple(s.segments),
-                              solver_steps=solver, ema_decay=s.ema_decay, loss=s.loss, huber_c=s.huber_c, **common)
+                              solver_steps=s.solver_steps, ema_decay=s.ema_decay, loss=s.loss, huber_c=s.huber_c, **common)
         out = [(m, k, st, time.perf_counter() - t0) for k, st in sorted(students.items()) if k in recipe.eval.steps]
     elif m == "reflow":
         student = new_student(recipe, teacher, data, Process("flow", "flow"))
@@ -302,8 +310,9 @@ def distil(recipe: DiffusionRecipe, teacher, data, rd, progress) -> list[tuple[s
         fake = None if m == "sds" else new_student(recipe, teacher, data)
         g = D.score_distill(teacher, gen, m, n, fake=fake, ratio=s.ratio if m != "sds" else 1,
                             labels=labels[:n] if labels is not None and s.generator != "points" else None, w=s.w,
-                            **common)
-        out = [(m, 1, g, time.perf_counter() - t0)]
+                            steps=s.generator_steps, **common)
+        secs = time.perf_counter() - t0
+        out = [(m, k, g, secs) for k in recipe.eval.steps if s.generator_steps % k == 0] or [(m, 1, g, secs)]
     return out
 
 

@@ -6,6 +6,7 @@
   distillation, rectified flow, Hyper-SD's segmented students and one-step generators sample so.
 - ``consistency``: x0 <- f(x, tau) = c_skip x + c_out x0_hat (LCM's boundary condition), then fresh
   noise to the next time (Song et al. 2023, Algorithm 1, as diffusers' LCMScheduler does).
+- ``renoise``: x0 <- x0_hat, then fresh noise to the next time: a multi-step generator (DMD2).
 """
 
 from __future__ import annotations
@@ -54,8 +55,9 @@ def sample(model: nn.Module, steps: int, n: int, *, seed: int = 0, class_labels:
         for i in range(steps):
             tau = full(grid[i], m, device)
             x0, eps = guided(model, x, tau, labels, ws, process)
-            if mode == "consistency":
-                x0 = consistency_x0(process, x, tau, x0)
+            if mode in ("consistency", "renoise"):
+                if mode == "consistency":
+                    x0 = consistency_x0(process, x, tau, x0)
                 x = x0 if i == steps - 1 else process.noise(x0, torch.randn(x.shape, generator=g).to(device),
                                                             full(grid[i + 1], m, device))
             else:
