@@ -255,7 +255,7 @@ def test_score_task_two_time_scale_rhythm_and_targets():
     for i in range(6):
         b = task.prepare({"id": torch.arange(8)}, epoch=i)
         steps.append(bool(b["gen_step"]))
-        out = pair(b["z"], b["ids"], b["gen_step"], b["fake_x"], b["fake_tau"])
+        out = pair(b["z"], b["ids"], b["gen_step"], b["tau"], b["fake_x"], b["fake_tau"])
         if not steps[-1]:
             assert not out.requires_grad  # no generator gradient on a fake-score-only step
     assert steps == [True, False, False, True, False, False]
@@ -424,3 +424,30 @@ def test_a_diffusers_folder_is_a_teacher_and_bad_recipes_are_one_line_errors(tmp
         assert main(["run", "diffusion/cd", override, *extra, f"runs_dir={tmp_path / 'runs'}", "--quiet"]) != 0
         err = capsys.readouterr().err.strip()
         assert message in err and "Traceback" not in err and len(err.splitlines()) == 1, err
+
+
+def test_multistep_generator_input_is_its_own_backward_simulation():
+    """DMD2's backward simulation: at step i of a 4-step schedule the generator's input is its own x0 from
+    the previous step renoised to tau_i; at step 0 it is the noise itself."""
+    mix, _ = _mix_data(8)
+    p = Process("vp", "v_prediction")
+    pair = ScorePair(_mlp(p), _mlp(p))
+    task = ScoreTask(ExactDenoiser(mix, p), pair, "dmd", seed=0, shape=(2,), steps=4)
+    b = task.prepare({"id": torch.arange(64)}, epoch=0)
+    assert set(b["tau"].tolist()) <= {1.0, 0.75, 0.5, 0.25} and len(set(b["tau"].tolist())) > 1
+    from distillery.diffusion.methods import seeded
+
+    g = seeded(0, 0, torch.arange(64), "dmd")  # the task's own draws, in its order: z, the steps, the renoising
+    z = torch.randn(64, 2, generator=g)
+    i = torch.randint(0, 4, (64,), generator=g)
+    eps = torch.randn(64, 2, generator=g)
+    with torch.no_grad():
+        x1 = p.noise(pair.generate(z, torch.arange(64), full(1.0, 64)), eps, full(0.75, 64))
+    assert torch.equal(b["tau"], 1 - i.float() / 4)
+    assert torch.equal(b["z"][i == 0], z[i == 0])  # step 0: the noise itself
+    assert torch.allclose(b["z"][i == 1], x1[i == 1], atol=1e-6)  # step 1: its own x0 at tau 1, renoised
+    with pytest.raises(DistilleryError, match="point set"):
+        from distillery.diffusion.methods import PointSet
+
+        ScoreTask(ExactDenoiser(mix, p), ScorePair(PointSet(torch.zeros(4, 2)), None), "sds", seed=0, shape=(2,),
+                  steps=2)
