@@ -253,11 +253,13 @@ def test_score_task_two_time_scale_rhythm_and_targets():
     steps = []
     pair.train()
     for i in range(6):
-        b = task.prepare({"id": torch.arange(8)}, epoch=i)
+        for _ in range(2):  # two micro-batches of one optimiser step share its rhythm
+            b = task.prepare({"id": torch.arange(8)}, epoch=i)
+            out = pair(b["z"], b["ids"], b["gen_step"], b["tau"], b["fake_x"], b["fake_tau"])
+            if not bool(b["gen_step"]):
+                assert not out.requires_grad  # no generator gradient on a fake-score-only step
         steps.append(bool(b["gen_step"]))
-        out = pair(b["z"], b["ids"], b["gen_step"], b["tau"], b["fake_x"], b["fake_tau"])
-        if not steps[-1]:
-            assert not out.requires_grad  # no generator gradient on a fake-score-only step
+        task.callback.on_step(None, None)  # the engine calls it after each optimiser step
     assert steps == [True, False, False, True, False, False]
     with pytest.raises(DistilleryError, match="fake-score"):
         ScoreTask(teacher, ScorePair(_mlp(p), None), "vsd", seed=0, shape=(2,))
@@ -268,15 +270,17 @@ def test_score_task_two_time_scale_rhythm_and_targets():
 
 def test_every_method_improves_one_step_samples_of_an_exact_teacher_quickly(tmp_path):
     """Tiny budgets, exact teacher: each method's student runs end to end and its one-step samples beat
-    the exact teacher's own single step on sliced Wasserstein distance."""
+    the exact teacher sampled in two steps on sliced Wasserstein distance."""
     mix, data = _mix_data(2048)
     ref, _ = mix.sample(1000, torch.Generator().manual_seed(9))
     p = Process("vp", "v_prediction")
     teacher = ExactDenoiser(mix, p)
-    base = M.swd(sample(teacher, 1, 1000, seed=1), ref)
+    base = M.swd(sample(teacher, 2, 1000, seed=1), ref)
     tr = TrainConfig(epochs=4, batch_size=128, lr=2e-3)
     pd = D.progressive(teacher, data, _mlp(p, 64), start=4, stop=1, train=tr, progress=False)
-    cd = D.consistency(teacher, _mlp(p, 64), data, train=tr, progress=False)
+    init = D.train_teacher(_mlp(p, 64), data, tr, progress=False)  # CD starts from a denoiser, as LCM from SD
+    cd = D.consistency(teacher, D.copy_of(init), data, solver_steps=8, train=TrainConfig(epochs=15, batch_size=128, lr=2e-3),
+                       progress=False)
     rf, _ = D.reflow(teacher, _mlp(Process("flow", "flow"), 64), 1024, tmp_path / "pairs", pair_steps=16, train=tr,
                      progress=False)
     for name, model in (("pd", pd[1]), ("cd", cd), ("reflow", rf)):
@@ -296,7 +300,7 @@ def test_consistency_resume_after_a_crash_is_exact(tmp_path, monkeypatch):
 
     def crashing(self, batch, *, epoch):
         calls["n"] += 1
-        if calls["n"] == 12:  # probe + 11 steps: past the step-9 checkpoint
+        if calls["n"] == 12:  # the 12th step: past the step-9 checkpoint
             raise RuntimeError("power cut")
         return real(self, batch, epoch=epoch)
 
@@ -368,13 +372,18 @@ def test_methods_refuse_what_they_cannot_use():
     with pytest.raises(DistilleryError, match="power of two"):
         D.progressive(teacher, None, start=12)
     with pytest.raises(DistilleryError, match="flow"):
-        D.reflow(teacher, _mlp(Process("vp", "v_prediction")), 8, "unused")
+        D.reflow(teacher, _mlp(Process("vp", "v_prediction")), 8, "never-written")
+    with pytest.raises(DistilleryError, match="differs from the teacher's"):
+        ConsistencyTask(teacher, ConsistencyFn(_mlp(Process("vp", "v_prediction", beta_schedule="linear"))), 50, 0)
+    with pytest.raises(DistilleryError, match="differs from the teacher's"):
+        ProgressiveTask(teacher, Process("flow", "flow"), 8, 0)
     with pytest.raises(DistilleryError, match="guidance"):
         ConsistencyTask(teacher, ConsistencyFn(_mlp(Process("vp", "v_prediction"))), 50, 0, num_classes=8,
                         guidance=(1.0, 2.0))
 
 
 def test_guidance_distillation_student_takes_w():
+    """Plumbing: the scale w reaches the student through training and sampling (not ignored on the way)."""
     mix, data = _mix_data(256, labelled=True)
     p = Process("vp", "v_prediction")
     teacher = ExactDenoiser(mix, p)
@@ -416,6 +425,10 @@ def test_a_diffusers_folder_is_a_teacher_and_bad_recipes_are_one_line_errors(tmp
                  str(out), "--quiet"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["rows"][0]["teacher"] == "folder" and (out / "models" / "cd" / "unet").is_dir()
+    capsys.readouterr()
+    assert main(["run", "diffusion/cd", f"teacher.source={folder}", "teacher.class_conditional=true",
+                 f"runs_dir={tmp_path / 'runs'}", "--quiet"]) != 0
+    assert "conditioned on 0 classes" in capsys.readouterr().err
     (folder / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     for override, message in ((f"teacher.source={folder}", "safetensors"), ("settings.pd_start=6", "power of two"),
                               ("data=digits", "exact"), ("method=lcm", "not known")):
@@ -451,3 +464,25 @@ def test_multistep_generator_input_is_its_own_backward_simulation():
 
         ScoreTask(ExactDenoiser(mix, p), ScorePair(PointSet(torch.zeros(4, 2)), None), "sds", seed=0, shape=(2,),
                   steps=2)
+
+
+def test_guidance_distilled_at_a_fixed_w_is_not_applied_twice(tmp_path):
+    """A student distilled from a guided teacher at a fixed w outputs guided predictions: sampling it with w
+    runs it once (no classifier-free guidance on top), and the scale survives its folder."""
+    from distillery.diffusion.nets import guided
+
+    mix, data = _mix_data(256, labelled=True)
+    p = Process("vp", "v_prediction")
+    teacher = ExactDenoiser(mix, p)
+    students = D.progressive(teacher, data, _mlp(p, num_classes=8), start=4, w=2.0,
+                             train=TrainConfig(epochs=1, batch_size=64), progress=False)
+    assert all(s.guided == 2.0 for s in students.values())
+    s = students[1]
+    x, tau, labels = torch.randn(8, 2), torch.full((8,), 0.5), torch.arange(8)
+    with torch.no_grad():
+        once = p.to_x0_eps(s(x, tau, labels), x, tau)
+        assert torch.allclose(guided(s, x, tau, labels, torch.full((8,), 2.0), p)[0], once[0])
+    assert load_folder(save_folder(s, tmp_path / "s")).guided == 2.0
+    cd = D.consistency(teacher, _mlp(p, num_classes=8), data, w=2.0, train=TrainConfig(epochs=1, batch_size=64),
+                       progress=False)
+    assert cd.guided == 2.0

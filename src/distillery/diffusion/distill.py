@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 from pathlib import Path
 
 import torch
@@ -52,6 +53,11 @@ def _fit(student: nn.Module, task, data: TensorData, train: TrainConfig, *, phas
          loss_params: dict | None = None, extra_terms: list[Term] = (), callbacks=(),
          modules: dict[str, nn.Module] | None = None) -> dict:
     cfg = dataclasses.replace(train, inputs=task.inputs())
+    teacher = getattr(task, "teacher", None)
+    if isinstance(teacher, nn.Module):  # the task asks the teacher: it lives on the training device, frozen
+        from ..runtime import resolve_device
+
+        teacher.to(resolve_device(cfg.device)).requires_grad_(False)
     terms = [Term(loss, teacher=None, params=loss_params or {}, name="student"), *extra_terms]
     return fit(student, Objective(terms), data, cfg, task=task, run_dir=run_dir, phase=phase, seed=seed,
                resume=resume, progress=progress, callbacks=callbacks, modules=modules)
@@ -90,6 +96,8 @@ def progressive(teacher: nn.Module, data: TensorData, student: Denoiser | None =
         _fit(s, task, data, train or TrainConfig(), phase=f"pd-{n // 2}", seed=seed, run_dir=run_dir, resume=resume,
              progress=progress)
         current = s.eval().requires_grad_(False)
+        if w is not None and s.num_classes:
+            current.guided = w  # round 1 distilled the guided teacher; later rounds' teachers are guided already
         out[n // 2] = current
         n //= 2
     return out
@@ -97,17 +105,23 @@ def progressive(teacher: nn.Module, data: TensorData, student: Denoiser | None =
 
 def consistency(teacher: nn.Module, student: Denoiser, data: TensorData, *, solver_steps: int = 50,
                 segments: int = 0, ema_decay: float = 0.95, loss: str = "pseudo_huber", huber_c: float = 0.001,
-                guidance: tuple[float, float] | None = None, train: TrainConfig | None = None, seed: int = 0,
-                run_dir=None, resume: bool = True, progress: bool | None = None, phase: str = "cd") -> Denoiser:
-    """Consistency distillation (LCM parametrisation; ``segments`` > 0: Hyper-SD's segmented form)."""
+                guidance: tuple[float, float] | None = None, w: float | None = None, train: TrainConfig | None = None,
+                seed: int = 0, run_dir=None, resume: bool = True, progress: bool | None = None,
+                phase: str = "cd") -> Denoiser:
+    """Consistency distillation (LCM parametrisation; ``segments`` > 0: Hyper-SD's segmented form).
+    A class-conditional teacher is guided with w drawn in ``guidance`` (given to the student as an input)
+    or at the fixed ``w`` (distilled into the student)."""
     if loss not in ("pseudo_huber", "diffusion_l2"):
         raise DistilleryError(f"consistency loss {loss!r} is not known; use pseudo_huber or diffusion_l2.")
     fn = ConsistencyFn(student, segments)
-    task = ConsistencyTask(teacher, fn, solver_steps, seed, student.num_classes, guidance, ema_decay)
+    task = ConsistencyTask(teacher, fn, solver_steps, seed, student.num_classes, guidance, ema_decay, w)
     _fit(fn, task, data, train or TrainConfig(), phase=phase, seed=seed, run_dir=run_dir, resume=resume,
          progress=progress, loss=loss, loss_params={"c": huber_c} if loss == "pseudo_huber" else {},
          callbacks=[task.callback], modules={"ema": task.ema})  # the EMA target is checkpointed with the student
     student.sampler = "ddim" if segments else "consistency"
+    student.solver_steps = None if segments else solver_steps
+    if w is not None and guidance is None and student.num_classes:
+        student.guided = w
     return student.eval()
 
 
@@ -128,11 +142,28 @@ def hyper_sd(teacher: nn.Module, student: Denoiser, data: TensorData, *, segment
     return out
 
 
-def write_pairs(teacher: nn.Module, n: int, out: str | Path, *, steps: int = 50, seed: int = 0,
-                class_labels=None, w: float | None = None):
+def _fingerprint(model: nn.Module, steps: int) -> str:
+    """What a pair store depends on: the model's tensors (or the exact mixture's), its process and steps."""
+    import hashlib
+
+    from ..store import model_fingerprint
+
+    h = hashlib.sha256(json.dumps({"process": model.process.config(), "steps": steps, "sampler":
+                                   getattr(model, "sampler", "ddim")}, sort_keys=True).encode())
+    if any(True for _ in model.parameters()):
+        h.update(model_fingerprint(model).encode())
+    else:  # the exact teacher: its mixture
+        mix = model.mixture
+        for t in (mix.means, mix.stds, mix.weights):
+            h.update(t.numpy().tobytes())
+    return h.hexdigest()
+
+
+def write_pairs(teacher: nn.Module, n: int, out: str | Path, *, steps: int = 50, seed: int = 0):
     """(noise, teacher sample) pairs of ``n`` seeded noises into the teacher-output store at ``out``
-    (keyed by id 0..n-1; the teacher's ODE in ``steps`` DDIM / Euler steps). Returns the opened store."""
-    from ..store import TeacherStore, model_fingerprint, write_store_shared
+    (keyed by id 0..n-1; the teacher's ODE in ``steps`` DDIM / Euler steps, unconditional). Returns the
+    noise set and the opened store."""
+    from ..store import TeacherStore, write_store_shared
     from .sample import sample
 
     shape = tuple(teacher.shape)
@@ -143,10 +174,9 @@ def write_pairs(teacher: nn.Module, n: int, out: str | Path, *, steps: int = 50,
 
     def answer(batch, taps=()):
         x = batch["x"].reshape(-1, *shape)
-        return {"logits": sample(teacher, steps, len(x), noise=x, w=w).flatten(1)}
+        return {"logits": sample(teacher, steps, len(x), noise=x).flatten(1)}
 
-    fp = f"{model_fingerprint(teacher) if any(True for _ in teacher.parameters()) else type(teacher).__name__}:{steps}"
-    write_store_shared(answer, noise, out, teacher_fingerprint=fp, batch_size=512)
+    write_store_shared(answer, noise, out, teacher_fingerprint=_fingerprint(teacher, steps), batch_size=512)
     return noise, TeacherStore(out)
 
 
@@ -154,7 +184,12 @@ def reflow(teacher: nn.Module, student: Denoiser, n_pairs: int, store_dir: str |
            train: TrainConfig | None = None, distill_train: TrainConfig | None = None, seed: int = 0, run_dir=None,
            resume: bool = True, progress: bool | None = None) -> tuple[Denoiser, Denoiser | None]:
     """2-rectified flow on the teacher's (noise, sample) pairs, then (``distill_train``) InstaFlow's
-    one-step distillation of it. Returns (2-rectified flow, one-step student or None)."""
+    one-step distillation: the one-step student regresses onto the 2-rectified flow's own ODE samples
+    (a second pair store, ``<store_dir>-2rf``), as Liu et al. 2024 distil their 2-RF. Returns
+    (2-rectified flow, one-step student or None)."""
+    if student.process.kind != "flow":
+        raise DistilleryError("reflow trains a rectified-flow student; set the student's process to flow.")
+    store_dir = Path(store_dir)
     noise, pairs = write_pairs(teacher, n_pairs, store_dir, steps=pair_steps, seed=seed)
     task = ReflowTask(student.process, pairs, student.shape, seed)
     _fit(student, task, noise, train or TrainConfig(), phase="reflow", seed=seed, run_dir=run_dir, resume=resume,
@@ -163,6 +198,8 @@ def reflow(teacher: nn.Module, student: Denoiser, n_pairs: int, store_dir: str |
     if distill_train is None:
         return student, None
     one = copy_of(student)
+    noise, pairs = write_pairs(student, n_pairs, store_dir.with_name(store_dir.name + "-2rf"), steps=pair_steps,
+                               seed=seed + 1)
     task = ReflowTask(one.process, pairs, one.shape, seed, one_step=True)
     _fit(one, task, noise, distill_train, phase="reflow-distill", seed=seed, run_dir=run_dir, resume=resume,
          progress=progress)
@@ -183,8 +220,13 @@ def score_distill(teacher: nn.Module, generator: nn.Module, mode: str, n: int, *
                      if labels is not None else 0, w=w, steps=steps)
     data = TensorData(torch.zeros(n, 1), labels, torch.arange(n), 1, "ids")
     extra = [] if fake is None else [Term("fake_score_l2", teacher=None, student="fake", name="fake_score")]
-    _fit(pair, task, data, train or TrainConfig(), phase=mode, seed=seed, run_dir=run_dir, resume=resume,
-         progress=progress, extra_terms=extra)
+    train = train or TrainConfig()
+    if ratio > 1:  # fake-score-only steps leave the generator without gradients, which DDP must be told
+        train = dataclasses.replace(train, find_unused_parameters=True)
+    _fit(pair, task, data, train, phase=mode, seed=seed, run_dir=run_dir, resume=resume, progress=progress,
+         extra_terms=extra, callbacks=[task.callback])
     if isinstance(generator, Denoiser):
         generator.sampler = "renoise" if steps > 1 else "ddim"
+        if w is not None and labels is not None:
+            generator.guided = w
     return generator.eval()

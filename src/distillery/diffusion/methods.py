@@ -24,7 +24,8 @@ generator paired with a fake-score model).
   ``sds`` (DreamFusion: the teacher against the injected noise). The gradient at the generator's
   sample x: DMD's (x0_fake - x0_real) / mean|x - x0_real|; VSD's eps_real - eps_fake and SDS's
   eps_real - eps, both with the weight w(t) = 1 (written in x0 terms: (a/s)(x0_fake - x0_real) and
-  (a/s)(x - x0_real)); the generator regresses onto sg(x - grad).
+  (a/s)(x - x0_real); DreamFusion's and ProlificDreamer's image experiments weight by sigma_t^2 instead,
+  which damps the small-noise end this keeps); the generator regresses onto sg(x - grad).
 """
 
 from __future__ import annotations
@@ -53,6 +54,17 @@ def _randn(shape, g: torch.Generator, device) -> Tensor:
 
 def _rand(n: int, g: torch.Generator, device) -> Tensor:
     return torch.rand(n, generator=g).to(device)
+
+
+def same_path(student: Process, teacher: Process, method: str) -> None:
+    """A student noised on the teacher's path: the same process kind, timestep count and schedule (the
+    prediction type may differ)."""
+    keys = ("kind", "num_train_timesteps", "beta_schedule", "beta_start", "beta_end")
+    differ = [k for k in keys if getattr(student, k) != getattr(teacher, k) and (student.kind == "vp" or k in keys[:2])]
+    if differ:
+        raise DistilleryError(f"{method}: the student's process differs from the teacher's in {', '.join(differ)} "
+                              f"({student.config()} against {teacher.config()}); build the student on the teacher's "
+                              "process (only the prediction type may differ).")
 
 
 class _Task:
@@ -107,6 +119,7 @@ class ProgressiveTask(_Task):
         if teacher_steps < 2 or teacher_steps & (teacher_steps - 1):
             raise DistilleryError(f"progressive distillation halves the step count each round; the teacher's step "
                                   f"count must be a power of two >= 2, got {teacher_steps}.")
+        same_path(process, teacher.process, "progressive distillation")
         super().__init__(process, seed, num_classes)
         self.teacher, self.N, self.w = teacher, int(teacher_steps), w
 
@@ -176,8 +189,10 @@ class EMA(Callback):
 
 class ConsistencyTask(_Task):
     def __init__(self, teacher: nn.Module, fn: ConsistencyFn, solver_steps: int, seed: int, num_classes: int = 0,
-                 guidance: tuple[float, float] | None = None, ema_decay: float = 0.95):
+                 guidance: tuple[float, float] | None = None, ema_decay: float = 0.95, w: float | None = None):
+        same_path(fn.denoiser.process, teacher.process, "consistency distillation")
         super().__init__(fn.denoiser.process, seed, num_classes, guidance)
+        self.w = w  # a fixed guidance scale of the teacher, distilled into a student that does not take w
         if fn.segments and solver_steps % fn.segments:
             raise DistilleryError(f"segmented consistency needs solver_steps ({solver_steps}) divisible by the segment "
                                   f"count ({fn.segments}).")
@@ -201,7 +216,9 @@ class ConsistencyTask(_Task):
         labels, ws = self._cond(batch, out, g)
         with torch.no_grad():
             p = self.teacher.process
-            tx0, teps = guided(self.teacher, z, hi, labels, ws, p)
+            tw = ws if ws is not None or self.w is None or labels is None else torch.full((n,), float(self.w),
+                                                                                         device=z.device)
+            tx0, teps = guided(self.teacher, z, hi, labels, tw, p)
             z_lo = p.ddim_step(tx0, teps, lo)
             self.ema.eval()
             target = self.ema(z_lo, lo, labels, ws)
@@ -245,7 +262,8 @@ class PointSet(nn.Module):
 class ScorePair(nn.Module):
     """What the engine trains for score distillation: a generator (a one-step ``Denoiser`` read at
     tau = 1, or a ``PointSet``) and, for vsd / dmd, the fake-score model ``fake`` (tapped as ``fake``).
-    ``updates`` counts steps (a buffer, so a resumed run keeps DMD2's two-time-scale rhythm)."""
+    ``updates`` counts optimiser steps (a buffer advanced by ``ScoreTask.callback`` after each step, so
+    every micro-batch of a step shares its rhythm and a resumed run keeps DMD2's two-time-scale rule)."""
 
     def __init__(self, generator: nn.Module, fake: nn.Module | None):
         super().__init__()
@@ -261,8 +279,6 @@ class ScorePair(nn.Module):
 
     def forward(self, z: Tensor, ids: Tensor, gen_step: Tensor, tau: Tensor | None = None, fake_x: Tensor | None = None,
                 fake_tau: Tensor | None = None, class_labels: Tensor | None = None) -> Tensor:
-        if self.training:
-            self.updates += 1
         if self.fake is not None:
             self.fake(fake_x, fake_tau, class_labels)  # recorded by the tap "fake"
         if bool(gen_step):
@@ -286,6 +302,11 @@ class ScoreTask:
             raise DistilleryError(f"a generator's step count must be >= 1 (1 for a point set), got {steps}.")
         self.ratio, self.tau_range, self.num_classes, self.w = int(ratio), tau_range, num_classes, w
         self.steps = int(steps)
+        if pair.fake is not None:
+            same_path(pair.fake.process, teacher.process, f"{mode}'s fake score")
+        if isinstance(pair.generator, nn.Module) and hasattr(pair.generator, "process"):
+            same_path(pair.generator.process, teacher.process, f"{mode}'s generator")
+        self.callback = _Count(pair)
 
     def inputs(self) -> list[str]:
         keys = ["z", "ids", "gen_step", "tau"] + (["fake_x", "fake_tau"] if self.pair.fake is not None else [])
@@ -298,7 +319,7 @@ class ScoreTask:
         n = len(ids)
         z = _randn((n, *self.shape), g, device)
         labels = batch["y"] if self.num_classes else None
-        gen_step = bool(int(self.pair.updates) % self.ratio == 0)  # counted by the pair's training forward
+        gen_step = bool(int(self.pair.updates) % self.ratio == 0)  # advanced after each optimiser step
         out = {"id": ids, "z": z, "ids": ids, "gen_step": torch.tensor(gen_step), "tau": full(1.0, n, device)}
         if labels is not None:
             out["class_labels"] = labels
@@ -347,6 +368,17 @@ class ScoreTask:
             nxt = p.noise(x0, _randn(x.shape, g, z.device), full(1 - (j + 1) / self.steps, n, z.device))
             x = torch.where(_expand(i > j, x), nxt, x)
         return x, 1 - i.float() / self.steps
+
+
+class _Count(Callback):
+    """Advances a ``ScorePair``'s step counter after each optimiser step."""
+
+    def __init__(self, pair: ScorePair):
+        self.pair = pair
+
+    @torch.no_grad()
+    def on_step(self, state, record) -> None:
+        self.pair.updates += 1
 
 
 def ratio_as(process: Process, tau: Tensor) -> Tensor:

@@ -27,9 +27,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..compress.quantize import quiet_torchao
 from ..errors import DistilleryError
 from .process import Process, _expand
 
+quiet_torchao()  # diffusers imports torchao when it is installed: its warnings about GPU kernels are noise here
 try:
     import diffusers
     from diffusers import ConfigMixin, ModelMixin
@@ -95,9 +97,15 @@ def unet(channels: int = 1, size: int = 8, widths: tuple[int, ...] = (32, 64), l
 class Denoiser(nn.Module):
     """A network with its process: ``forward(x, tau, class_labels=None, w=None) -> prediction``."""
 
-    def __init__(self, net: nn.Module, process: Process, shape: tuple[int, ...], sampler: str = "ddim"):
+    def __init__(self, net: nn.Module, process: Process, shape: tuple[int, ...], sampler: str = "ddim",
+                 guided: float | None = None):
         super().__init__()
         self.net, self.process, self.shape, self.sampler = net, process, tuple(shape), sampler
+        self.guided = guided
+        """The guidance scale distilled into a class-conditional student (its output is already guided:
+        sampling applies no classifier-free guidance on top); None: a plain conditional model."""
+        self.solver_steps: int | None = None
+        """A consistency student: the teacher's solver grid it was trained on (sampling snaps to it, as LCM)."""
 
     @property
     def num_classes(self) -> int:
@@ -127,9 +135,9 @@ class Denoiser(nn.Module):
 def guided(model: nn.Module, x: Tensor, tau: Tensor, class_labels: Tensor | None, w: Tensor | None,
            process: Process) -> tuple[Tensor, Tensor]:
     """(x0, eps) of ``model`` at (x, tau), with classifier-free guidance ``u + w (c - u)`` when the model is
-    class conditional, takes no ``w`` itself and ``w`` is given (the teacher of a guidance distillation)."""
+    class conditional, takes no ``w`` itself, has none distilled in and ``w`` is given (a guided teacher)."""
     takes_w = getattr(model, "takes_w", False)
-    if class_labels is None or w is None or takes_w:
+    if class_labels is None or w is None or takes_w or getattr(model, "guided", None) is not None:
         return process.to_x0_eps(model(x, tau, class_labels, w), x, tau)
     null = torch.full_like(class_labels, model.num_classes)
     both = model(torch.cat([x, x]), torch.cat([tau, tau]), torch.cat([class_labels, null]))
@@ -141,14 +149,14 @@ def guided(model: nn.Module, x: Tensor, tau: Tensor, class_labels: Tensor | None
 SCHEDULERS = {"vp": "DDIMScheduler", "flow": "FlowMatchEulerDiscreteScheduler"}
 
 
-def _scheduler(process: Process, sampler: str):
+def _scheduler(process: Process, sampler: str, solver_steps: int | None = None):
     if process.kind == "flow":
         return diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=process.num_train_timesteps, shift=1.0)
     kw = dict(num_train_timesteps=process.num_train_timesteps, beta_schedule=process.beta_schedule,
               beta_start=process.beta_start, beta_end=process.beta_end, prediction_type=process.prediction,
               timestep_spacing="trailing", clip_sample=False)
     if sampler == "consistency":
-        return diffusers.LCMScheduler(**kw, set_alpha_to_one=True)
+        return diffusers.LCMScheduler(**kw, set_alpha_to_one=True, original_inference_steps=solver_steps or 50)
     return diffusers.DDIMScheduler(**kw, set_alpha_to_one=True)
 
 
@@ -159,13 +167,15 @@ def save_folder(model: Denoiser, path: str | Path, extra: dict[str, Any] | None 
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     model.net.save_pretrained(tmp / "unet", safe_serialization=True)
-    sched = _scheduler(model.process, model.sampler)
+    sched = _scheduler(model.process, model.sampler, model.solver_steps)
     sched.save_pretrained(tmp / "scheduler")
     index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
              "unet": ["diffusers", type(model.net).__name__], "scheduler": ["diffusers", type(sched).__name__]}
     (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
     meta = {"process": model.process.config(), "shape": list(model.shape), "sampler": model.sampler,
-            "net": type(model.net).__name__, **(extra or {})}
+            "guided": model.guided, "solver_steps": model.solver_steps, "net": type(model.net).__name__,
+            "grid": "tau = 1 - i / steps (diffusers: DDIM or LCM with timestep_spacing trailing; FlowMatchEuler: "
+                    "set_timesteps(sigmas=[1 - i / steps]))", **(extra or {})}
     (tmp / "distillery.json").write_text(json.dumps(meta, indent=2))
     old = path.with_name(f".{path.name}.old-{os.getpid()}")
     if path.exists():
@@ -209,7 +219,7 @@ def load_folder(path: str | Path) -> Denoiser:
     cls = {"UNet2DModel": diffusers.UNet2DModel, "MLPDenoiser": MLPDenoiser}.get(cls_name)
     if cls is None:
         raise DistilleryError(f"{unet_dir} holds a {cls_name!r}; distillery loads UNet2DModel and MLPDenoiser.")
-    net = cls.from_pretrained(unet_dir, use_safetensors=True)
+    net = cls.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
     meta_file = path / "distillery.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     process = Process(**meta["process"]) if "process" in meta else _process_from_scheduler(
@@ -221,4 +231,6 @@ def load_folder(path: str | Path) -> Denoiser:
     else:
         shape = (net.config.dim,)
     sampler = meta.get("sampler", "consistency" if "LCM" in json.loads(sched_file.read_text())["_class_name"] else "ddim")
-    return Denoiser(net, process, shape, sampler).eval()
+    out = Denoiser(net, process, shape, sampler, meta.get("guided"))
+    out.solver_steps = meta.get("solver_steps")
+    return out.eval()

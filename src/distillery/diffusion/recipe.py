@@ -151,18 +151,36 @@ class DiffusionRecipe:
         if self.method == "pd" and self.teacher.prediction == "epsilon" and self.student.init == "teacher":
             raise DistilleryError("progressive distillation cannot train an epsilon-prediction student (x0 is "
                                   "undefined where a -> 0); give the teacher prediction v_prediction or sample.")
+        if self.settings.generator == "points" and self.teacher.class_conditional:
+            raise DistilleryError("a point set has no labels; use an unconditional teacher with settings.generator: "
+                                  "points.")
         if self.settings.generator == "points" and self.settings.generator_steps != 1:
             raise DistilleryError("a point set is a one-step generator; set settings.generator_steps: 1.")
         if self.settings.generator == "points" and (self.method not in ("dmd", "vsd", "sds")
                                                    or not self.data.startswith("mixture")):
             raise DistilleryError("settings.generator points is for dmd, vsd and sds on mixtures.")
-        if self.settings.guidance and not self.teacher.class_conditional:
+        g = self.settings.guidance
+        if g and not self.teacher.class_conditional:
             raise DistilleryError("settings.guidance distils classifier-free guidance; set teacher.class_conditional: "
                                   "true.")
+        if g and self.method != "cd":
+            raise DistilleryError(f"settings.guidance (w as the student's input) is distilled by cd; {self.method} "
+                                  "distils a fixed settings.w instead: remove settings.guidance.")
+        if g and not self.data.startswith("mixture"):
+            raise DistilleryError("settings.guidance gives w to an MLP student (mixtures); for images distil a fixed "
+                                  "settings.w instead.")
+        if g and (self.settings.w is None or not g[0] <= self.settings.w <= g[1]):
+            raise DistilleryError(f"settings.guidance {g} needs settings.w inside it: the scale the student and the "
+                                  "teacher are sampled with.")
         segs = self.settings.segments
         if self.method == "hyper_sd" and (not segs or min(segs) < 1 or any(self.settings.solver_steps % k for k in segs)):
             raise DistilleryError(f"hyper_sd needs settings.solver_steps ({self.settings.solver_steps}) divisible by "
                                   f"every segment count {segs} (each segment edge on the solver's grid); e.g. 64.")
+        if self.method == "reflow" and self.teacher.class_conditional:
+            raise DistilleryError("reflow pairs noise with unconditional teacher samples; use an unconditional teacher "
+                                  "(teacher.class_conditional: false) or a method that takes labels (cd, pd, dmd).")
+        if self.settings.w is not None and not self.teacher.class_conditional:
+            raise DistilleryError("settings.w is a classifier-free guidance scale; set teacher.class_conditional: true.")
         if self.samples < 2 or self.threads < 1:
             raise DistilleryError("samples must be >= 2 and threads >= 1.")
 
@@ -214,58 +232,93 @@ def _fingerprint(recipe: DiffusionRecipe) -> str:
 
 
 def load_teacher(recipe: DiffusionRecipe, data, mix, rd, progress):
-    from .distill import train_teacher
+    """(teacher, where it came from: exact | folder | cached | trained, its training seconds or None). A
+    trained teacher goes into the cache (with its training time) under a lock: runs that share it train
+    it once, the others wait and load it."""
+    import fcntl
+
     from .mixture import ExactDenoiser
-    from .nets import Denoiser, load_folder, save_folder
+    from .nets import load_folder
     from .process import Process
 
     t = recipe.teacher
     shape = tuple(data.x.shape[1:])
     if t.source == "exact":
-        return ExactDenoiser(mix, Process(t.process, t.prediction, beta_schedule=t.beta_schedule)), "exact"
+        return ExactDenoiser(mix, Process(t.process, t.prediction, beta_schedule=t.beta_schedule)), "exact", None
     if t.source != "train":
         model = load_folder(t.source)
         if tuple(model.shape) != shape:
             raise DistilleryError(f"the teacher folder {t.source} makes samples of shape {tuple(model.shape)}, the data "
                                   f"{recipe.data!r} has {shape}; give a teacher for this data.")
-        return model.requires_grad_(False), "folder"
+        want = data.num_classes if t.class_conditional else 0
+        if model.num_classes != want:
+            raise DistilleryError(
+                f"the teacher folder {t.source} is conditioned on {model.num_classes} classes (distillery's convention: "
+                f"a UNet's num_class_embeds is classes + 1, the last one the unconditional label), the recipe on "
+                f"{want} ({recipe.data!r}, teacher.class_conditional: {str(t.class_conditional).lower()}); give a "
+                "teacher of this data's classes, or set teacher.class_conditional to match.")
+        return model.requires_grad_(False), "folder", None
     cache = Path(recipe.runs_dir) / "cache" / "diffusion-teachers" / _fingerprint(recipe)[:16]
-    if (cache / "unet" / "diffusion_pytorch_model.safetensors").is_file():
-        say(progress, f"teacher: reused from the cache {cache}")
-        return load_folder(cache).requires_grad_(False), "cached"
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with open(cache.with_name(cache.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (cache / "unet" / "diffusion_pytorch_model.safetensors").is_file():
+            say(progress, f"teacher: reused from the cache {cache}")
+            meta = json.loads((cache / "distillery.json").read_text())
+            return load_folder(cache).requires_grad_(False), "cached", meta.get("train_seconds")
+        t0 = time.perf_counter()
+        return _train_teacher(recipe, data, shape, cache, rd, progress, t0), "trained", time.perf_counter() - t0
+
+
+def _train_teacher(recipe: DiffusionRecipe, data, shape, cache: Path, rd, progress, t0: float):
+    from .distill import train_teacher
+    from .nets import Denoiser, save_folder
+    from .process import Process
+
+    t = recipe.teacher
     classes = data.num_classes if t.class_conditional else 0
     torch.manual_seed(recipe.seed)  # the initial weights are the seed's, whatever ran before
     model = Denoiser(build_net(shape, t.net, classes, False), Process(t.process, t.prediction,
                                                                       beta_schedule=t.beta_schedule), shape)
     train_teacher(model, data, t.train, seed=recipe.seed, run_dir=rd.path, resume=rd.resume, progress=progress)
     if writer():
-        save_folder(model, cache)
-    return model.requires_grad_(False), "trained"
+        save_folder(model, cache, {"train_seconds": time.perf_counter() - t0})
+    return model.requires_grad_(False)
 
 
 def new_student(recipe: DiffusionRecipe, teacher, data, process=None):
-    """The student network: a copy of the teacher (``student.init: teacher``), or a new network of
-    ``teacher.net`` updated by ``student.net``; a student that takes the guidance scale w gets the
-    teacher's weights wherever they fit (the w embedding starts new)."""
+    """The student network on the teacher's process (``process``: another one, reflow's flow): a copy of
+    the teacher (``student.init: teacher``), or a new network of the teacher's architecture updated by
+    ``student.net``; a student that takes the guidance scale w gets the teacher's weights wherever they
+    fit (its w embedding starts new)."""
     from .distill import copy_of
-    from .nets import Denoiser
-    from .process import Process
+    from .nets import Denoiser, MLPDenoiser
 
     guidance = bool(recipe.settings.guidance)
-    t = recipe.teacher
     if recipe.student.init == "teacher":
         if process is not None and process.kind != teacher.process.kind:
-            raise DistilleryError(f"{recipe.method} trains a {process.kind} student, but the teacher is {teacher.process.kind}; "
-                                  f"its network cannot be copied: set student.init: scratch, or teacher.process: "
-                                  f"{process.kind}.")
+            raise DistilleryError(f"{recipe.method} trains a {process.kind} student, but the teacher is "
+                                  f"{teacher.process.kind}; its network cannot be copied: set student.init: scratch, "
+                                  f"or teacher.process: {process.kind}.")
         if not guidance or getattr(teacher, "takes_w", False):
-            return copy_of(teacher, process)
+            return copy_of(teacher)
     shape = tuple(data.x.shape[1:])
+    arch = dict(recipe.teacher.net)
+    net_cfg = getattr(getattr(teacher, "net", None), "config", None)
+    if isinstance(getattr(teacher, "net", None), MLPDenoiser):  # a folder teacher: its own architecture
+        arch = {"hidden": net_cfg.hidden, "depth": net_cfg.depth, "time_scale": net_cfg.time_scale}
+    elif net_cfg is not None and hasattr(net_cfg, "block_out_channels"):
+        arch = {"widths": list(net_cfg.block_out_channels), "layers": net_cfg.layers_per_block}
     torch.manual_seed(recipe.seed + 1)
-    net = build_net(shape, {**t.net, **recipe.student.net}, data.num_classes if t.class_conditional else 0, guidance)
+    net = build_net(shape, {**arch, **recipe.student.net}, teacher.num_classes if recipe.teacher.class_conditional
+                    else 0, guidance)
     if recipe.student.init == "teacher":
-        net.load_state_dict(teacher.net.state_dict(), strict=False)
-    return Denoiser(net, process or Process(t.process, t.prediction, beta_schedule=t.beta_schedule), shape)
+        try:
+            net.load_state_dict(teacher.net.state_dict(), strict=False)
+        except RuntimeError as e:
+            raise DistilleryError(f"student.net does not fit the teacher's weights ({str(e).splitlines()[0]}); drop "
+                                  "student.net, or set student.init: scratch.") from None
+    return Denoiser(net, process or teacher.process, shape)
 
 
 # --------------------------------------------------------------------------- the run
@@ -288,19 +341,22 @@ def distil(recipe: DiffusionRecipe, teacher, data, rd, progress) -> list[tuple[s
     elif m == "cd":
         st = D.consistency(teacher, new_student(recipe, teacher, data), data, solver_steps=s.solver_steps,
                            ema_decay=s.ema_decay, loss=s.loss, huber_c=s.huber_c,
-                           guidance=tuple(s.guidance) if s.guidance else None, **common)
+                           guidance=tuple(s.guidance) if s.guidance else None, w=s.w, **common)
         out = [(m, k, st, time.perf_counter() - t0) for k in recipe.eval.steps]
     elif m == "hyper_sd":
         students = D.hyper_sd(teacher, new_student(recipe, teacher, data), data, segments=tuple(s.segments),
-                              solver_steps=s.solver_steps, ema_decay=s.ema_decay, loss=s.loss, huber_c=s.huber_c, **common)
+                              solver_steps=s.solver_steps, ema_decay=s.ema_decay, loss=s.loss, huber_c=s.huber_c,
+                              w=s.w, **common)
         out = [(m, k, st, time.perf_counter() - t0) for k, st in sorted(students.items()) if k in recipe.eval.steps]
     elif m == "reflow":
-        student = new_student(recipe, teacher, data, Process("flow", "flow"))
+        flow = teacher.process if teacher.process.kind == "flow" else Process("flow", "flow")
+        student = new_student(recipe, teacher, data, flow)
         rf, one = D.reflow(teacher, student, s.pairs, rd.path / "teacher-pairs", pair_steps=s.pair_steps,
                            distill_train=s.one_step, **common)
         secs = time.perf_counter() - t0
-        out = [(m if k > 1 or one is None else "reflow", k, one if (k == 1 and one is not None) else rf, secs)
-               for k in recipe.eval.steps]
+        out = [(m, k, rf, secs) for k in recipe.eval.steps]
+        if one is not None:  # InstaFlow's one-step student, distilled from the 2-rectified flow
+            out.append(("reflow_distill", 1, one, time.perf_counter() - t0))
     elif m in ("dmd", "vsd", "sds"):
         if s.generator == "points":
             init = torch.randn(s.points, *data.x.shape[1:], generator=torch.Generator().manual_seed(recipe.seed + 1))
@@ -352,9 +408,7 @@ def run(recipe: DiffusionRecipe, rd, *, progress: bool | None = None) -> list[di
     data, ref, mix = load_data(recipe)
     say(progress, f"diffusion: {recipe.data}, {len(data)} training samples of shape {tuple(data.x.shape[1:])}; "
                    f"method {recipe.method}")
-    t0 = time.perf_counter()
-    teacher, origin = load_teacher(recipe, data, mix, rd, progress)
-    teacher_secs = time.perf_counter() - t0
+    teacher, origin, teacher_secs = load_teacher(recipe, data, mix, rd, progress)
     students = distil(recipe, teacher, data, rd, progress) if recipe.method != "none" else []
     saved: dict[int, list[int]] = {}
     for _, steps, model, _ in students:
@@ -383,7 +437,7 @@ def run(recipe: DiffusionRecipe, rd, *, progress: bool | None = None) -> list[di
 
         fid_net = train_features(_as8(data.x), data.y, seed=recipe.seed)
     rows, shown = [], {}
-    entries = [("teacher", k, teacher, teacher_secs if origin == "trained" else None) for k in recipe.eval.teacher_steps]
+    entries = [("teacher", k, teacher, teacher_secs) for k in recipe.eval.teacher_steps]
     entries += students
     for label, k, model, secs in entries:
         x, rate = _samples(model, k, n, recipe, labels)

@@ -5,7 +5,9 @@
 - ``ddim``: x <- DDIM(x0, eps) at the next time (the flow's Euler step); the teacher, progressive
   distillation, rectified flow, Hyper-SD's segmented students and one-step generators sample so.
 - ``consistency``: x0 <- f(x, tau) = c_skip x + c_out x0_hat (LCM's boundary condition), then fresh
-  noise to the next time (Song et al. 2023, Algorithm 1, as diffusers' LCMScheduler does).
+  noise to the next time (Song et al. 2023, Algorithm 1, as diffusers' LCMScheduler does); the times
+  snap to the solver grid the student was trained on (``solver_steps``: 4 steps of a 50-step grid are
+  DDPM indices 999, 759, 499, 259).
 - ``renoise``: x0 <- x0_hat, then fresh noise to the next time: a multi-step generator (DMD2).
 """
 
@@ -44,6 +46,9 @@ def sample(model: nn.Module, steps: int, n: int, *, seed: int = 0, class_labels:
     g = torch.Generator().manual_seed(seed)
     x_all = noise if noise is not None else torch.randn(n, *model.shape, generator=g)
     grid = process.grid(steps)
+    solver = getattr(model, "solver_steps", None)
+    if mode == "consistency" and solver and steps <= solver:  # the times it was trained at (LCM's snapping)
+        grid = [int(t * solver + 0.5) / solver for t in grid]
     out = []
     was = model.training
     model.eval()

@@ -47,12 +47,13 @@ def diffusion_l2(pred: Tensor, _teacher: Tensor | None = None, *, target: Tensor
 @register("pseudo_huber", batch_keys=("target",))
 def pseudo_huber(pred: Tensor, _teacher: Tensor | None = None, *, target: Tensor, c: float = 0.001,
                  mask: Tensor | None = None, reduction: str = "mean") -> Tensor:
-    """The pseudo-Huber metric of improved consistency training (Song & Dhariwal 2023) and diffusers' LCM
-    scripts, on the per-element squared error:
+    """The pseudo-Huber metric of improved consistency training (Song & Dhariwal 2023), per sample:
 
         L_i = sqrt(mean_j (pred_ij - target_ij)^2 + c^2) - c
 
-    ``c`` is diffusers' ``huber_c`` (0.001); Song & Dhariwal use 0.00054 sqrt(d) on ``sum``."""
+    which is Song & Dhariwal's sqrt(||d||^2 + c'^2) - c' divided by sqrt(D) with c' = c sqrt(D) (they use
+    c' = 0.00054 sqrt(D)). diffusers' LCM script applies the same function per element (then the mean);
+    this follows the paper. ``c`` defaults to diffusers' ``huber_c`` (0.001)."""
     if c <= 0:
         raise LossInputError(f"pseudo_huber: c must be > 0, got {c}.")
     sq = (_rows(pred, target, "pseudo_huber") ** 2).mean(1)
