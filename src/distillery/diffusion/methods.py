@@ -21,7 +21,8 @@ generator paired with a fake-score model).
 - ``ScoreTask``: distribution matching and score distillation into a generator: ``dmd`` (Yin et al.
   2024; DMD2's two-time-scale rule: the generator steps every ``ratio``-th step, the fake score every
   step), ``vsd`` (ProlificDreamer / SwiftBrush: the same fake-score difference, unnormalised) and
-  ``sds`` (DreamFusion: the teacher against the injected noise). The gradient at the generator's
+  ``sds`` (DreamFusion: the teacher against the injected noise). DMD2's GAN term and DMD1's regression
+  loss on teacher pairs are not built: the distribution-matching gradient alone. The gradient at the generator's
   sample x: DMD's (x0_fake - x0_real) / mean|x - x0_real|; VSD's eps_real - eps_fake and SDS's
   eps_real - eps, both with the weight w(t) = 1 (written in x0 terms: (a/s)(x0_fake - x0_real) and
   (a/s)(x - x0_real); DreamFusion's and ProlificDreamer's image experiments weight by sigma_t^2 instead,

@@ -191,6 +191,10 @@ def _process_from_scheduler(cfg: dict) -> Process:
     if name.startswith("FlowMatch"):
         return Process("flow", "flow", T)
     if name in ("DDPMScheduler", "DDIMScheduler", "LCMScheduler", "EulerDiscreteScheduler"):
+        if cfg.get("trained_betas") is not None or cfg.get("rescale_betas_zero_snr"):
+            raise DistilleryError("the teacher's scheduler uses trained_betas or rescale_betas_zero_snr, which "
+                                  "distillery's vp process does not model; use a folder with a linear or "
+                                  "squaredcos_cap_v2 beta schedule.")
         if cfg.get("beta_schedule", "linear") not in ("linear", "squaredcos_cap_v2"):
             raise DistilleryError(f"scheduler beta_schedule {cfg.get('beta_schedule')!r} is not supported; "
                                   "use linear or squaredcos_cap_v2.")
