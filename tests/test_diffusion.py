@@ -486,3 +486,16 @@ def test_guidance_distilled_at_a_fixed_w_is_not_applied_twice(tmp_path):
     cd = D.consistency(teacher, _mlp(p, num_classes=8), data, w=2.0, train=TrainConfig(epochs=1, batch_size=64),
                        progress=False)
     assert cd.guided == 2.0
+
+
+def test_resuming_with_other_method_settings_is_refused(tmp_path):
+    """The engine's run signature holds the task's settings and its teacher: continuing a consistency run
+    with another solver grid is refused, not silently mixed."""
+    mix, data = _mix_data(256)
+    p = Process("vp", "v_prediction")
+    teacher = ExactDenoiser(mix, p)
+    D.consistency(teacher, _mlp(p), data, train=TrainConfig(epochs=1, batch_size=64), run_dir=tmp_path, progress=False)
+    D.consistency(teacher, _mlp(p), data, train=TrainConfig(epochs=1, batch_size=64), run_dir=tmp_path, progress=False)
+    with pytest.raises(DistilleryError, match="other settings"):
+        D.consistency(teacher, _mlp(p), data, solver_steps=20, train=TrainConfig(epochs=1, batch_size=64),
+                      run_dir=tmp_path, progress=False)

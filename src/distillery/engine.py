@@ -205,13 +205,17 @@ class _Step(nn.Module):
 
 
 def _signature(cfg: TrainConfig, objective: Objective, trainable: dict[str, nn.Module], data, teacher,
-               seed: int, phase: str) -> dict[str, Any]:
-    """What makes a run this run: resuming against another signature is refused (``_check_signature``)."""
+               seed: int, phase: str, task: Any = None) -> dict[str, Any]:
+    """What makes a run this run: resuming against another signature is refused (``_check_signature``). A
+    task with a ``signature()`` (its settings, the teacher it asks) adds it."""
     train = {k: v for k, v in to_dict(cfg).items() if k not in RUNTIME_KEYS}
     structure = {name: hashlib.sha256(json.dumps([(k, list(v.shape), str(v.dtype)) for k, v in m.state_dict().items()])
                                       .encode()).hexdigest()[:16] for name, m in trainable.items()}
-    return {"phase": phase, "seed": seed, "train": train, "objective": objective.describe(),
-            "modules": structure, "data": data_fingerprint(data), "teacher": teacher_fingerprint(teacher)}
+    out = {"phase": phase, "seed": seed, "train": train, "objective": objective.describe(),
+           "modules": structure, "data": data_fingerprint(data), "teacher": teacher_fingerprint(teacher)}
+    if callable(getattr(task, "signature", None)):
+        out["task"] = json.loads(json.dumps(task.signature()))  # as a checkpoint stores it (tuples as lists)
+    return out
 
 
 def data_fingerprint(data) -> str:
@@ -368,7 +372,7 @@ def fit(
     for m in modules.values():
         m.to(device)
     trainable = {"student": student, **modules}
-    signature = _signature(cfg, objective, trainable, data, teacher, seed, phase)
+    signature = _signature(cfg, objective, trainable, data, teacher, seed, phase, task)
 
     s_taps = Taps(student, objective.student_taps)
     forward = torch.compile(student) if cfg.compile else None

@@ -44,6 +44,18 @@ from .process import Process, _expand, full
 from .sample import consistency_x0
 
 
+def model_signature(model: nn.Module | None) -> str | None:
+    """A short fingerprint of a teacher the task asks (its tensors, or the exact mixture's, and process)."""
+    if model is None:
+        return None
+    h = hashlib.sha256(repr(getattr(model, "process", None)).encode())
+    mix = getattr(model, "mixture", None)
+    tensors = [mix.means, mix.stds, mix.weights] if mix is not None else list(model.state_dict().values())
+    for t in tensors:
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
 def seeded(seed: int, epoch: int, ids: Tensor, salt: str = "") -> torch.Generator:
     key = hashlib.sha256(f"{salt}:{seed}:{epoch}:{ids.tolist()}".encode()).digest()
     return torch.Generator().manual_seed(int.from_bytes(key[:8], "little"))
@@ -74,6 +86,13 @@ class _Task:
 
     def inputs(self) -> list[str]:
         return ["x", "tau"] + (["class_labels"] if self.num_classes else []) + (["w"] if self.guidance else [])
+
+    def signature(self) -> dict:
+        """What a resumed run must share (the engine compares it): the method, its settings, the teacher."""
+        keep = (int, float, str, bool, tuple, type(None))
+        settings = {k: v for k, v in vars(self).items() if isinstance(v, keep) and k != "seed"}
+        return {"task": type(self).__name__, **settings, "process": self.process.config(),
+                "teacher": model_signature(getattr(self, "teacher", None))}
 
     def _cond(self, batch: dict, out: dict, g: torch.Generator, drop: float = 0.0) -> tuple[Tensor | None, Tensor | None]:
         labels = ws = None
@@ -308,6 +327,10 @@ class ScoreTask:
         if isinstance(pair.generator, nn.Module) and hasattr(pair.generator, "process"):
             same_path(pair.generator.process, teacher.process, f"{mode}'s generator")
         self.callback = _Count(pair)
+
+    def signature(self) -> dict:
+        return {"task": "ScoreTask", "mode": self.mode, "ratio": self.ratio, "steps": self.steps,
+                "tau_range": list(self.tau_range), "w": self.w, "teacher": model_signature(self.teacher)}
 
     def inputs(self) -> list[str]:
         keys = ["z", "ids", "gen_step", "tau"] + (["fake_x", "fake_tau"] if self.pair.fake is not None else [])
