@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -141,6 +142,19 @@ def atomic_folder(path: str | os.PathLike, write) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return path
+
+
+@contextlib.contextmanager
+def locked_beside(path: str | os.PathLike):
+    """An exclusive lock on ``<path>.lock`` (its folder made first) while the block runs: processes that
+    share ``path`` (a store, a cached teacher) build it once; the others wait, then find it built."""
+    import fcntl
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 UNVERIFIED_HINT = ("if you trust the files (a folder from elsewhere), load them unverified: verify=False in Python, "

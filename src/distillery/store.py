@@ -218,12 +218,9 @@ def write_store(
 def write_store_shared(teacher: Teacher, data: TensorData, out: str | Path, **kwargs) -> Path:
     """``write_store`` under a lock file beside ``out``: processes that share one store (runs of one teacher
     and data, the trials and workers of a search) write it once; the others wait, then find it complete."""
-    import fcntl
+    from .io import locked_beside
 
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with open(out.with_name(out.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked_beside(out):
         return write_store(teacher, data, out, **kwargs)
 
 

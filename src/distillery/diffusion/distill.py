@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import json
 from pathlib import Path
 
 import torch
@@ -33,19 +32,15 @@ from .methods import (
     ReflowTask,
     ScorePair,
     ScoreTask,
+    model_signature,
+    require_flow,
 )
 from .nets import Denoiser
-from .process import Process
 
 
-def copy_of(model: nn.Module, process: Process | None = None, sampler: str | None = None) -> nn.Module:
-    """A trainable copy of a denoiser (a student initialised from its teacher), optionally re-labelled."""
-    out = copy.deepcopy(model).train().requires_grad_(True)
-    if process is not None:
-        out.process = process
-    if sampler is not None:
-        out.sampler = sampler
-    return out
+def copy_of(model: nn.Module) -> nn.Module:
+    """A trainable copy of a denoiser (a student initialised from its teacher)."""
+    return copy.deepcopy(model).train().requires_grad_(True)
 
 
 def _fit(student: nn.Module, task, data: TensorData, train: TrainConfig, *, phase: str, seed: int,
@@ -142,23 +137,6 @@ def hyper_sd(teacher: nn.Module, student: Denoiser, data: TensorData, *, segment
     return out
 
 
-def _fingerprint(model: nn.Module, steps: int) -> str:
-    """What a pair store depends on: the model's tensors (or the exact mixture's), its process and steps."""
-    import hashlib
-
-    from ..store import model_fingerprint
-
-    h = hashlib.sha256(json.dumps({"process": model.process.config(), "steps": steps, "sampler":
-                                   getattr(model, "sampler", "ddim")}, sort_keys=True).encode())
-    if any(True for _ in model.parameters()):
-        h.update(model_fingerprint(model).encode())
-    else:  # the exact teacher: its mixture
-        mix = model.mixture
-        for t in (mix.means, mix.stds, mix.weights):
-            h.update(t.numpy().tobytes())
-    return h.hexdigest()
-
-
 def write_pairs(teacher: nn.Module, n: int, out: str | Path, *, steps: int = 50, seed: int = 0):
     """(noise, teacher sample) pairs of ``n`` seeded noises into the teacher-output store at ``out``
     (keyed by id 0..n-1; the teacher's ODE in ``steps`` DDIM / Euler steps, unconditional). Returns the
@@ -176,7 +154,8 @@ def write_pairs(teacher: nn.Module, n: int, out: str | Path, *, steps: int = 50,
         x = batch["x"].reshape(-1, *shape)
         return {"logits": sample(teacher, steps, len(x), noise=x).flatten(1)}
 
-    write_store_shared(answer, noise, out, teacher_fingerprint=_fingerprint(teacher, steps), batch_size=512)
+    fingerprint = f"{model_signature(teacher)}:{getattr(teacher, 'sampler', 'ddim')}:{steps}"  # what the pairs depend on
+    write_store_shared(answer, noise, out, teacher_fingerprint=fingerprint, batch_size=512)
     return noise, TeacherStore(out)
 
 
@@ -187,8 +166,7 @@ def reflow(teacher: nn.Module, student: Denoiser, n_pairs: int, store_dir: str |
     one-step distillation: the one-step student regresses onto the 2-rectified flow's own ODE samples
     (a second pair store, ``<store_dir>-2rf``), as Liu et al. 2024 distil their 2-RF. Returns
     (2-rectified flow, one-step student or None)."""
-    if student.process.kind != "flow":
-        raise DistilleryError("reflow trains a rectified-flow student; set the student's process to flow.")
+    require_flow(student.process)  # before the pairs are written
     store_dir = Path(store_dir)
     noise, pairs = write_pairs(teacher, n_pairs, store_dir, steps=pair_steps, seed=seed)
     task = ReflowTask(student.process, pairs, student.shape, seed)

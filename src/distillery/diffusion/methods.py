@@ -45,15 +45,26 @@ from .sample import consistency_x0
 
 
 def model_signature(model: nn.Module | None) -> str | None:
-    """A short fingerprint of a teacher the task asks (its tensors, or the exact mixture's, and process)."""
+    """A short fingerprint of a teacher the task asks: ``store.model_fingerprint`` of its tensors with its
+    process (and, for the exact teacher, which has no tensors, its mixture) as the config."""
     if model is None:
         return None
-    h = hashlib.sha256(repr(getattr(model, "process", None)).encode())
+    from ..store import model_fingerprint
+
     mix = getattr(model, "mixture", None)
-    tensors = [mix.means, mix.stds, mix.weights] if mix is not None else list(model.state_dict().values())
-    for t in tensors:
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+    config = {"process": model.process.config(),
+              "mixture": None if mix is None else [mix.means.tolist(), mix.stds.tolist(), mix.weights.tolist()]}
+    return model_fingerprint(model, config)[:16]
+
+
+def fixed_w(w: float | None, labels: Tensor | None, n: int, device) -> Tensor | None:
+    """A fixed guidance scale as a per-sample tensor, for a class-conditional batch (else None)."""
+    return None if w is None or labels is None else torch.full((n,), float(w), device=device)
+
+
+def require_flow(process: Process) -> None:
+    if process.kind != "flow":
+        raise DistilleryError("reflow trains a rectified-flow student; set the student's process to flow.")
 
 
 def seeded(seed: int, epoch: int, ids: Tensor, salt: str = "") -> torch.Generator:
@@ -147,7 +158,7 @@ class ProgressiveTask(_Task):
     def targets(self, z: Tensor, tau: Tensor, labels: Tensor | None = None) -> Tensor:
         """x~: the x0 whose single DDIM step from (z, tau) lands where the teacher's two steps land."""
         p, n = self.teacher.process, len(z)
-        ws = None if self.w is None or labels is None else torch.full((n,), float(self.w), device=z.device)
+        ws = fixed_w(self.w, labels, n, z.device)
         mid, end = tau - 1 / self.N, tau - 2 / self.N
         x0, eps = guided(self.teacher, z, tau, labels, ws, p)
         z1 = p.ddim_step(x0, eps, mid)
@@ -236,8 +247,7 @@ class ConsistencyTask(_Task):
         labels, ws = self._cond(batch, out, g)
         with torch.no_grad():
             p = self.teacher.process
-            tw = ws if ws is not None or self.w is None or labels is None else torch.full((n,), float(self.w),
-                                                                                         device=z.device)
+            tw = ws if ws is not None else fixed_w(self.w, labels, n, z.device)
             tx0, teps = guided(self.teacher, z, hi, labels, tw, p)
             z_lo = p.ddim_step(tx0, teps, lo)
             self.ema.eval()
@@ -253,8 +263,7 @@ class ReflowTask(_Task):
     """2-rectified flow on stored (noise, sample) pairs; ``one_step``: InstaFlow's distillation at tau = 1."""
 
     def __init__(self, process: Process, pairs, shape: tuple[int, ...], seed: int, one_step: bool = False):
-        if process.kind != "flow":
-            raise DistilleryError("reflow trains a rectified-flow student; set the student's process to flow.")
+        require_flow(process)
         super().__init__(process, seed)
         self.pairs, self.shape, self.one_step = pairs, tuple(shape), one_step
 
@@ -356,7 +365,7 @@ class ScoreTask:
             tau = lo + (hi - lo) * _rand(n, g, device)
             eps = _randn(x.shape, g, device)
             x_t = p.noise(x, eps, tau)
-            ws = None if self.w is None or labels is None else torch.full((n,), float(self.w), device=device)
+            ws = fixed_w(self.w, labels, n, device)
             real, _ = guided(self.teacher, x_t, tau, labels, ws, p)
             if self.mode == "sds":  # eps_hat - eps = (a / s) (x - x0_real)
                 grad = (x - real) * _expand(ratio_as(p, tau), x)

@@ -19,8 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -98,13 +96,13 @@ class Denoiser(nn.Module):
     """A network with its process: ``forward(x, tau, class_labels=None, w=None) -> prediction``."""
 
     def __init__(self, net: nn.Module, process: Process, shape: tuple[int, ...], sampler: str = "ddim",
-                 guided: float | None = None):
+                 guided: float | None = None, solver_steps: int | None = None):
         super().__init__()
         self.net, self.process, self.shape, self.sampler = net, process, tuple(shape), sampler
         self.guided = guided
         """The guidance scale distilled into a class-conditional student (its output is already guided:
         sampling applies no classifier-free guidance on top); None: a plain conditional model."""
-        self.solver_steps: int | None = None
+        self.solver_steps = solver_steps
         """A consistency student: the teacher's solver grid it was trained on (sampling snaps to it, as LCM)."""
 
     @property
@@ -161,28 +159,23 @@ def _scheduler(process: Process, sampler: str, solver_steps: int | None = None):
 
 
 def save_folder(model: Denoiser, path: str | Path, extra: dict[str, Any] | None = None) -> Path:
-    """Write ``model`` as a diffusers pipeline folder (atomically: a temporary folder renamed into place)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model.net.save_pretrained(tmp / "unet", safe_serialization=True)
-    sched = _scheduler(model.process, model.sampler, model.solver_steps)
-    sched.save_pretrained(tmp / "scheduler")
-    index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
-             "unet": ["diffusers", type(model.net).__name__], "scheduler": ["diffusers", type(sched).__name__]}
-    (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
-    meta = {"process": model.process.config(), "shape": list(model.shape), "sampler": model.sampler,
-            "guided": model.guided, "solver_steps": model.solver_steps, "net": type(model.net).__name__,
-            "grid": "tau = 1 - i / steps (diffusers: DDIM or LCM with timestep_spacing trailing; FlowMatchEuler: "
-                    "set_timesteps(sigmas=[1 - i / steps]))", **(extra or {})}
-    (tmp / "distillery.json").write_text(json.dumps(meta, indent=2))
-    old = path.with_name(f".{path.name}.old-{os.getpid()}")
-    if path.exists():
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-    return path
+    """Write ``model`` as a diffusers pipeline folder (atomically: ``io.atomic_folder``)."""
+    from ..io import atomic_folder
+
+    def write(tmp: Path) -> None:
+        model.net.save_pretrained(tmp / "unet", safe_serialization=True)
+        sched = _scheduler(model.process, model.sampler, model.solver_steps)
+        sched.save_pretrained(tmp / "scheduler")
+        index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
+                 "unet": ["diffusers", type(model.net).__name__], "scheduler": ["diffusers", type(sched).__name__]}
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
+        meta = {"process": model.process.config(), "shape": list(model.shape), "sampler": model.sampler,
+                "guided": model.guided, "solver_steps": model.solver_steps, "net": type(model.net).__name__,
+                "grid": "tau = 1 - i / steps (diffusers: DDIM or LCM with timestep_spacing trailing; FlowMatchEuler: "
+                        "set_timesteps(sigmas=[1 - i / steps]))", **(extra or {})}
+        (tmp / "distillery.json").write_text(json.dumps(meta, indent=2))
+
+    return atomic_folder(path, write)
 
 
 def _process_from_scheduler(cfg: dict) -> Process:
@@ -226,15 +219,13 @@ def load_folder(path: str | Path) -> Denoiser:
     net = cls.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
     meta_file = path / "distillery.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-    process = Process(**meta["process"]) if "process" in meta else _process_from_scheduler(
-        json.loads(sched_file.read_text()))
+    sched_cfg = json.loads(sched_file.read_text())
+    process = Process(**meta["process"]) if "process" in meta else _process_from_scheduler(sched_cfg)
     if "shape" in meta:
         shape = tuple(meta["shape"])
     elif cls is diffusers.UNet2DModel:
         shape = (net.config.in_channels, net.config.sample_size, net.config.sample_size)
     else:
         shape = (net.config.dim,)
-    sampler = meta.get("sampler", "consistency" if "LCM" in json.loads(sched_file.read_text())["_class_name"] else "ddim")
-    out = Denoiser(net, process, shape, sampler, meta.get("guided"))
-    out.solver_steps = meta.get("solver_steps")
-    return out.eval()
+    sampler = meta.get("sampler", "consistency" if "LCM" in sched_cfg.get("_class_name", "") else "ddim")
+    return Denoiser(net, process, shape, sampler, meta.get("guided"), meta.get("solver_steps")).eval()

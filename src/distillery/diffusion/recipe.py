@@ -46,6 +46,12 @@ class DiffusionTeacher:
     """Condition on the data's labels (mixture components, digit classes), with label dropout for guidance."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(epochs=30, batch_size=256, lr=2e-3))
 
+    def path(self):
+        """The teacher's ``Process`` (its noising path and prediction type)."""
+        from .process import Process
+
+        return Process(self.process, self.prediction, beta_schedule=self.beta_schedule)
+
     def __post_init__(self) -> None:
         from .process import PREDICTIONS
 
@@ -235,16 +241,14 @@ def load_teacher(recipe: DiffusionRecipe, data, mix, rd, progress):
     """(teacher, where it came from: exact | folder | cached | trained, its training seconds or None). A
     trained teacher goes into the cache (with its training time) under a lock: runs that share it train
     it once, the others wait and load it."""
-    import fcntl
-
+    from ..io import locked_beside
     from .mixture import ExactDenoiser
     from .nets import load_folder
-    from .process import Process
 
     t = recipe.teacher
     shape = tuple(data.x.shape[1:])
     if t.source == "exact":
-        return ExactDenoiser(mix, Process(t.process, t.prediction, beta_schedule=t.beta_schedule)), "exact", None
+        return ExactDenoiser(mix, t.path()), "exact", None
     if t.source != "train":
         model = load_folder(t.source)
         if tuple(model.shape) != shape:
@@ -259,31 +263,29 @@ def load_teacher(recipe: DiffusionRecipe, data, mix, rd, progress):
                 "teacher of this data's classes, or set teacher.class_conditional to match.")
         return model.requires_grad_(False), "folder", None
     cache = Path(recipe.runs_dir) / "cache" / "diffusion-teachers" / _fingerprint(recipe)[:16]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    with open(cache.with_name(cache.name + ".lock"), "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked_beside(cache):
         if (cache / "unet" / "diffusion_pytorch_model.safetensors").is_file():
             say(progress, f"teacher: reused from the cache {cache}")
             meta = json.loads((cache / "distillery.json").read_text())
             return load_folder(cache).requires_grad_(False), "cached", meta.get("train_seconds")
-        t0 = time.perf_counter()
-        return _train_teacher(recipe, data, shape, cache, rd, progress, t0), "trained", time.perf_counter() - t0
+        return _train_teacher(recipe, data, shape, cache, rd, progress)
 
 
-def _train_teacher(recipe: DiffusionRecipe, data, shape, cache: Path, rd, progress, t0: float):
+def _train_teacher(recipe: DiffusionRecipe, data, shape, cache: Path, rd, progress):
+    """(the trained teacher, "trained", its training seconds), saved into ``cache`` with that time."""
     from .distill import train_teacher
     from .nets import Denoiser, save_folder
-    from .process import Process
 
     t = recipe.teacher
+    t0 = time.perf_counter()
     classes = data.num_classes if t.class_conditional else 0
     torch.manual_seed(recipe.seed)  # the initial weights are the seed's, whatever ran before
-    model = Denoiser(build_net(shape, t.net, classes, False), Process(t.process, t.prediction,
-                                                                      beta_schedule=t.beta_schedule), shape)
+    model = Denoiser(build_net(shape, t.net, classes, False), t.path(), shape)
     train_teacher(model, data, t.train, seed=recipe.seed, run_dir=rd.path, resume=rd.resume, progress=progress)
+    seconds = time.perf_counter() - t0
     if writer():
-        save_folder(model, cache, {"train_seconds": time.perf_counter() - t0})
-    return model.requires_grad_(False)
+        save_folder(model, cache, {"train_seconds": seconds})
+    return model.requires_grad_(False), "trained", seconds
 
 
 def new_student(recipe: DiffusionRecipe, teacher, data, process=None):
