@@ -120,7 +120,7 @@ def prepare(folder: Path, n_blocks: int, block: int) -> dict:
     if bool((train.y[:n_blocks] == -100).any()):
         raise SystemExit("the corpus blocks have masked targets; expected every target to count")
     rows = torch.cat([train.x[:n_blocks, :1], train.y[:n_blocks]], dim=1).numpy()  # (N, block + 1)
-    vocab = tok.get_vocab_size()
+    vocab = len(tok)
     sizes = {}
     for name, cfg in (("teacher", TEACHER), ("student", STUDENT)):
         model = llama(cfg, vocab_size=vocab, seed=SEEDS[name], max_length=2 * block)

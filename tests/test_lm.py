@@ -28,7 +28,7 @@ def tok():
 @pytest.fixture(scope="module")
 def data(tok):
     rows = corpus.blocks(corpus.encode_documents(TEXT, tok), 24)
-    return corpus.TokenData.from_blocks(rows, tok.get_vocab_size(), "toy")
+    return corpus.TokenData.from_blocks(rows, len(tok), "toy")
 
 
 def _cfg(**kw):
@@ -39,17 +39,17 @@ def _cfg(**kw):
 
 
 def test_padded_vocabulary_is_sliced_to_the_tokenizer(tok):
-    v = tok.get_vocab_size()
+    v = len(tok)
     m = llama("tiny", vocab_size=v, pad_to=64)
     assert m.hf.get_output_embeddings().weight.shape[0] == 320 > v
     assert m(torch.zeros(2, 5, dtype=torch.long)).shape == (2, 5, v)
 
 
 def test_save_load_round_trip_and_damage(tmp_path, tok):
-    m = llama("tiny", vocab_size=tok.get_vocab_size(), seed=3, pad_to=64)
+    m = llama("tiny", vocab_size=len(tok), seed=3, pad_to=64)
     save_lm(m, tok, tmp_path / "m")
     m2, tok2 = load_lm(tmp_path / "m")
-    x = torch.randint(0, tok.get_vocab_size(), (2, 7))
+    x = torch.randint(0, len(tok), (2, 7))
     assert torch.equal(m(x), m2(x)) and m2.vocab_size == m.vocab_size
     check_same_tokenizer(tok, tok2)
     data = (tmp_path / "m" / "model.safetensors").read_bytes()
@@ -67,16 +67,16 @@ def test_save_load_round_trip_and_damage(tmp_path, tok):
 
 
 def test_a_folder_without_its_checksum_record_is_refused_unless_asked(tmp_path, tok):
-    m = llama("tiny", vocab_size=tok.get_vocab_size(), seed=3)
+    m = llama("tiny", vocab_size=len(tok), seed=3)
     save_lm(m, tok, tmp_path / "m")
     record = tmp_path / "m" / "distillery_lm.json"
     meta = json.loads(record.read_text())
     record.unlink()  # the record gone: flipped weights would load silently
     with pytest.raises(DistilleryError, match=r"no checksum record.*--unverified"):
         load_lm(tmp_path / "m")
-    x = torch.randint(0, tok.get_vocab_size(), (1, 5))
+    x = torch.randint(0, len(tok), (1, 5))
     m2, _ = load_lm(tmp_path / "m", verify=False)  # a folder from elsewhere, knowingly
-    assert m2(x).shape[-1] >= tok.get_vocab_size()
+    assert m2(x).shape[-1] >= len(tok)
     record.write_text(json.dumps({**meta, "files": {}}))  # an emptied list is no record either
     with pytest.raises(DistilleryError, match="no checksum record"):
         load_lm(tmp_path / "m")
@@ -107,9 +107,9 @@ def test_stdlib_split_is_by_file_disjoint_and_fixed():
 
 def test_blocks_targets_and_prompt_mask(tok):
     stream = corpus.encode_documents(["abc def", "ghi"], tok)
-    assert stream[-1] == tok.token_to_id(corpus.EOS)
+    assert stream[-1] == tok.convert_tokens_to_ids(corpus.EOS)
     rows = corpus.blocks(stream, 3)
-    d = corpus.TokenData.from_blocks(rows, tok.get_vocab_size(), prompt=2)
+    d = corpus.TokenData.from_blocks(rows, len(tok), prompt=2)
     assert torch.equal(d.x[0], torch.as_tensor(rows[0, :3]).long())
     assert d.y[0, 0] == -100 and d.y[0, 1] == rows[0, 2]
     assert torch.equal(d.batch(torch.tensor([0]))["mask"], d.y[:1] != -100)
@@ -133,8 +133,8 @@ def test_read_texts_formats_and_errors(tmp_path):
 
 
 def test_greedy_with_cache_equals_full_recompute(tok):
-    m = llama("tiny", vocab_size=tok.get_vocab_size(), seed=1)
-    prompt = torch.randint(0, tok.get_vocab_size(), (3, 4), generator=torch.Generator().manual_seed(0))
+    m = llama("tiny", vocab_size=len(tok), seed=1)
+    prompt = torch.randint(0, len(tok), (3, 4), generator=torch.Generator().manual_seed(0))
     out = sample(m, prompt, 6, temperature=0)
     ids = prompt
     for _ in range(6):
@@ -170,7 +170,7 @@ def _kl_to(teacher, student, data) -> float:
 
 @pytest.mark.parametrize("loss", ["kd", "generalized_jsd"])
 def test_token_kd_moves_the_student_to_the_teacher(tok, data, loss):
-    v = tok.get_vocab_size()
+    v = len(tok)
     teacher = llama("tiny", vocab_size=v, seed=0)
     D.train(teacher, data, _cfg(epochs=3), progress=False)
     student = llama("tiny", vocab_size=v, seed=1, hidden_size=16, intermediate_size=32)
@@ -180,7 +180,7 @@ def test_token_kd_moves_the_student_to_the_teacher(tok, data, loss):
 
 
 def test_perplexity_is_exp_of_mean_cross_entropy(tok, data):
-    m = llama("tiny", vocab_size=tok.get_vocab_size(), seed=2)
+    m = llama("tiny", vocab_size=len(tok), seed=2)
     b = data.batch(torch.arange(len(data)))
     with torch.no_grad():
         logits = m(b["x"])
@@ -189,7 +189,7 @@ def test_perplexity_is_exp_of_mean_cross_entropy(tok, data):
 
 
 def test_sequence_level_data_from_the_teacher(tok, data):
-    teacher = llama("tiny", vocab_size=tok.get_vocab_size(), seed=0)
+    teacher = llama("tiny", vocab_size=len(tok), seed=0)
     prompts = D.prompts_of(data, 4)
     a = D.teacher_texts(teacher, prompts, 6, samples=2, seed=5, batch_size=64)
     b = D.teacher_texts(teacher, prompts, 6, samples=2, seed=5)
@@ -202,7 +202,7 @@ def test_sequence_level_data_from_the_teacher(tok, data):
 
 
 def test_on_policy_share_and_determinism(tok, data):
-    student = llama("tiny", vocab_size=tok.get_vocab_size(), seed=1)
+    student = llama("tiny", vocab_size=len(tok), seed=1)
     never = D.OnPolicy(student, lam=0.0, prompt=4)
     always = D.OnPolicy(student, lam=1.0, prompt=4)
     idx = torch.arange(6)
@@ -227,7 +227,7 @@ def test_topk_store_for_token_sequences(tmp_path, tok, data):
     from distillery.store import CachedTeacher, write_store
     from distillery.teachers import ModuleTeacher
 
-    v = tok.get_vocab_size()
+    v = len(tok)
     teacher = llama("tiny", vocab_size=v, seed=0)
     write_store(ModuleTeacher(teacher), data, tmp_path / "s", teacher_fingerprint="t", top_k=v, dtype="float32",
                 batch_size=4)
@@ -309,7 +309,7 @@ def test_cli_trains_a_teacher_then_distils_from_it(tmp_path, capsys):
 def test_adaspec_data_keeps_the_share_and_carries_the_target(tok, data):
     from distillery.lm.adaspec import AdaSPEC, BatchTeacher, adaspec_mask
 
-    v = tok.get_vocab_size()
+    v = len(tok)
     target, ref, draft = (llama("tiny", vocab_size=v, seed=s) for s in (0, 1, 2))
     view = AdaSPEC(draft, ref, target, keep=0.4)
     idx = torch.arange(5)
@@ -327,7 +327,7 @@ def test_adaspec_data_keeps_the_share_and_carries_the_target(tok, data):
 def test_hidden_state_terms_through_taps_and_adapters(tmp_path, tok, data):
     from distillery.objective import Term
 
-    v = tok.get_vocab_size()
+    v = len(tok)
     teacher = llama("tiny", vocab_size=v, seed=0)
     student = llama("tiny", vocab_size=v, seed=1, hidden_size=16, intermediate_size=32)
     hint = Term("hint", student="hf.model.layers.1", teacher="hf.model.layers.1")
@@ -344,7 +344,7 @@ def test_hidden_state_terms_through_taps_and_adapters(tmp_path, tok, data):
 def test_accumulation_averages_over_the_steps_valid_tokens(tok, data):
     """Batch 8 in one step equals batch 4 x 2 accumulation steps when the micro-batches hold very
     different numbers of valid tokens: the mean is over the step's tokens, not of micro-batch means."""
-    v = tok.get_vocab_size()
+    v = len(tok)
     uneven = data.subset(torch.arange(8))
     uneven.y[:4, 3:] = -100  # the first micro-batch keeps 3 tokens per row, the second all of theirs
     teacher = llama("tiny", vocab_size=v, seed=0)
@@ -376,7 +376,7 @@ def test_minitron_pruning_by_depth_and_width_then_kd_recovery(tmp_path, tok, dat
     from distillery.cli import main
     from distillery.compress.lm_prune import LMPrune, importances, prune
 
-    v = tok.get_vocab_size()
+    v = len(tok)
     teacher = llama("tiny", vocab_size=v, seed=0)
     D.train(teacher, data, _cfg(epochs=1), progress=False)
     ids = data.x[:8]

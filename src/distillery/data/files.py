@@ -125,7 +125,7 @@ def _items(raw: dict[str, list[dict]], *, label: str, text: str | None, features
 
         if max_length < 2:
             raise DistilleryError(f"data {kind}: max_length must be >= 2, got {max_length}.")
-        tok = load_tokenizer(tokenizer)
+        tok = load_tokenizer(tokenizer).backend_tokenizer  # special tokens as the tokenizer's post-processor adds them
         tok.enable_truncation(max_length)
         pad = next((tok.token_to_id(t) for t in ("[PAD]", "<pad>", "<|pad|>") if tok.token_to_id(t) is not None), 0)
         for split, rows in raw.items():

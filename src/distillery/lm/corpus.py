@@ -86,26 +86,39 @@ def read_texts(path: str | Path, field: str = "text") -> list[str]:
     return [_read(path)]
 
 
-def train_tokenizer(texts: Sequence[str], vocab_size: int = 8192):
-    """A byte-level BPE of ``vocab_size`` tokens trained on ``texts`` (``<|endoftext|>`` is id 0)."""
+def train_raw_tokenizer(texts: Sequence[str], vocab_size: int = 8192, special: Sequence[str] = (EOS,),
+                        digits: bool = False):
+    """A raw byte-level BPE (``tokenizers.Tokenizer``) of at most ``vocab_size`` tokens trained on ``texts``;
+    ``special`` tokens take the first ids (``<|endoftext|>`` is id 0); ``digits`` splits numbers into
+    single digits first (as Llama and Qwen do)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level]) \
+        if digits else byte_level
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), special_tokens=[EOS], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=int(vocab_size), special_tokens=list(special), show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     tok.train_from_iterator(texts, trainer=trainer)
     return tok
 
 
+def train_tokenizer(texts: Sequence[str], vocab_size: int = 8192):
+    """A byte-level BPE of ``vocab_size`` tokens trained on ``texts`` (``<|endoftext|>`` is id 0, the
+    end-of-sequence and padding token), as a transformers fast tokenizer."""
+    from .models import as_tokenizer
+
+    return as_tokenizer(train_raw_tokenizer(texts, vocab_size))
+
+
 def encode_documents(texts: Sequence[str], tok) -> np.ndarray:
-    """All documents as one int32 stream, each followed by ``<|endoftext|>``."""
-    eos = tok.token_to_id(EOS)
-    if eos is None:
-        raise DistilleryError(f"the tokenizer has no {EOS} token; train it with distillery.lm.corpus.train_tokenizer.")
+    """All documents as one int32 stream, each followed by the tokenizer's end-of-sequence token."""
+    from .models import eos_id
+
+    eos = eos_id(tok)
     parts = []
-    for enc in tok.encode_batch(list(texts), add_special_tokens=False):
+    for enc in tok.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False):
         parts.append(np.asarray(enc.ids, dtype=np.int32))
         parts.append(np.asarray([eos], dtype=np.int32))
     return np.concatenate(parts) if parts else np.zeros(0, np.int32)
@@ -169,12 +182,15 @@ def builtin(block: int = 128, vocab_size: int = 8192, seed: int = 0, cache: bool
     tok_file = folder / f"stdlib-{key}.tokenizer.json"
     from tokenizers import Tokenizer
 
+    from .models import as_tokenizer
+
     if cache and tok_file.is_file():
-        tok = Tokenizer.from_file(str(tok_file))
+        raw = Tokenizer.from_file(str(tok_file))
     else:
-        tok = train_tokenizer([_read(f) for f in split["train"]], vocab_size)
+        raw = train_raw_tokenizer([_read(f) for f in split["train"]], vocab_size)
         if cache:
-            atomic_write_text(tok_file, tok.to_str())
+            atomic_write_text(tok_file, raw.to_str())
+    tok = as_tokenizer(raw)
 
     def build() -> dict[str, np.ndarray]:
         return {name: encode_documents([_read(f) for f in fs], tok) for name, fs in split.items()}
@@ -183,6 +199,6 @@ def builtin(block: int = 128, vocab_size: int = 8192, seed: int = 0, cache: bool
     out, first = {}, 0
     for name in ("train", "validation", "test"):
         rows = blocks(streams[name], block)
-        out[name] = TokenData.from_blocks(rows, tok.get_vocab_size(), f"stdlib/{name}", first_id=first)
+        out[name] = TokenData.from_blocks(rows, len(tok), f"stdlib/{name}", first_id=first)
         first += len(rows)
     return out, tok

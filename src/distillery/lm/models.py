@@ -9,8 +9,12 @@ or loaded from a local folder (never downloaded), wrapped so the engine sees ``m
 - ``llama(preset or sizes, vocab_size, seed)``: a seeded random-init model; presets ``teacher``
   (about 10M parameters at a vocabulary of 8192) and ``student`` (about 1M) and ``tiny`` (tests).
 - ``save_lm`` / ``load_lm``: a folder with transformers' ``config.json`` + ``model.safetensors``
-  (``AutoModelForCausalLM`` loads it without distillery), ``tokenizer.json`` and
-  ``distillery_lm.json`` (real vocabulary, checksums verified on load), written atomically.
+  (``AutoModelForCausalLM`` loads it without distillery), every tokenizer file (``AutoTokenizer``
+  loads them: special tokens, chat template) and ``distillery_lm.json`` (real vocabulary, checksums
+  verified on load), written atomically.
+- Tokenizers are transformers fast tokenizers everywhere (``load_tokenizer``, ``as_tokenizer`` for
+  a raw ``tokenizers.Tokenizer``); end-of-sequence and padding come from the tokenizer (``eos_id``,
+  ``pad_id``).
 - ``check_same_tokenizer``: teacher and student must share a tokenizer; different ones are
   refused with the first differing token named.
 """
@@ -78,17 +82,22 @@ class CausalLM(nn.Module):
     def max_length(self) -> int:
         return int(self.hf.config.max_position_embeddings)
 
-    def forward(self, ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        out = self.hf(input_ids=ids, attention_mask=attention_mask, use_cache=False)
+    def forward(self, x: Tensor, attention_mask: Tensor | None = None, pos: Tensor | None = None) -> Tensor:
+        """``x`` (B, T) token ids -> (B, T, V) logits. ``pos`` (B, T): each token's position in its own
+        sequence; where it restarts at 0 a new sequence begins, and no token attends across that boundary
+        (packed rows, left padding: transformers' packed-sequence masking from ``position_ids``)."""
+        out = self.hf(input_ids=x, attention_mask=attention_mask, position_ids=pos, use_cache=False)
         logits = out.logits
         return logits[..., : self.vocab_size] if logits.shape[-1] != self.vocab_size else logits
 
-    def step(self, ids: Tensor, cache: Any = None) -> tuple[Tensor, Any]:
+    def step(self, ids: Tensor, cache: Any = None, attention_mask: Tensor | None = None,
+             pos: Tensor | None = None) -> tuple[Tensor, Any]:
         """Incremental decoding: (logits (B, n, V) of the ``n`` new tokens ``ids`` after the cached
         prefix, the updated key-value cache). ``cache=None`` starts from an empty prefix. The cache
-        is transformers' own (``DynamicCache``; ``.crop(-n)`` drops its last n tokens)."""
+        is transformers' own (``DynamicCache``; ``.crop(-n)`` drops its last n tokens). Left-padded
+        batches pass ``attention_mask`` (B, prefix + n; 0 on padding) and ``pos`` (B, n) positions."""
         kw = {} if cache is None else {self._cache_kw: cache}
-        out = self.hf(input_ids=ids, use_cache=True, **kw)
+        out = self.hf(input_ids=ids, attention_mask=attention_mask, position_ids=pos, use_cache=True, **kw)
         logits = out.logits
         if logits.shape[-1] != self.vocab_size:
             logits = logits[..., : self.vocab_size]
@@ -126,38 +135,74 @@ def llama(preset: str | dict[str, int] = "student", *, vocab_size: int, seed: in
 
 
 def save_lm(model: CausalLM, tokenizer, path: str | Path, extra: dict | None = None) -> Path:
-    """Write ``path`` atomically: transformers' files, ``tokenizer.json`` and ``distillery_lm.json``
-    with the real vocabulary and the sha256 of the config, weights and tokenizer. ``extra`` is
-    recorded too."""
+    """Write ``path`` atomically: transformers' files, every file of the tokenizer (``save_pretrained``:
+    ``tokenizer.json``, ``tokenizer_config.json`` with its special tokens, the chat template) and
+    ``distillery_lm.json`` with the real vocabulary and the sha256 of every file. ``extra`` is recorded too."""
 
     require_transformers().utils.logging.disable_progress_bar()  # no bar on every checkpoint
+    if not hasattr(tokenizer, "save_pretrained"):  # a raw tokenizers.Tokenizer
+        tokenizer = as_tokenizer(tokenizer)
 
     def write(tmp: Path) -> None:
         model.hf.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save(str(tmp / "tokenizer.json"))
-        files = ["config.json", "model.safetensors", "tokenizer.json"]
+        tokenizer.save_pretrained(str(tmp))
+        files = sorted(p.name for p in tmp.iterdir() if p.is_file() and p.name != CONFIG)
         atomic_write_json(tmp / CONFIG, {"format": FORMAT, "vocab_size": model.vocab_size,
                                          "files": {f: sha256_file(tmp / f) for f in files}, **(extra or {})})
 
     return atomic_folder(path, write)
 
 
+def as_tokenizer(raw, eos: str | None = None):
+    """A raw ``tokenizers.Tokenizer`` as a transformers fast tokenizer (one type everywhere: chat
+    templates, special tokens, ``save_pretrained``). ``eos`` (default ``<|endoftext|>`` when the
+    vocabulary has it) is also the padding token."""
+    transformers = require_transformers()
+    raw.no_padding()
+    raw.no_truncation()
+    if eos is None and raw.token_to_id("<|endoftext|>") is not None:
+        eos = "<|endoftext|>"
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=raw, eos_token=eos, pad_token=eos)
+
+
 def load_tokenizer(path: str | Path):
-    require_transformers()
+    """The tokenizer of a model folder (``tokenizer.json`` with ``tokenizer_config.json``: its special
+    tokens and chat template, as transformers saves them) or of a ``tokenizer.json`` file, as a
+    transformers fast tokenizer. Nothing is downloaded."""
+    transformers = require_transformers()
     from tokenizers import Tokenizer
 
-    file = Path(path) / "tokenizer.json" if Path(path).is_dir() else Path(path)
+    path = Path(path)
+    file = path / "tokenizer.json" if path.is_dir() else path
     if not file.is_file():
         raise DistilleryError(f"{file} does not exist; a model folder needs its tokenizer.json "
                               "(save_lm writes it; for a transformers folder, tokenizer.save_pretrained).")
     try:
-        tok = Tokenizer.from_file(str(file))
+        if path.is_dir() and (path / "tokenizer_config.json").is_file():
+            os.environ.setdefault("HF_HUB_OFFLINE", "1")
+            tok = transformers.AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+            if not getattr(tok, "is_fast", False):
+                raise ValueError("not a fast tokenizer")
+        else:
+            tok = as_tokenizer(Tokenizer.from_file(str(file)))
     except Exception as e:  # the tokenizers library raises its own exception type for a garbled file
-        raise DistilleryError(f"{file} is not a readable tokenizer file ({str(e).splitlines()[0][:120]}); save the "
-                              "tokenizer again.") from None
-    tok.no_padding()
-    tok.no_truncation()
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:120]
+        raise DistilleryError(f"{file} is not a readable tokenizer ({first}); save the tokenizer again "
+                              "(tokenizer.save_pretrained).") from None
     return tok
+
+
+def eos_id(tok) -> int:
+    """The tokenizer's end-of-sequence id (from its own special tokens, never a fixed string)."""
+    if tok.eos_token_id is None:
+        raise DistilleryError("the tokenizer names no end-of-sequence token; set eos_token in its "
+                              "tokenizer_config.json (or pass eos= to distillery.lm.models.as_tokenizer).")
+    return int(tok.eos_token_id)
+
+
+def pad_id(tok) -> int:
+    """The padding id: the tokenizer's pad token, else its end-of-sequence token (padding is never trained)."""
+    return int(tok.pad_token_id) if tok.pad_token_id is not None else eos_id(tok)
 
 
 def from_pretrained(cls, path: Path, **kwargs):
@@ -195,7 +240,7 @@ def load_lm(path: str | Path, *, verify: bool = True) -> tuple[CausalLM, Any]:
     transformers = require_transformers()
     path = check_folder(path)
     tok = load_tokenizer(path)
-    vocab = tok.get_vocab_size()
+    vocab = len(tok)
     meta = read_json(path / CONFIG, "language-model config") if (path / CONFIG).is_file() else None
     if meta is not None and meta.get("format") != FORMAT:
         raise DistilleryError(f"{path / CONFIG} is not a distillery language-model config of format {FORMAT}.")

@@ -48,7 +48,7 @@ def load_data(recipe: LMRecipe, tokenizer=None) -> tuple[dict[str, corpus.TokenD
         splits, first = {}, 0
         for name in ("train", "validation", "test"):
             rows = corpus.blocks(corpus.encode_documents([docs[i] for i in parts[name]], tok), recipe.block)
-            splits[name] = corpus.TokenData.from_blocks(rows, tok.get_vocab_size(), f"{recipe.data}/{name}", first_id=first)
+            splits[name] = corpus.TokenData.from_blocks(rows, len(tok), f"{recipe.data}/{name}", first_id=first)
             first += len(rows)
     if recipe.max_train_blocks is not None:
         splits["train"] = splits["train"].subset(torch.arange(min(recipe.max_train_blocks, len(splits["train"]))))
@@ -57,7 +57,7 @@ def load_data(recipe: LMRecipe, tokenizer=None) -> tuple[dict[str, corpus.TokenD
 
 def build_model(recipe: LMRecipe, tok) -> CausalLM:
     if recipe.model in PRESETS:
-        return llama(recipe.model, vocab_size=tok.get_vocab_size(), seed=recipe.seed, max_length=max(512, recipe.block + 1))
+        return llama(recipe.model, vocab_size=len(tok), seed=recipe.seed, max_length=max(512, recipe.block + 1))
     model, mtok = load_lm(recipe.model, verify=recipe.verify)
     check_same_tokenizer(mtok, tok)
     return model
