@@ -24,6 +24,7 @@ import random
 import sys
 import sysconfig
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -134,14 +135,31 @@ def blocks(stream: np.ndarray, block: int) -> np.ndarray:
     return stream[idx]
 
 
+@dataclass
 class TokenData(TensorData):
-    """Token blocks: ``x`` (N, T) inputs, ``y`` (N, T) next-token targets (-100: not trained)."""
+    """Token blocks: ``x`` (N, T) inputs, ``y`` (N, T) next-token targets (-100: not trained), and
+    optionally ``pos`` (N, T): each token's position in its own sequence, restarting at 0 where a new
+    sequence begins in the row (packed conversations, left padding); batches then carry ``pos`` and
+    the model gets it (no token attends across a restart)."""
 
+    pos: Tensor | None = None
     tokens = True  # the engine normalises logit terms by valid tokens
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.pos is not None and self.pos.shape != self.x.shape:
+            raise ValueError(f"{self.name}: pos {tuple(self.pos.shape)} must have the shape of x {tuple(self.x.shape)}")
+
+    @property
+    def inputs(self) -> list[str] | None:
+        """The batch keys the model reads: ``["x", "pos"]`` when rows hold positions, else None (``x`` alone)."""
+        return None if self.pos is None else ["x", "pos"]
 
     def batch(self, index: Tensor) -> dict[str, Tensor]:
         out = super().batch(index)
         out["mask"] = out["y"] != -100
+        if self.pos is not None:
+            out["pos"] = self.pos[index]
         return out
 
     @classmethod
@@ -156,7 +174,8 @@ class TokenData(TensorData):
         return cls(x, y, torch.arange(first_id, first_id + len(rows)), int(vocab_size), name)
 
     def subset(self, index: Tensor, name: str | None = None) -> TokenData:
-        return TokenData(self.x[index], self.y[index], self.ids[index], self.num_classes, name or self.name)
+        return TokenData(self.x[index], self.y[index], self.ids[index], self.num_classes, name or self.name,
+                         None if self.pos is None else self.pos[index])
 
 
 def _fingerprint(files: Sequence[Path]) -> str:

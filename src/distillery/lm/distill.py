@@ -20,6 +20,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Sequence
 from pathlib import Path
@@ -48,8 +49,14 @@ def token_losses() -> list[str]:
             and not c.needs_targets and not c.batch_keys and c.state is None]
 
 
-def _as_teacher(teacher: CausalLM | Teacher) -> Teacher:
-    return ModuleTeacher(teacher) if isinstance(teacher, torch.nn.Module) else teacher
+def _as_teacher(teacher: CausalLM | Teacher, inputs: Sequence[str] | None = None) -> Teacher:
+    return ModuleTeacher(teacher, inputs=inputs) if isinstance(teacher, torch.nn.Module) else teacher
+
+
+def _with_inputs(cfg: TrainConfig, data: TokenData) -> TrainConfig:
+    """``cfg`` whose model inputs are what the data's rows hold (``x``, and ``pos`` for packed rows)."""
+    inputs = getattr(data, "inputs", None)
+    return cfg if inputs is None or cfg.inputs else dataclasses.replace(cfg, inputs=inputs)
 
 
 def train(model: CausalLM, data: TokenData, cfg: TrainConfig, *, run_dir: str | Path | None = None, seed: int = 0,
@@ -58,6 +65,7 @@ def train(model: CausalLM, data: TokenData, cfg: TrainConfig, *, run_dir: str | 
     """Next-token cross-entropy on ``data`` (its valid targets), through the engine; ``eval_data`` (a
     validation split) is scored every epoch: perplexity, token accuracy."""
     objective = Objective([Term("ce", teacher=None, targets="labels")], chunk_size=chunk_size)
+    cfg = _with_inputs(cfg, data)
     return engine.fit(model, objective, data, cfg, run_dir=run_dir, phase=phase, seed=seed, progress=progress,
                       eval_data=eval_data, resume=resume)
 
@@ -92,7 +100,9 @@ def distil(student: CausalLM, teacher: CausalLM | Teacher | None, data: TokenDat
                               "token-level KD needs one shared tokenizer (lm.models.check_same_tokenizer): build "
                               "the student with the teacher's.")
     objective = Objective(terms, chunk_size=chunk_size)
-    return engine.fit(student, objective, data, cfg, teacher=None if teacher is None else _as_teacher(teacher),
+    cfg = _with_inputs(cfg, data)
+    return engine.fit(student, objective, data, cfg,
+                      teacher=None if teacher is None else _as_teacher(teacher, cfg.inputs),
                       run_dir=run_dir, phase=phase,
                       seed=seed, progress=progress, task=task, eval_data=eval_data, resume=resume)
 
@@ -106,7 +116,7 @@ def perplexity(model: CausalLM, data: TokenData, batch_size: int = 32) -> float:
     try:
         for lo in range(0, len(data), batch_size):
             b = data.batch(torch.arange(lo, min(lo + batch_size, len(data))))
-            logits = model(b["x"])
+            logits = model(b["x"], pos=b.get("pos"))
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["y"].reshape(-1),
                                  ignore_index=-100, reduction="sum")
             total += float(ce)

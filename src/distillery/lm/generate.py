@@ -71,8 +71,11 @@ def draw(log_p: Tensor, generator: torch.Generator | None) -> Tensor:
 
 @torch.no_grad()
 def sample(model: CausalLM, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0,
-           top_k: int = 0, generator: torch.Generator | None = None, eos_id: int | None = None) -> Generation:
-    """Continue every prompt row by ``max_new_tokens`` tokens (see the module docstring)."""
+           top_k: int = 0, generator: torch.Generator | None = None, eos_id: int | None = None,
+           prompt_mask: Tensor | None = None) -> Generation:
+    """Continue every prompt row by ``max_new_tokens`` tokens (see the module docstring).
+    ``prompt_mask`` (B, P) bool, False on left padding: prompts of different lengths in one batch
+    (their padding is never attended to, and positions count from each prompt's first token)."""
     check_settings(temperature, top_p, top_k)
     if prompt.dim() != 2 or prompt.shape[1] < 1:
         raise DistilleryError(f"prompt must be (B, P) token ids with P >= 1, got shape {tuple(prompt.shape)}.")
@@ -80,10 +83,18 @@ def sample(model: CausalLM, prompt: Tensor, max_new_tokens: int, *, temperature:
     if total > model.max_length:
         raise DistilleryError(f"prompt of {prompt.shape[1]} tokens + {max_new_tokens} new ones exceeds the model's "
                               f"{model.max_length} positions; shorten one of them.")
+    attn = pos = None
+    if prompt_mask is not None:
+        if prompt_mask.shape != prompt.shape or bool((prompt_mask[:, 1:].long() < prompt_mask[:, :-1].long()).any()) \
+                or not bool(prompt_mask[:, -1].all()):
+            raise DistilleryError("prompt_mask must have the prompt's shape and be left padding: False before each "
+                                  "row's first prompt token, True from it on.")
+        attn = prompt_mask.long()
+        pos = (attn.cumsum(1) - 1).clamp(min=0)
     was_training = model.training
     model.eval()
     try:
-        logits, cache = model.step(prompt)
+        logits, cache = model.step(prompt, attention_mask=attn, pos=pos)
         last = logits[:, -1]
         new, lps = [], []
         done = torch.zeros(len(prompt), dtype=torch.bool)
@@ -102,7 +113,10 @@ def sample(model: CausalLM, prompt: Tensor, max_new_tokens: int, *, temperature:
                 done = done | (tok == eos_id)
             if len(new) == max_new_tokens:
                 break
-            logits, cache = model.step(tok[:, None], cache)
+            if attn is not None:
+                attn = torch.cat([attn, attn.new_ones(len(attn), 1)], 1)
+                pos = pos[:, -1:] + 1
+            logits, cache = model.step(tok[:, None], cache, attention_mask=attn, pos=pos)
             last = logits[:, -1]
     finally:
         model.train(was_training)

@@ -1,0 +1,247 @@
+"""Chat and instruction data: conversations in, token rows with assistant-only targets out.
+
+An **example** is a dict in one of the forms TRL and the OpenAI API use:
+
+- ``{"messages": [{"role": "system" | "user" | "assistant" | "tool", "content": str}, ...]}``:
+  rendered with the tokenizer's chat template; every assistant turn is trained (multi-turn).
+- ``{"prompt": str, "completion": str}``: plain text, no template (TRL's "standard" prompt-completion):
+  the prompt's tokens, the completion's, then the tokenizer's end-of-sequence token; the completion
+  and that end token are trained.
+- ``{"prompt": [messages], "completion": [messages]}``: TRL's conversational prompt-completion, the
+  same as ``messages = prompt + completion``.
+
+Other keys (``answer`` for a verifier, ``id``, ...) ride along untouched.
+
+Assistant masks (``encode``): the template renders the conversation once; for assistant turn i the
+characters from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
+``render(messages[:i + 1])`` are the turn (its content and the template's end-of-turn text). The
+whole text is tokenised once with offsets; a token is trained when its first character lies in an
+assistant turn. A template that does not render conversations prefix by prefix (a later turn changing
+the text of an earlier one) is refused, as its turns have no fixed span.
+
+Rows (``rows``): each sequence of L tokens gives L - 1 (input, target) pairs. Unpacked, one sequence
+per row, padded to the longest; packed (``pack=True``), sequences are placed first-fit in order into
+rows of ``block`` pairs. ``pos`` restarts at 0 where a sequence starts, so no token attends across
+conversations (``CausalLM`` passes it as ``position_ids``; transformers masks packed sequences from
+them). Padding is never trained.
+
+Files (``read_examples``): JSONL (one example per line) or a folder saved by HF ``datasets``
+(``save_to_disk``; a ``DatasetDict``'s ``train`` split, or the split named).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..errors import DistilleryError
+from .corpus import TokenData
+from .models import eos_id, pad_id
+
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def is_chat_file(path: str | Path) -> bool:
+    """Does ``path`` hold examples (``messages`` or ``prompt`` / ``completion``) rather than plain text?"""
+    path = Path(path)
+    if path.is_dir():
+        info = path / "dataset_info.json"
+        if not info.is_file():
+            info = next(path.glob("*/dataset_info.json"), None)
+        if info is None:
+            return False
+        feats = json.loads(info.read_text()).get("features", {})
+        return "messages" in feats or {"prompt", "completion"} <= set(feats)
+    if path.suffix != ".jsonl" or not path.is_file():
+        return False
+    with path.open(encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(obj, dict) and ("messages" in obj or "prompt" in obj)
+    return False
+
+
+def read_examples(path: str | Path, split: str | None = None) -> list[dict[str, Any]]:
+    """Every example of a JSONL file or an HF ``datasets`` folder, checked (``check_example``)."""
+    path = Path(path)
+    where = str(path)
+    if path.is_dir():
+        try:
+            import datasets
+        except ImportError:
+            raise DistilleryError("reading an HF datasets folder needs the datasets package: pip install datasets.") from None
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            name = split or ("train" if "train" in ds else next(iter(ds)))
+            if name not in ds:
+                raise DistilleryError(f"{path} has splits {list(ds)}, not {name!r}; name one of them.")
+            ds = ds[name]
+        rows = [dict(r) for r in ds]
+    elif path.is_file():
+        from ..io import jsonl_rows
+
+        rows = [obj for _, obj in jsonl_rows(path.read_text(encoding="utf-8").splitlines(), where)]
+    else:
+        raise DistilleryError(f"data {where!r} does not exist; pass a .jsonl file or an HF datasets folder.")
+    if not rows:
+        raise DistilleryError(f"{where} holds no examples.")
+    for n, r in enumerate(rows, 1):
+        check_example(r, f"{where}:{n}")
+    return rows
+
+
+def messages_of(example: dict[str, Any]) -> list[dict[str, str]] | None:
+    """The example as one conversation (None for plain-text prompt / completion)."""
+    if "messages" in example:
+        return list(example["messages"])
+    if isinstance(example.get("prompt"), list):
+        return list(example["prompt"]) + list(example.get("completion") or [])
+    return None
+
+
+def check_example(example: Any, where: str = "example") -> None:
+    """A one-line error for an example no template or mask can use."""
+    if not isinstance(example, dict):
+        raise DistilleryError(f"{where}: an example must be an object with messages, or prompt and completion.")
+    if "messages" not in example and "prompt" not in example:
+        raise DistilleryError(f"{where}: has neither 'messages' nor 'prompt' / 'completion' (keys: "
+                              f"{sorted(example)[:6]}); give OpenAI-style messages or prompt and completion.")
+    msgs = messages_of(example)
+    if msgs is None:
+        for key in ("prompt", "completion"):
+            if not isinstance(example.get(key), str):
+                raise DistilleryError(f"{where}: {key!r} must be a string (or both lists of messages).")
+        if not example["completion"]:
+            raise DistilleryError(f"{where}: the completion is empty; there is nothing to train on.")
+        return
+    if not isinstance(msgs, list) or not msgs:
+        raise DistilleryError(f"{where}: messages must be a non-empty list of {{role, content}} objects.")
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+            raise DistilleryError(f"{where}: message {i} must be an object with a string 'content'.")
+        if m.get("role") not in ROLES:
+            raise DistilleryError(f"{where}: message {i} has role {m.get('role')!r}; roles are {', '.join(ROLES)}.")
+    if not any(m["role"] == "assistant" and m["content"] for m in msgs):
+        raise DistilleryError(f"{where}: the conversation has no assistant turn with content; there is nothing to "
+                              "train on (add the assistant's answer, or drop the example).")
+
+
+def _render(tok, messages: list[dict], generation: bool = False) -> str:
+    return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
+
+
+def require_template(tok) -> None:
+    if not getattr(tok, "chat_template", None):
+        raise DistilleryError("the tokenizer has no chat template, which messages need; give a tokenizer folder whose "
+                              "tokenizer_config.json (or chat_template.jinja) holds one, or use prompt / completion "
+                              "strings (no template).")
+
+
+def prompt_text(tok, example: dict[str, Any]) -> str:
+    """The text a model continues to answer the example's last assistant turn: the conversation before it
+    with the template's generation prompt, or the plain prompt."""
+    msgs = messages_of(example)
+    if msgs is None:
+        return example["prompt"]
+    require_template(tok)
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    return _render(tok, msgs[:last], generation=True)
+
+
+def encode(tok, example: dict[str, Any], max_tokens: int | None = None, where: str = "example"
+           ) -> tuple[list[int], list[bool], bool]:
+    """(token ids, trained flags, whether it was cut) of one example (see the module docstring).
+    ``max_tokens``: the sequence is cut there; a prompt (the tokens before the first trained one) that
+    does not fit is an error."""
+    check_example(example, where)
+    msgs = messages_of(example)
+    if msgs is None:
+        p = tok(example["prompt"], add_special_tokens=False)["input_ids"]
+        c = tok(example["completion"], add_special_tokens=False)["input_ids"] + [eos_id(tok)]
+        ids, train = list(p) + list(c), [False] * len(p) + [True] * len(c)
+    else:
+        require_template(tok)
+        text = _render(tok, msgs)
+        spans = []
+        for i, m in enumerate(msgs):
+            if m["role"] != "assistant":
+                continue
+            before, upto = _render(tok, msgs[:i], generation=True), _render(tok, msgs[: i + 1])
+            if not (upto.startswith(before) and text.startswith(upto)):
+                raise DistilleryError(f"{where}: the chat template does not render this conversation prefix by prefix "
+                                      f"(turn {i} changes earlier text), so its assistant tokens cannot be found; use a "
+                                      "template that appends each turn.")
+            spans.append((len(before), len(upto)))
+        enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = list(enc["input_ids"])
+        train = [any(lo <= a < hi for lo, hi in spans) for a, _ in enc["offset_mapping"]]
+    if max_tokens is not None and len(ids) > max_tokens:
+        first = train.index(True) if True in train else len(train)
+        if first > max_tokens - 1:
+            raise DistilleryError(f"{where}: the prompt has {first} tokens, the context {max_tokens}; no answer token "
+                                  "fits: raise block (and the model's positions) or shorten the prompt.")
+    cut = max_tokens is not None and len(ids) > max_tokens
+    if cut:
+        ids, train = ids[:max_tokens], train[:max_tokens]
+    if not any(train[1:]):
+        raise DistilleryError(f"{where}: no assistant token after the first; there is nothing to train on.")
+    return ids, train, cut
+
+
+def rows(seqs: Sequence[tuple[list[int], list[bool]]], block: int, pad: int, *, pack: bool = False
+         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(x, y, pos), each (N, T) long, from encoded sequences (module docstring). Unpacked, T is the longest
+    sequence's length - 1 (at most ``block``); packed, T = ``block``."""
+    if not seqs:
+        raise DistilleryError("no sequences to put into rows.")
+    longest = max(len(ids) for ids, _ in seqs) - 1
+    if longest > block:
+        raise DistilleryError(f"a sequence of {longest + 1} tokens does not fit a row of {block} pairs; encode with "
+                              f"max_tokens={block + 1}.")
+    width = block if pack else max(longest, 1)
+    placed: list[list[int]] = []  # sequence indices per row
+    room: list[int] = []
+    for i, (ids, _) in enumerate(seqs):
+        need = len(ids) - 1
+        r = next((j for j, free in enumerate(room) if free >= need), None) if pack else None
+        if r is None:
+            placed.append([])
+            room.append(width)
+            r = len(placed) - 1
+        placed[r].append(i)
+        room[r] -= need
+    x = torch.full((len(placed), width), int(pad), dtype=torch.long)
+    y = torch.full_like(x, -100)
+    pos = torch.zeros_like(x)
+    for r, members in enumerate(placed):
+        at = 0
+        for i in members:
+            ids, train = seqs[i]
+            n = len(ids) - 1
+            t = torch.tensor(ids, dtype=torch.long)
+            keep = torch.tensor(train[1:], dtype=torch.bool)
+            x[r, at:at + n] = t[:-1]
+            y[r, at:at + n] = torch.where(keep, t[1:], torch.full_like(t[1:], -100))
+            pos[r, at:at + n] = torch.arange(n)
+            at += n
+        pos[r, at:] = torch.arange(width - at)  # padding: a sequence of its own, never trained
+    return x, y, pos
+
+
+def token_data(tok, examples: Sequence[dict[str, Any]], block: int, *, pack: bool = False, name: str = "chat",
+               first_id: int = 0, where: str = "example") -> TokenData:
+    """Examples -> ``TokenData`` with ``pos`` (assistant-only targets; packed or one example per row)."""
+    encoded = [encode(tok, e, block + 1, f"{where} {i + 1}") for i, e in enumerate(examples)]
+    x, y, pos = rows([(ids, train) for ids, train, _ in encoded], block, pad_id(tok), pack=pack)
+    data = TokenData(x, y, torch.arange(first_id, first_id + len(x)), len(tok), name, pos)
+    data.settings = {"examples": len(examples), "pack": bool(pack), "block": int(block),
+                     "truncated": sum(cut for *_, cut in encoded)}
+    return data

@@ -1,0 +1,134 @@
+"""A built-in reasoning task that runs on a CPU: arithmetic word problems with worked solutions.
+
+``problems(n, seed)`` generates chat examples::
+
+    {"messages": [{"role": "user", "content": "Ana has 12 apples. She buys 3 bags with 4 apples each. ..."},
+                  {"role": "assistant", "content": "3 * 4 = 12. 12 + 12 = 24. ... The answer is 19."}],
+     "answer": "19"}
+
+Each problem chains one to three operations (+, -, *) over small numbers (every intermediate result
+in [0, 200)); the gold solution writes one equation per step (chain of thought), then ``The answer
+is N.`` The gold solutions are written in several styles (the operands of + and * in either order,
+three phrasings of a step), as human-written solutions vary: a teacher's greedy traces are one
+style, which is what sequence-level distillation hands a small student (Kim & Rush 2016).
+
+``extract_answer(text)`` reads the final answer (the number after the last ``answer is``);
+``verify(example, response)`` is exact match with ``example["answer"]``, the verifier of the
+sequence-level distillation filter (``distillery.lm.traces``).
+
+``tokenizer(texts, vocab_size)``: a byte-level BPE with digits split one by one (as Llama and Qwen
+do), the special tokens ``<|endoftext|>`` (padding), ``<|im_start|>`` and ``<|im_end|>`` (the end of
+a turn: the end-of-sequence token), and a ChatML chat template.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Sequence
+from typing import Any
+
+NAMES = ("Ana", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lena")
+ITEMS = ("apples", "books", "coins", "cards", "pens", "shells", "stamps", "marbles", "eggs", "plums")
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+_ANSWER = re.compile(r"answer is\s*(-?\d+)", re.IGNORECASE)
+
+
+def _step(rng: random.Random, op: str, a: int, b: int) -> str:
+    """One equation of a worked solution, in one of the gold styles."""
+    r = {"+": a + b, "-": a - b, "*": a * b}[op]
+    if op in "+*" and rng.random() < 0.5:
+        a, b = b, a
+    style = rng.randrange(3)
+    if style == 0:
+        return f"{a} {op} {b} = {r}."
+    if style == 1:
+        return f"We get {a} {op} {b} = {r}."
+    return f"So {a} {op} {b} is {r}."
+
+
+def problem(rng: random.Random) -> dict[str, Any]:
+    """One word problem with its gold solution and answer."""
+    name, item = rng.choice(NAMES), rng.choice(ITEMS)
+    total = rng.randint(2, 30)
+    text = [f"{name} has {total} {item}."]
+    steps: list[str] = []
+    for _ in range(rng.randint(1, 3)):
+        kind = rng.choice(("buy", "give", "bags"))
+        if kind == "bags":
+            bags, each = rng.randint(2, 9), rng.randint(2, 9)
+            if total + bags * each >= 200:
+                kind = "give"
+            else:
+                text.append(f"{name} buys {bags} bags with {each} {item} each.")
+                steps.append(_step(rng, "*", bags, each))
+                steps.append(_step(rng, "+", total, bags * each))
+                total += bags * each
+                continue
+        if kind == "buy" and total < 180:
+            more = rng.randint(2, 19)
+            text.append(f"{name} finds {more} more {item}.")
+            steps.append(_step(rng, "+", total, more))
+            total += more
+        else:
+            less = rng.randint(1, max(1, total - 1))
+            text.append(f"{name} gives {less} {item} away.")
+            steps.append(_step(rng, "-", total, less))
+            total -= less
+    question = " ".join(text) + f" How many {item} does {name} have now?"
+    solution = " ".join(steps) + f" The answer is {total}."
+    return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": solution}],
+            "answer": str(total)}
+
+
+def problems(n: int, seed: int = 0) -> list[dict[str, Any]]:
+    """``n`` problems drawn with ``random.Random(seed)``."""
+    rng = random.Random(seed)
+    return [problem(rng) for _ in range(int(n))]
+
+
+def splits(train: int = 8000, validation: int = 200, test: int = 500, seed: int = 0) -> dict[str, list[dict]]:
+    """Train / validation / test problems; no question of one split appears in another."""
+    out: dict[str, list[dict]] = {}
+    seen: set[str] = set()
+    rng = random.Random(seed)
+    for name, n in (("test", test), ("validation", validation), ("train", train)):
+        rows: list[dict] = []
+        while len(rows) < n:
+            p = problem(rng)
+            q = p["messages"][0]["content"]
+            if q not in seen:
+                seen.add(q)
+                rows.append(p)
+        out[name] = rows
+    return out
+
+
+def extract_answer(text: str) -> str | None:
+    """The number after the last ``answer is`` in ``text`` (None when there is none)."""
+    found = _ANSWER.findall(text)
+    return found[-1] if found else None
+
+
+def verify(example: dict[str, Any], response: str) -> bool:
+    """Exact match of the response's final answer with the example's ``answer``."""
+    return extract_answer(response) == str(example["answer"])
+
+
+def texts(examples: Sequence[dict[str, Any]]) -> list[str]:
+    """Every message's content (a tokenizer's training text)."""
+    return [m["content"] for e in examples for m in e["messages"]]
+
+
+def tokenizer(examples: Sequence[dict[str, Any]], vocab_size: int = 512, digits: bool = True):
+    """A chat tokenizer trained on the examples (see the module docstring)."""
+    from .corpus import train_raw_tokenizer
+    from .models import require_transformers
+
+    raw = train_raw_tokenizer([*texts(examples), "user", "assistant", "system"], vocab_size, SPECIAL, digits=digits)
+    raw.no_padding()
+    raw.no_truncation()
+    return require_transformers().PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>",
+                                                          pad_token="<|endoftext|>", chat_template=CHATML)
