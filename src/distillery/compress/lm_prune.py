@@ -48,10 +48,17 @@ class LMPrune:
     """Share of the attention's key-value groups removed (with their query heads); null removes none."""
     calibration: int = 64
     """Training blocks the importances are measured on."""
+    keep: list[int] | None = None
+    """Copy exactly these decoder layers, in order (DistilBERT's student: every other teacher layer); no
+    importance is measured. Any architecture whose decoder layers transformers keeps in one list."""
 
     def __post_init__(self) -> None:
-        if self.layers is None and self.mlp is None and self.hidden is None and self.heads is None:
-            raise DistilleryError("prune: give layers (depth), mlp, hidden or heads (width), or leave prune out.")
+        if self.layers is None and self.mlp is None and self.hidden is None and self.heads is None and not self.keep:
+            raise DistilleryError("prune: give layers (depth), keep (layer indices), mlp, hidden or heads (width), or "
+                                  "leave prune out.")
+        if self.keep is not None and (self.layers is not None or not self.keep or len(set(self.keep)) != len(self.keep)
+                                      or min(self.keep) < 0):
+            raise DistilleryError(f"prune.keep must be distinct layer indices >= 0, without prune.layers; got {self.keep}.")
         if self.layers is not None and self.layers < 1:
             raise DistilleryError(f"prune.layers keeps at least 1 layer, got {self.layers}.")
         for key in ("mlp", "hidden", "heads"):
@@ -61,6 +68,37 @@ class LMPrune:
                                       "leave the layers empty).")
         if self.calibration < 1:
             raise DistilleryError("prune.calibration must be at least 1.")
+
+
+def decoder_layers(hf: nn.Module) -> tuple[nn.Module, str, nn.ModuleList]:
+    """(owner, attribute, the list of decoder layers) of a transformers causal LM: ``model.layers``
+    (Llama, Qwen, Mistral, Gemma, ...), ``transformer.h`` (GPT-2), ``gpt_neox.layers``, ``model.decoder.layers`` (OPT)."""
+    for path in ("model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        owner = hf
+        *head, last = path.split(".")
+        for part in head:
+            owner = getattr(owner, part, None)
+        layers = getattr(owner, last, None)
+        if isinstance(layers, nn.ModuleList) and len(layers):
+            return owner, last, layers
+    raise DistilleryError(f"{type(hf).__name__} keeps its decoder layers in no list distillery knows (model.layers, "
+                          "transformer.h, gpt_neox.layers, model.decoder.layers); shrink it by hand.")
+
+
+def keep_layers(hf: nn.Module, keep: list[int]) -> None:
+    """Keep the decoder layers ``keep`` of ``hf`` (in place), with the config and layer indices updated."""
+    owner, attr, layers = decoder_layers(hf)
+    bad = [i for i in keep if not 0 <= i < len(layers)]
+    if bad:
+        raise DistilleryError(f"the model has {len(layers)} layers (0..{len(layers) - 1}); cannot keep layer {bad[0]}.")
+    setattr(owner, attr, nn.ModuleList([layers[i] for i in keep]))
+    for i, blk in enumerate(getattr(owner, attr)):  # attention layers that know their index (key-value cache)
+        for m in blk.modules():
+            if hasattr(m, "layer_idx"):
+                m.layer_idx = i
+    hf.config.num_hidden_layers = len(keep)
+    if getattr(hf.config, "layer_types", None) is not None:
+        hf.config.layer_types = [hf.config.layer_types[i] for i in keep]
 
 
 def _layers(hf: nn.Module) -> nn.ModuleList:
@@ -121,8 +159,11 @@ def prune(model, cfg: LMPrune, ids: Tensor):
     """A smaller copy of ``model`` (a ``CausalLM``), pruned by ``cfg`` on the calibration ``ids``."""
     from ..lm.models import CausalLM
 
-    block, chan, emb, head = importances(model, ids)
     hf = copy.deepcopy(model.hf)
+    if cfg.layers is None and cfg.mlp is None and cfg.hidden is None and cfg.heads is None:
+        keep_layers(hf, list(cfg.keep or []))  # a copy of chosen layers: no importances, any architecture
+        return CausalLM(hf, model.vocab_size)
+    block, chan, emb, head = importances(model, ids)
     layers = _layers(hf)
     if cfg.heads is not None:
         _prune_heads(hf, layers, head, cfg.heads)
@@ -143,15 +184,9 @@ def prune(model, cfg: LMPrune, ids: Tensor):
     if cfg.layers is not None:
         if cfg.layers > len(layers):
             raise DistilleryError(f"prune.layers: the model has {len(layers)} layers, cannot keep {cfg.layers}.")
-        keep = block.topk(cfg.layers).indices.sort().values.tolist()
-        hf.model.layers = nn.ModuleList([layers[i] for i in keep])
-        for i, blk in enumerate(hf.model.layers):  # attention layers that know their index (key-value cache)
-            for m in blk.modules():
-                if hasattr(m, "layer_idx"):
-                    m.layer_idx = i
-        hf.config.num_hidden_layers = cfg.layers
-        if getattr(hf.config, "layer_types", None) is not None:
-            hf.config.layer_types = [hf.config.layer_types[i] for i in keep]
+        keep_layers(hf, block.topk(cfg.layers).indices.sort().values.tolist())
+    if cfg.keep:
+        keep_layers(hf, list(cfg.keep))
     return CausalLM(hf, model.vocab_size)
 
 

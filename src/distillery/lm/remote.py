@@ -1,5 +1,5 @@
-"""A teacher behind an OpenAI-compatible completions API (``distillery serve``, vLLM, ...), using
-only the standard library.
+"""A teacher behind an OpenAI-compatible completions or chat-completions API (``distillery serve``,
+vLLM, ...), using only the standard library.
 
 ``RemoteTeacher(base_url, model)`` (``base_url`` as OpenAI clients take it, e.g.
 ``http://127.0.0.1:8000/v1``) offers:
@@ -12,9 +12,21 @@ only the standard library.
   distribution over token t + 1; the last position, the distribution after the whole row, comes from
   one generated token (``echo=true, max_tokens=1, logprobs=k``), so a row may have at most the
   model's context minus one tokens. The tail bucket is log(1 - sum of the top-k probabilities).
+- ``chat(conversations, max_tokens, temperature=, top_p=, n=, seed=, logprobs=, top_logprobs=, stop=,
+  concurrency=, on_error=, token_ids=)``: ``n`` assistant replies per conversation (lists of
+  ``{"role", "content"}`` messages; roles system / user / assistant, checked before any request) through
+  ``POST /chat/completions``, one request per conversation, ``concurrency`` of them in flight (a thread
+  pool), the results in input order as ``ChatCompletion`` objects: the text, ``finish_reason``, and with
+  logprobs asked the tokens, their log-probabilities, the top-k per token, and the token ids when the
+  server returns ``"token_id:N"`` tokens. A server that answers without logprobs when they were asked is
+  an error naming the fix (no retries: it is what the server does, not a glitch). A request that still
+  fails after its retries is never silently dropped: the others finish (and are logged), then the call
+  raises naming how many failed and the first reason, or with ``on_error="skip"`` leaves None in their
+  slots and appends a ``ChatFailure`` to ``failures``. A wrong key, URL or model stops the call at once.
 
-Token ids travel as ``"token_id:N"`` strings (``return_tokens_as_token_ids``, vLLM's extension);
-a server answering with text tokens is refused, as text tokens can collide and need re-tokenising.
+For completions and scoring, token ids travel as ``"token_id:N"`` strings (``return_tokens_as_token_ids``,
+vLLM's extension); a server answering with text tokens is refused, as text tokens can collide and need
+re-tokenising. A chat reply's text is the data, so there text tokens are accepted (``ids`` is then None).
 
 The API key is read from the environment variable ``api_key_env`` (default ``DISTILLERY_API_KEY``)
 at every request, never taken as an argument, and never logged, written to the request log or put
@@ -37,8 +49,10 @@ answered by its logged answer every time; a random one by the logged answers in 
 the network (the i-th identical random request of a run gets the i-th logged answer). The server's
 host is not part of the key (a moved server still hits), the model name is. ``network_calls``
 (HTTP attempts), ``log_hits`` and ``retries`` count what happened. Only the key and line offsets
-are kept in memory. One log belongs to one process at a time, and one ``RemoteTeacher`` is not
-meant to be shared between threads.
+are kept in memory. One log belongs to one process at a time; within it, one lock guards the appends,
+the index of the log, the counters and the throttle, so ``chat``'s threads share one client (identical
+random requests in flight together take their answers' ordinals in the order they were sent; being
+identical, which gets which does not matter).
 """
 
 from __future__ import annotations
@@ -50,11 +64,13 @@ import json
 import math
 import os
 import random
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,7 +80,7 @@ from torch import Tensor
 
 from ..errors import DistilleryError
 from ..losses.sparse import TopK
-from .serve import DEFAULT_KEY_ENV, is_loopback
+from .serve import CHAT_ROLES, DEFAULT_KEY_ENV, is_loopback
 
 TAIL_FLOOR = math.log(1e-30)
 """The smallest tail log-probability reported (top-k mass rounding to 1 would give log 0)."""
@@ -86,6 +102,47 @@ class Completion:
     text: str
     settings: dict = field(default_factory=dict)
     """The sampling settings (model, base_url, max_tokens, temperature, top_p, n, seed, top_logprobs)."""
+
+
+@dataclass
+class ChatCompletion:
+    """One sampled assistant reply to one conversation."""
+
+    messages: list[dict]
+    """The conversation it answers ({role, content} dicts)."""
+    text: str
+    """The reply (``message.content``)."""
+    finish_reason: str | None
+    """``"stop"`` (an end-of-turn token or a stop string) or ``"length"`` (``max_tokens`` reached)."""
+    ids: list[int] | None
+    """The reply's token ids when the server returned ``"token_id:N"`` tokens (``return_tokens_as_token_ids``
+    with logprobs asked), else None."""
+    tokens: list[str] | None
+    """The reply's tokens as the server wrote them; None when logprobs were not asked."""
+    logprobs: list[float] | None
+    """The teacher's log-probability of each reply token; None when not asked."""
+    top: list[dict[int | str, float]] | None
+    """Per reply token, the ``top_logprobs`` most likely tokens {id (or token text when the server returns
+    no ids): log-probability}; None when not asked."""
+    settings: dict = field(default_factory=dict)
+    """The sampling settings (model, base_url, max_tokens, temperature, top_p, n, seed, logprobs,
+    top_logprobs, stop)."""
+
+
+@dataclass
+class ChatFailure:
+    """A chat request that failed after its retries, kept by ``chat(on_error="skip")`` in ``failures``."""
+
+    index: int
+    """The conversation's position in the ``chat`` call that failed it."""
+    messages: list[dict]
+    error: str
+    """The one-line reason."""
+
+
+class _Fatal(DistilleryError):
+    """A failure no other request would escape (wrong key, URL or model; a server without logprobs):
+    ``chat`` stops at once instead of counting it as one failed request."""
 
 
 class _Transient(Exception):
@@ -159,6 +216,16 @@ def _finite_lp(v: Any) -> float:
     return float(v)
 
 
+def _id_of(token: str) -> int | None:
+    """N of a ``"token_id:N"`` token, else None."""
+    if token.startswith("token_id:"):
+        try:
+            return int(token[len("token_id:"):])
+        except ValueError:
+            return None
+    return None
+
+
 class RemoteTeacher:
     """A teacher language model reached over an OpenAI-compatible completions API (module docstring).
 
@@ -197,6 +264,8 @@ class RemoteTeacher:
         self.retries = 0
         self.settings: dict = {}
         self._rng = random.Random()
+        self._lock = threading.Lock()  # counters, throttle slots, log appends and the log's index
+        self.failures: list[ChatFailure] = []
         self._sleep = time.sleep  # replaced by tests to record the waits
         self._clock = time.monotonic
         self._next_at = 0.0
@@ -259,24 +328,24 @@ class RemoteTeacher:
             return
         self.log.parent.mkdir(parents=True, exist_ok=True)
         line = (json.dumps({"key": key, "response": response}, separators=(",", ":")) + "\n").encode("utf-8")
-        with open(self.log, "ab") as f:
+        with self._lock, open(self.log, "ab") as f:  # one whole line at a time, its offset indexed with it
             at = f.tell()
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
-        self._logged.setdefault(key, []).append(at)
+            self._logged.setdefault(key, []).append(at)
 
     # ------------------------------------------------------------------------------- HTTP
 
     def _throttle(self) -> None:
         if not self.requests_per_second:
             return
-        now = self._clock()
-        wait = self._next_at - now
-        if wait > 0:
-            self._sleep(wait)
-            now += wait
-        self._next_at = now + 1.0 / self.requests_per_second
+        with self._lock:  # each thread takes the next free slot, then waits for it outside the lock
+            now = self._clock()
+            at = max(now, self._next_at)
+            self._next_at = at + 1.0 / self.requests_per_second
+        if at > now:
+            self._sleep(at - now)
 
     def _delay(self, attempt: int, retry_after: float | None) -> float:
         d = min(self.max_backoff, self.backoff * 2 ** attempt) * (0.5 + 0.5 * self._rng.random())
@@ -331,19 +400,19 @@ class RemoteTeacher:
         if code in (408, 429) or code >= 500:
             return _Transient(f"HTTP {code} ({detail})", "server", _retry_after(e.headers))
         if 300 <= code < 400:
-            return DistilleryError(f"the API at {url} redirected (HTTP {code}) to {e.headers.get('Location')!r}; set "
+            return _Fatal(f"the API at {url} redirected (HTTP {code}) to {e.headers.get('Location')!r}; set "
                                    "base_url to the final address (redirects are not followed, so the key stays put).")
         if code == 401:
             if not os.environ.get(var):
-                return DistilleryError(f"the API at {url} needs an API key (HTTP 401: {detail}) and ${var} is not set; "
+                return _Fatal(f"the API at {url} needs an API key (HTTP 401: {detail}) and ${var} is not set; "
                                        f"set {var} to the key.")
-            return DistilleryError(f"the API at {url} rejected the key in ${var} (HTTP 401: {detail}); set {var} to a "
+            return _Fatal(f"the API at {url} rejected the key in ${var} (HTTP 401: {detail}); set {var} to a "
                                    "valid key.")
         if code == 403:
-            return DistilleryError(f"the API at {url} refused the request (HTTP 403: {detail}); the key in ${var} "
+            return _Fatal(f"the API at {url} refused the request (HTTP 403: {detail}); the key in ${var} "
                                    f"lacks access to model {self.model!r}: use a key that has it.")
         if code == 404:
-            return DistilleryError(f"the API at {url} answered 404 ({detail}); check base_url (it usually ends in /v1) "
+            return _Fatal(f"the API at {url} answered 404 ({detail}); check base_url (it usually ends in /v1) "
                                    f"and the model name {self.model!r} (GET {self.base_url}/models lists them).")
         return DistilleryError(f"the API at {url} rejected the request (HTTP {code}: {detail}); fix the request "
                                "(prompt length, top_k / logprobs within the server's limit, settings) and retry.")
@@ -354,10 +423,12 @@ class RemoteTeacher:
         last: _Transient | None = None
         for attempt in range(self.max_retries + 1):
             if attempt:
-                self.retries += 1
+                with self._lock:
+                    self.retries += 1
                 self._sleep(self._delay(attempt - 1, last.retry_after))
             self._throttle()
-            self.network_calls += 1
+            with self._lock:
+                self.network_calls += 1
             try:
                 raw = self._http(method, url, body)
                 return raw, parse(raw)
@@ -373,8 +444,11 @@ class RemoteTeacher:
         """POST through the request log: a logged answer is parsed instead of calling the network."""
         key = request_key(path, body)
         reusable = body.get("temperature") == 0 or body.get("seed") is not None
-        logged = self._logged.get(key, [])
-        i = 0 if reusable else self._used.get(key, 0)
+        with self._lock:  # a random request reserves its ordinal (the i-th identical one gets the i-th answer)
+            logged = list(self._logged.get(key, ()))
+            i = 0 if reusable else self._used.get(key, 0)
+            if not reusable:
+                self._used[key] = i + 1
         if i < len(logged):
             logged_answer = self._read_logged(logged[i])
             try:
@@ -382,14 +456,14 @@ class RemoteTeacher:
             except _Malformed:
                 out = None  # an unusable old entry: ask again
             if out is not None:
-                self.log_hits += 1
-                if not reusable:
-                    self._used[key] = i + 1
+                with self._lock:
+                    self.log_hits += 1
                 return out
         raw, out = self._call("POST", path, body, parse)
         self._append(key, raw)
         if not reusable:
-            self._used[key] = len(self._logged.get(key, []))
+            with self._lock:
+                self._used[key] = max(self._used.get(key, 0), len(self._logged.get(key, ())))
         return out
 
     # ---------------------------------------------------------------------------- parsing
@@ -588,6 +662,188 @@ class RemoteTeacher:
             values[s: s + len(chunk)] = torch.tensor(vs, dtype=torch.float64)
             indices[s: s + len(chunk)] = torch.tensor(ix, dtype=torch.long)
         return TopK(values.float(), indices, tail_log_prob(values), vocab, 1.0)
+
+    # ------------------------------------------------------------------------------- chat
+
+    @staticmethod
+    def _check_conversations(conversations: Any) -> list[list[dict]]:
+        if isinstance(conversations, (list, tuple)) and conversations and isinstance(conversations[0], dict):
+            raise DistilleryError("conversations must be a list of conversations, each a list of messages; wrap a "
+                                  "single conversation in a list: chat([messages], ...).")
+        if not isinstance(conversations, (list, tuple)) or not conversations:
+            raise DistilleryError("conversations must be a non-empty list of conversations (lists of "
+                                  "{'role', 'content'} messages).")
+        out = []
+        for i, conv in enumerate(conversations):
+            if not isinstance(conv, (list, tuple)) or not conv:
+                raise DistilleryError(f"conversation {i} must be a non-empty list of {{'role', 'content'}} messages.")
+            msgs = []
+            for j, m in enumerate(conv):
+                if not isinstance(m, dict):
+                    raise DistilleryError(f"conversation {i}, message {j} is a {type(m).__name__}, not a "
+                                          "{'role', 'content'} dict.")
+                role, content = m.get("role"), m.get("content")
+                if role not in CHAT_ROLES:
+                    raise DistilleryError(f"conversation {i}, message {j} has role {role!r}; use one of "
+                                          f"{', '.join(CHAT_ROLES)}.")
+                if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                                     and isinstance(p.get("text"), str) for p in content):
+                    content = "".join(p["text"] for p in content)
+                if not isinstance(content, str):
+                    raise DistilleryError(f"conversation {i}, message {j} has no content; give 'content' as a string.")
+                msgs.append({"role": role, "content": content})
+            out.append(msgs)
+        return out
+
+    def _chat_parse(self, resp: dict, messages: list[dict], n: int, max_tokens: int, want_lp: bool, k: int,
+                    settings: dict) -> list[ChatCompletion]:
+        out = []
+        for c in self._choices(resp, n):
+            msg = c.get("message")
+            if not isinstance(msg, dict) or not isinstance(msg.get("content"), str):
+                raise _Malformed("a choice has no message content")
+            finish = c.get("finish_reason")
+            ids = tokens = lps = tops = None
+            if want_lp:
+                lp = c.get("logprobs")
+                content = lp.get("content") if isinstance(lp, dict) else None
+                if content is None:
+                    asked = f"top_logprobs={k}" if k else "logprobs"
+                    raise _Fatal(f"the API at {self.base_url} answered a chat completion without logprobs though "
+                                 f"{asked} was asked: the server does not return log-probabilities; call chat() "
+                                 "without logprobs / top_logprobs, or enable them on the server (vLLM: "
+                                 f"--max-logprobs >= {max(k, 1)}).")
+                if not isinstance(content, list) or not all(isinstance(e, dict) for e in content):
+                    raise _Malformed("logprobs.content is not a list of objects")
+                if len(content) > max_tokens:
+                    raise _Malformed(f"{len(content)} tokens for max_tokens={max_tokens}")
+                if finish == "length" and len(content) < max_tokens:
+                    raise _Malformed(f"{len(content)} tokens for max_tokens={max_tokens} with finish_reason length")
+                tokens, lps, tops = [], [], ([] if k else None)
+                for e in content:
+                    if not isinstance(e.get("token"), str):
+                        raise _Malformed("a logprobs entry has no token")
+                    tokens.append(e["token"])
+                    lps.append(_finite_lp(e.get("logprob")))
+                    if k:
+                        top = e.get("top_logprobs")
+                        if not isinstance(top, list) or len(top) < k or not all(
+                                isinstance(d, dict) and isinstance(d.get("token"), str) for d in top):
+                            have = len(top) if isinstance(top, list) else 0
+                            raise _Malformed(f"a position has {have} top log-probabilities, fewer than the {k} asked")
+                        pairs = sorted(((_finite_lp(d.get("logprob")), d["token"]) for d in top), key=lambda p: -p[0])
+                        tops.append({t: v for v, t in pairs[:k]})
+                as_ids = [_id_of(t) for t in tokens]
+                if all(i is not None for i in as_ids):
+                    ids = as_ids
+                    if tops is not None:
+                        tops = [{_id_of(t) if _id_of(t) is not None else t: v for t, v in d.items()} for d in tops]
+            out.append(ChatCompletion(messages, msg["content"], finish, ids, tokens, lps, tops, dict(settings)))
+        return out
+
+    def chat(self, conversations: list[list[dict]], max_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0,
+             n: int = 1, seed: int | None = None, logprobs: bool = False, top_logprobs: int = 0,
+             stop: str | list[str] | None = None, concurrency: int = 1, on_error: str = "raise",
+             token_ids: bool = True) -> list[list[ChatCompletion] | None]:
+        """``n`` assistant replies of at most ``max_tokens`` tokens to every conversation (a list of
+        {role, content} messages, roles system / user / assistant) through ``POST /chat/completions``, one
+        request per conversation: ``result[i][j]`` is reply j to conversation i, in input order.
+
+        ``logprobs`` returns each reply token's log-probability (and its id, with ``token_ids``);
+        ``top_logprobs`` > 0 also the that many most likely tokens per position (it implies ``logprobs``).
+        A server that answers without them is an error naming the fix. ``stop``: strings that end a reply.
+        ``token_ids`` sends ``return_tokens_as_token_ids`` (``distillery serve``, vLLM); turn it off for a
+        server that refuses unknown fields. ``concurrency`` requests are in flight at once (threads).
+
+        A request that still fails after its retries is never silently dropped: the others run to the
+        end (and into the request log, so a rerun pays only for the failed ones); then ``on_error="raise"``
+        raises one ``DistilleryError`` naming how many failed and the first reason, and ``"skip"`` puts
+        None in their slots and appends a ``ChatFailure`` to ``self.failures`` (kept across calls, for the
+        caller to log). A failure every request would share (key, URL, model, no logprobs) raises at once."""
+        convs = self._check_conversations(conversations)
+        if isinstance(max_tokens, bool) or int(max_tokens) != max_tokens or max_tokens < 1:
+            raise DistilleryError(f"max_tokens must be an integer >= 1, got {max_tokens!r}.")
+        if isinstance(n, bool) or int(n) != n or n < 1:
+            raise DistilleryError(f"n must be an integer >= 1, got {n!r}.")
+        if isinstance(top_logprobs, bool) or int(top_logprobs) != top_logprobs or top_logprobs < 0:
+            raise DistilleryError(f"top_logprobs must be an integer >= 0, got {top_logprobs!r}.")
+        if not temperature >= 0 or not 0 < top_p <= 1:
+            raise DistilleryError(f"temperature must be >= 0 and top_p in (0, 1], got {temperature!r} and {top_p!r}.")
+        stops = [stop] if isinstance(stop, str) else list(stop or [])
+        if not all(isinstance(x, str) and x for x in stops):
+            raise DistilleryError(f"stop must be a non-empty string or a list of them, got {stop!r}.")
+        if isinstance(concurrency, bool) or int(concurrency) != concurrency or concurrency < 1:
+            raise DistilleryError(f"concurrency must be an integer >= 1, got {concurrency!r}.")
+        if on_error not in ("raise", "skip"):
+            raise DistilleryError(f"on_error must be 'raise' or 'skip', got {on_error!r}.")
+        max_tokens, n, k = int(max_tokens), int(n), int(top_logprobs)
+        want_lp = bool(logprobs) or k > 0
+        settings = {"model": self.model, "base_url": self.base_url, "max_tokens": max_tokens,
+                    "temperature": float(temperature), "top_p": float(top_p), "n": n, "seed": seed,
+                    "logprobs": want_lp, "top_logprobs": k, "stop": stops}
+        self.settings = settings
+        abort = threading.Event()  # set by a fatal failure: the requests not yet sent are not sent
+
+        def one(messages: list[dict]) -> list[ChatCompletion] | None:
+            if abort.is_set():
+                return None
+            body = {"model": self.model, "messages": messages, "max_tokens": max_tokens,
+                    "temperature": float(temperature), "top_p": float(top_p), "n": n}
+            if seed is not None:
+                body["seed"] = int(seed)
+            if want_lp:
+                body["logprobs"] = True
+                if k:
+                    body["top_logprobs"] = k
+            if stops:
+                body["stop"] = stops
+            if token_ids:
+                body["return_tokens_as_token_ids"] = True
+            try:
+                return self._post("/chat/completions", body,
+                                  lambda resp: self._chat_parse(resp, messages, n, max_tokens, want_lp, k, settings))
+            except _Fatal:
+                abort.set()
+                raise
+
+        results: list[list[ChatCompletion] | None] = [None] * len(convs)
+        errors: dict[int, DistilleryError] = {}
+        if concurrency == 1:
+            for i, messages in enumerate(convs):
+                try:
+                    results[i] = one(messages)
+                except _Fatal:
+                    raise
+                except DistilleryError as e:
+                    errors[i] = e
+        else:
+            with ThreadPoolExecutor(max_workers=min(int(concurrency), len(convs)),
+                                    thread_name_prefix="distillery-chat") as pool:
+                futures = {pool.submit(one, messages): i for i, messages in enumerate(convs)}
+                try:
+                    for f in as_completed(futures):
+                        try:
+                            results[futures[f]] = f.result()
+                        except DistilleryError as e:
+                            if isinstance(e, _Fatal):
+                                raise
+                            errors[futures[f]] = e
+                except BaseException:
+                    abort.set()
+                    for f in futures:  # the queued ones; those in flight finish (and are logged) first
+                        f.cancel()
+                    raise
+        if errors:
+            first = min(errors)
+            reason = " ".join(str(errors[first]).split())
+            if on_error == "skip":
+                self.failures.extend(ChatFailure(i, convs[i], " ".join(str(errors[i]).split())) for i in sorted(errors))
+            else:
+                kept = ("the others are in the request log, so a rerun pays only for the failed ones" if self.log
+                        else "pass log= so a rerun pays only for the failed ones, or on_error='skip' to keep the others")
+                raise DistilleryError(f"{len(errors)} of {len(convs)} chat requests failed ({kept}); the first, "
+                                      f"conversation {first}: {reason}")
+        return results
 
 
 class RemoteTopKTeacher:

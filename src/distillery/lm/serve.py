@@ -1,5 +1,7 @@
-"""A local ``CausalLM`` served through the OpenAI **completions** API, so a teacher can sit behind
-HTTP (``remote.RemoteTeacher`` is the client; any OpenAI-compatible client works too).
+"""A local ``CausalLM`` served through the OpenAI **completions** and **chat completions** APIs, so a
+teacher can sit behind HTTP (``remote.RemoteTeacher`` is the client of both; any OpenAI-compatible
+client works too). The tokenizer is a transformers fast tokenizer (``models.load_tokenizer``) or a raw
+``tokenizers.Tokenizer`` (completions only), or None (token-id prompts only).
 
 Endpoints:
 
@@ -31,6 +33,35 @@ Endpoints:
   ``generate.sample`` reports the sampling distribution's instead). ``text_offset`` holds the
   character offset of each returned token in the text prompt + completion.
 
+- ``POST /v1/chat/completions`` with a JSON body (OpenAI's chat schema):
+
+  - ``model`` (required), as above; ``stream`` is refused, so are ``tools``.
+  - ``messages`` (required): a non-empty list of ``{"role", "content"}`` with the roles ``system``,
+    ``user`` and ``assistant`` (another role is a 400 naming them) and text content (a string, or a
+    list of ``{"type": "text", "text"}`` parts). The prompt is the tokenizer's chat template rendered
+    with the assistant's turn opened (``add_generation_prompt``), encoded without added special
+    tokens. A tokenizer without a chat template (or a raw ``tokenizers.Tokenizer``) is answered 400
+    "the served model's tokenizer has no chat template".
+  - ``max_completion_tokens`` or ``max_tokens`` (default: the rest of the context), ``temperature``,
+    ``top_p``, ``top_k`` (vLLM's), ``n`` and ``seed`` as for completions.
+  - Generation **stops** at the tokenizer's ``eos_token`` and at the end-of-turn markers of common chat
+    formats that its vocabulary holds (``END_TOKENS``: ``<|im_end|>``, ``<|endoftext|>``,
+    ``<|eot_id|>``, ...), unless ``ignore_eos`` (vLLM's extension) is true, and at the first ``stop``
+    string (a string or a list of non-empty strings) in the decoded reply: ``finish_reason`` is then
+    ``"stop"``, else ``"length"`` (``max_tokens`` reached). The reply's text is decoded without special
+    tokens, the end token left out and cut before the stop string; its tokens (and log-probabilities)
+    run up to and including the end token or the token that completed the stop string (as vLLM).
+    Decoding is ``generate.sample``'s, so a reply is a prefix of ``sample``'s continuation of the
+    rendered prompt with the same settings and seed.
+  - ``logprobs`` (bool) and ``top_logprobs`` (0..``max_logprobs``; needs ``logprobs``): the answer's
+    ``choices[i].logprobs.content`` lists per reply token ``{"token", "logprob", "bytes",
+    "top_logprobs": [{"token", "logprob", "bytes"}, ...]}`` (full softmax at temperature 1, as
+    above; ``bytes`` the UTF-8 of the token's text); ``"logprobs": null`` when not asked.
+  - ``return_tokens_as_token_ids`` (bool, vLLM's extension): ``token`` is ``"token_id:123"``.
+
+  The answer: ``choices[i] = {"index", "message": {"role": "assistant", "content"}, "logprobs",
+  "finish_reason"}`` and ``usage`` (the prompt counted once, the completion tokens of all ``n``).
+
 - ``GET /v1/models``: the one model, with ``vocab_size`` and ``max_model_len`` beside OpenAI's fields.
 
 Authentication: a server started with an API key (``distillery serve`` reads it from the environment
@@ -44,7 +75,8 @@ names, one consumed per request; not reachable over HTTP): ``"500"``, ``"429"`` 
 (with ``Retry-After``), ``"sleep:SECONDS"`` (before answering), ``"truncate"`` (a 200 whose body is
 cut in half and the connection closed, the Content-Length announcing the whole), ``"cut-json"`` (half
 the body with a matching Content-Length: invalid JSON), ``"drop-logprobs"`` (choices without
-logprobs), ``"short-logprobs"`` (one token log-probability fewer than tokens).
+logprobs), ``"short-logprobs"`` (one token log-probability fewer than tokens; in a chat answer, the
+last token's entry without its ``logprob``). Faults apply to every POST endpoint alike.
 """
 
 from __future__ import annotations
@@ -69,13 +101,17 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import DistilleryError
-from .generate import sample
+from .generate import draw, sample, warp
 
 DEFAULT_KEY_ENV = "DISTILLERY_API_KEY"
 MAX_BODY = 16 << 20  # bytes of request JSON
 MAX_DEPTH = 32  # nesting of the request JSON (an OpenAI request needs 3)
 MAX_CHARS_PER_TOKEN = 64  # a string prompt longer than context x this is refused before it is tokenised
 NEG_INF = -9999.0  # what a -inf log-probability is reported as (JSON has no infinity; vLLM does the same)
+CHAT_ROLES = ("system", "user", "assistant")
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>")
+"""End-of-turn / end-of-text markers of common chat formats (ChatML, Llama 3, Phi, Gemma, SentencePiece):
+a chat reply ends at the first one the tokenizer's vocabulary holds, as at its ``eos_token``."""
 
 
 class RequestError(Exception):
@@ -142,6 +178,49 @@ def _is_id(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def encode(tokenizer, text: str, special: bool = True) -> list[int]:
+    """The token ids of ``text`` with either kind of tokenizer (a raw ``tokenizers.Tokenizer`` answers an
+    ``Encoding``, a transformers fast tokenizer a list); ``special``: add the post-processor's tokens (BOS)."""
+    out = tokenizer.encode(text, add_special_tokens=special)
+    return list(getattr(out, "ids", out))
+
+
+def decode_batch(tokenizer, seqs: list[list[int]], skip_special_tokens: bool = False) -> list[str]:
+    """The texts of several id lists with either kind of tokenizer (``decode_batch`` / ``batch_decode``)."""
+    fn = getattr(tokenizer, "decode_batch", None) or tokenizer.batch_decode
+    return list(fn(seqs, skip_special_tokens=skip_special_tokens))
+
+
+def parse_messages(messages: Any, max_chars: int | None = None) -> list[dict]:
+    """The ``messages`` of a chat request as [{role, content}] with text content (a string, or a list of
+    ``{"type": "text", "text": ...}`` parts, joined); roles ``CHAT_ROLES``. More than ``max_chars``
+    characters in all are refused before they are rendered and tokenised."""
+    if not isinstance(messages, list) or not messages:
+        raise RequestError(400, "the request has no messages; send \"messages\": a non-empty list of "
+                                "{\"role\", \"content\"} objects.", param="messages")
+    out, chars = [], 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RequestError(400, f"messages[{i}] is not an object; send {{\"role\", \"content\"}}.", param="messages")
+        role = m.get("role")
+        if role not in CHAT_ROLES:
+            raise RequestError(400, f"messages[{i}] has role {json.dumps(role)[:40]}; this server takes the roles "
+                                    f"{', '.join(CHAT_ROLES)}.", param="messages")
+        content = m.get("content")
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str):
+            raise RequestError(400, f"messages[{i}] has no text content; send \"content\": a string (or a list of "
+                                    "{\"type\": \"text\", \"text\"} parts).", param="messages")
+        chars += len(content)
+        if max_chars is not None and chars > max_chars:
+            raise RequestError(400, f"the messages hold more characters than this model's context could hold (at "
+                                    f"most {max_chars}); shorten them.", param="messages")
+        out.append({"role": role, "content": content})
+    return out
+
+
 def parse_prompts(prompt: Any, tokenizer, vocab_size: int, max_chars: int | None = None) -> list[list[int]]:
     """The token ids of every prompt of an OpenAI ``prompt`` field (str, [str], [int] or [[int]]). A string
     longer than ``max_chars`` is refused before it is tokenised (megabytes of text cost seconds to encode
@@ -164,7 +243,7 @@ def parse_prompts(prompt: Any, tokenizer, vocab_size: int, max_chars: int | None
                                         f"(at most {max_chars}); shorten it.", param="prompt")
             if tokenizer is None:
                 raise RequestError(400, "this server has no tokenizer; send token ids.", param="prompt")
-            ids = list(tokenizer.encode(p).ids)
+            ids = encode(tokenizer, p)
         elif isinstance(p, list) and all(_is_id(x) for x in p):
             ids = p
         else:
@@ -184,8 +263,9 @@ def parse_prompts(prompt: Any, tokenizer, vocab_size: int, max_chars: int | None
 
 
 class CompletionServer:
-    """Serve ``model`` (a ``CausalLM``) and its ``tokenizer`` (a ``tokenizers.Tokenizer``, or None
-    for token-id prompts only) as ``name`` through the OpenAI completions API (module docstring).
+    """Serve ``model`` (a ``CausalLM``) and its ``tokenizer`` (a transformers fast tokenizer, with a chat
+    template for the chat endpoint; a raw ``tokenizers.Tokenizer``; or None for token-id prompts only)
+    as ``name`` through the OpenAI completions and chat completions APIs (module docstring).
 
     ``api_key``: the key requests must carry (None: none needed). ``port`` 0 picks a free port
     (``start()`` returns it). ``max_logprobs`` caps ``logprobs``, ``max_n`` caps ``n``, ``max_prompts``
@@ -205,6 +285,7 @@ class CompletionServer:
         self._httpd: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
         self._pieces: dict[int, str] = {}
+        self._end_ids: set[int] | None = None
         self.created = int(time.time())
 
     def __repr__(self) -> str:  # never the key
@@ -295,14 +376,15 @@ class CompletionServer:
 
     def _piece(self, i: int) -> str:
         if i not in self._pieces:
-            self._pieces[i] = self.tokenizer.decode([i], skip_special_tokens=False) if self.tokenizer else str(i)
+            self._pieces[i] = self.tokenizer.decode([i], skip_special_tokens=False) if self.tokenizer is not None \
+                else str(i)
         return self._pieces[i]
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=False) if self.tokenizer is not None else ""
 
-    def complete(self, body: Any) -> dict:
-        """The ``POST /v1/completions`` answer to a parsed JSON ``body`` (raises ``RequestError``)."""
+    def _check_request(self, body: Any) -> None:
+        """The checks every POST body passes: a JSON object naming this model, not streamed."""
         if not isinstance(body, dict):
             raise RequestError(400, "the request body must be a JSON object.")
         if "model" not in body:
@@ -312,6 +394,10 @@ class CompletionServer:
                                     f"{json.dumps(self.name)}.", param="model", code="model_not_found")
         if body.get("stream"):
             raise RequestError(400, "streaming is not supported; send \"stream\": false.", param="stream")
+
+    def complete(self, body: Any) -> dict:
+        """The ``POST /v1/completions`` answer to a parsed JSON ``body`` (raises ``RequestError``)."""
+        self._check_request(body)
         vocab, ctx = int(self.model.vocab_size), int(self.model.max_length)
         prompts = parse_prompts(body.get("prompt"), self.tokenizer, vocab, max_chars=ctx * MAX_CHARS_PER_TOKEN)
         echo = _bool(body, "echo")
@@ -392,7 +478,7 @@ class CompletionServer:
         if k is not None:
             start = 0 if echo else len(prompt)
             tok = (lambda i: f"token_id:{i}") if as_ids else self._piece
-            prefixes = self.tokenizer.decode_batch([ids[:j] for j in range(start, len(ids))], skip_special_tokens=False) \
+            prefixes = decode_batch(self.tokenizer, [ids[:j] for j in range(start, len(ids))]) \
                 if self.tokenizer is not None else [""] * (len(ids) - start)
             token_lps, top_lps = [], []
             for j in range(start, len(ids)):
@@ -409,6 +495,166 @@ class CompletionServer:
             logprobs = {"tokens": [tok(i) for i in ids[start:]], "token_logprobs": token_lps, "top_logprobs": top_lps,
                         "text_offset": [len(s) for s in prefixes]}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": "length"}
+
+
+    # -- chat completions
+
+    def end_ids(self) -> set[int]:
+        """The token ids that end a chat reply: the tokenizer's end-of-sequence token and the end-of-turn
+        markers of common chat formats (``END_TOKENS``) that its vocabulary holds."""
+        if self._end_ids is None:
+            tok, ids = self.tokenizer, set()
+            eos = getattr(tok, "eos_token_id", None)
+            if isinstance(eos, int):
+                ids.add(eos)
+            vocab = tok.get_vocab()
+            ids.update(vocab[t] for t in END_TOKENS if t in vocab)
+            self._end_ids = {i for i in ids if 0 <= i < int(self.model.vocab_size)}
+        return self._end_ids
+
+    def render(self, messages: list[dict]) -> list[int]:
+        """The prompt ids of a conversation: the tokenizer's chat template with the assistant's turn opened
+        (``add_generation_prompt``), encoded without adding special tokens (the template writes them)."""
+        tok = self.tokenizer
+        if tok is None or not hasattr(tok, "apply_chat_template") or not getattr(tok, "chat_template", None):
+            raise RequestError(400, "the served model's tokenizer has no chat template; save the tokenizer with one "
+                                    "(tokenizer.chat_template = ..., save_pretrained) or use /v1/completions.",
+                               param="messages")
+        try:
+            text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # jinja's TemplateError and whatever the template raises for these messages
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+            raise RequestError(400, f"the chat template refused these messages ({first}).", param="messages") from None
+        return encode(tok, text, special=False)
+
+    def chat(self, body: Any) -> dict:
+        """The ``POST /v1/chat/completions`` answer to a parsed JSON ``body`` (raises ``RequestError``)."""
+        self._check_request(body)
+        vocab, ctx = int(self.model.vocab_size), int(self.model.max_length)
+        messages = parse_messages(body.get("messages"), max_chars=ctx * MAX_CHARS_PER_TOKEN)
+        if body.get("tools"):
+            raise RequestError(400, "tools are not supported; leave tools out.", param="tools")
+        prompt = self.render(messages)
+        if not prompt:
+            raise RequestError(400, "the chat template rendered these messages to no tokens.", param="messages")
+        bad = [x for x in prompt if not 0 <= x < vocab]
+        if bad:
+            raise RequestError(400, f"the rendered prompt holds token id {bad[0]}, outside the model's vocabulary "
+                                    f"[0, {vocab}); the tokenizer does not belong to this model.", param="messages")
+        room = ctx - len(prompt)
+        if room < 1:
+            raise RequestError(400, f"the rendered conversation has {len(prompt)} tokens, leaving no room in the "
+                                    f"model's context of {ctx} tokens; shorten the messages.", param="messages")
+        name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+        max_tokens = _int(body, name, room, 1)
+        if max_tokens > room:
+            raise RequestError(400, f"the rendered conversation has {len(prompt)} tokens and {name} is {max_tokens}: "
+                                    f"together they exceed the model's context of {ctx} tokens; shorten the messages "
+                                    f"or lower {name}.", param=name)
+        temperature = _float(body, "temperature", 1.0)
+        if temperature < 0:
+            raise RequestError(400, f"temperature must be >= 0 (0 = greedy), got {temperature}.", param="temperature")
+        top_p = _float(body, "top_p", 1.0)
+        if not 0 < top_p <= 1:
+            raise RequestError(400, f"top_p must lie in (0, 1], got {top_p}.", param="top_p")
+        top_k = _int(body, "top_k", 0, -1, vocab)
+        top_k = 0 if top_k == -1 else top_k
+        n = _int(body, "n", 1, 1, self.max_n)
+        seed = _int(body, "seed", None, 0, 2**63 - 1)
+        want_lp = _bool(body, "logprobs")
+        k = _int(body, "top_logprobs", None, 0, self.max_logprobs)
+        if k and not want_lp:
+            raise RequestError(400, "top_logprobs needs \"logprobs\": true.", param="top_logprobs")
+        stop = body.get("stop")
+        stop = [stop] if isinstance(stop, str) else (stop or [])
+        if not isinstance(stop, list) or not all(isinstance(x, str) and x for x in stop):
+            raise RequestError(400, "stop must be a non-empty string or a list of them.", param="stop")
+        as_ids = _bool(body, "return_tokens_as_token_ids")
+        ends = set() if _bool(body, "ignore_eos") else self.end_ids()
+        rows = self._chat_run(prompt, n, max_tokens, temperature, top_p, top_k, seed, ends, stop,
+                              (k or 0) if want_lp else None)
+        choices = [self._chat_choice(j, *row, as_ids, k or 0) for j, row in enumerate(rows)]
+        completion_tokens = sum(len(row[0]) for row in rows)
+        return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+                "model": self.name, "choices": choices,
+                "usage": {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,
+                          "total_tokens": len(prompt) + completion_tokens}}
+
+    def _chat_run(self, prompt: list[int], n: int, max_tokens: int, temperature: float, top_p: float, top_k: int,
+                  seed: int | None, ends: set[int], stop: list[str], k: int | None) -> list[tuple]:
+        """n replies to one rendered prompt, each ending at an end token, a stop string or ``max_tokens``:
+        (generated ids, text, finish_reason, log-prob per id or None, (values, ids) top-k per id or None).
+        The decoding loop is ``generate.sample``'s (same warp, same draws from one generator over the n
+        rows), so a reply is a prefix of ``sample``'s continuation; finished rows are decoded on (their
+        draws keep the others' random stream) until every row has finished."""
+        tok = self.tokenizer
+        gen: list[list[int]] = [[] for _ in range(n)]
+        texts: list[str | None] = [None] * n
+        reasons: list[str | None] = [None] * n
+        with self._lock, torch.no_grad():
+            if self._closing:
+                raise RequestError(503, "the server is shutting down; retry against a running one.", type="server_error")
+            was_training = self.model.training
+            self.model.eval()
+            try:
+                g = torch.Generator().manual_seed(seed if seed is not None else secrets.randbits(63))
+                logits, cache = self.model.step(torch.tensor([prompt] * n, dtype=torch.long))
+                for step in range(max_tokens):
+                    log_p = warp(logits[:, -1], temperature, top_p, top_k)
+                    new = log_p.argmax(-1) if temperature == 0 else draw(log_p, g)
+                    for r, t in enumerate(new.tolist()):
+                        if reasons[r] is not None:
+                            continue
+                        gen[r].append(t)
+                        if t in ends:
+                            reasons[r], texts[r] = "stop", tok.decode(gen[r][:-1], skip_special_tokens=True)
+                        elif stop:  # the whole reply is decoded again: bytes merge into characters late
+                            text = tok.decode(gen[r], skip_special_tokens=True)
+                            cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+                            if cut >= 0:
+                                reasons[r], texts[r] = "stop", text[:cut]
+                    if all(reasons) or step == max_tokens - 1:
+                        break
+                    logits, cache = self.model.step(new[:, None], cache)
+                out = []
+                if k is not None:  # the full softmax at temperature 1 over prompt + reply, rows padded on the right
+                    width = len(prompt) + max(len(ids) for ids in gen)
+                    x = torch.zeros(n, width, dtype=torch.long)
+                    for r, ids in enumerate(gen):
+                        x[r, : len(prompt) + len(ids)] = torch.tensor(prompt + ids)
+                    logp = F.log_softmax(self.model(x).float(), dim=-1)[:, len(prompt) - 1: -1]  # (n, width - P, V)
+                    lps = torch.nan_to_num(logp.gather(-1, x[:, len(prompt):, None]).squeeze(-1), neginf=NEG_INF)
+                    if k:
+                        v, idx = logp.topk(min(k, logp.shape[-1]), dim=-1)
+                        v = torch.nan_to_num(v, neginf=NEG_INF)
+                    for r, ids in enumerate(gen):
+                        m = len(ids)
+                        top = (v[r, :m].tolist(), idx[r, :m].tolist()) if k else None
+                        out.append((lps[r, :m].tolist(), top))
+                else:
+                    out = [(None, None)] * n
+            finally:
+                self.model.train(was_training)
+        return [(ids, text if text is not None else tok.decode(ids, skip_special_tokens=True), reason or "length", lp, top)
+                for ids, text, reason, (lp, top) in zip(gen, texts, reasons, out)]
+
+    def _chat_choice(self, index: int, ids: list[int], text: str, reason: str, lps, tops, as_ids: bool,
+                     k: int) -> dict:
+        logprobs = None
+        if lps is not None:
+            def entry(t: int, lp: float) -> dict:
+                piece = self._piece(t)
+                return {"token": f"token_id:{t}" if as_ids else piece, "logprob": lp,
+                        "bytes": list(piece.encode("utf-8", errors="replace"))}
+
+            content = []
+            for j, (t, lp) in enumerate(zip(ids, lps)):
+                e = entry(t, lp)
+                e["top_logprobs"] = [entry(i, v) for v, i in zip(*(x[j] for x in tops))] if k else []
+                content.append(e)
+            logprobs = {"content": content}
+        return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                "finish_reason": reason}
 
 
 def json_depth(body: bytes) -> int:
@@ -506,11 +752,11 @@ class _Handler(BaseHTTPRequestHandler):
         if body is None:
             return
         path = self.path.split("?", 1)[0].rstrip("/")
-        routes = {("GET", "/v1/models"), ("POST", "/v1/completions")}
+        routes = {("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")}
         if (method, path) not in routes:
             status = 405 if any(p == path for _, p in routes) else 404
-            self._error(RequestError(status, f"{method} {path or '/'} is not served here; use POST /v1/completions or "
-                                             "GET /v1/models.", code="unknown_url"))
+            self._error(RequestError(status, f"{method} {path or '/'} is not served here; use POST /v1/completions, "
+                                             "POST /v1/chat/completions or GET /v1/models.", code="unknown_url"))
             return
         fault = self.app.next_fault()
         if fault and fault.startswith("sleep:"):
@@ -536,7 +782,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(RequestError(400, f"the request body is not valid JSON ({str(e)[:200]}); send a JSON object."))
             return
         try:
-            out = self.app.complete(req)
+            out = self.app.chat(req) if path == "/v1/chat/completions" else self.app.complete(req)
         except RequestError as e:
             self._error(e)
             return
@@ -551,8 +797,11 @@ class _Handler(BaseHTTPRequestHandler):
                 c["logprobs"] = None
         elif fault == "short-logprobs":
             for c in out["choices"]:
-                if c["logprobs"]:
+                if c["logprobs"] and "token_logprobs" in c["logprobs"]:
                     c["logprobs"]["token_logprobs"] = c["logprobs"]["token_logprobs"][:-1]
+                elif c["logprobs"]:  # chat: the last token's entry lacks its log-probability
+                    c["logprobs"]["content"][-1:] = [{k: v for k, v in e.items() if k != "logprob"}
+                                                     for e in c["logprobs"]["content"][-1:]]
         self._send(200, out, fault=fault)
 
     def do_GET(self) -> None:
@@ -567,7 +816,8 @@ class _Handler(BaseHTTPRequestHandler):
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     """Add ``distillery serve MODEL_DIR --port P [--host H] [--name NAME] [--api-key-env VAR]``."""
-    s = subparsers.add_parser("serve", help="serve a model folder through the OpenAI completions API (a remote teacher)")
+    s = subparsers.add_parser("serve", help="serve a model folder through the OpenAI completions and chat "
+                                            "completions APIs (a remote teacher)")
     s.add_argument("model_dir", help="model folder (save_lm / lm-train output, or a transformers folder)")
     s.add_argument("--port", type=int, default=8000, help="TCP port (0 = any free one; default 8000)")
     s.add_argument("--host", default="127.0.0.1",
