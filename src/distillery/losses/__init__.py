@@ -97,4 +97,4 @@ def names() -> list[str]:
     return LOSSES.names()
 
 
-from . import diffusion, features, graph, logits, relations, selection  # noqa: E402, F401  (importing registers the losses)
+from . import cross_tokenizer, diffusion, features, graph, logits, relations, selection  # noqa: E402, F401  (importing registers the losses)
