@@ -134,6 +134,34 @@ def check_example(example: Any, where: str = "example") -> None:
                               "train on (add the assistant's answer, or drop the example).")
 
 
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
+
+
+def texts(examples: Sequence[dict[str, Any]]) -> list[str]:
+    """Every message's content, prompt and completion (a tokenizer's training text)."""
+    out = []
+    for e in examples:
+        msgs = messages_of(e)
+        out += [m["content"] for m in msgs] if msgs is not None else [e["prompt"], e["completion"]]
+    return out
+
+
+def train_tokenizer(examples: Sequence[dict[str, Any]], vocab_size: int = 512, digits: bool = True):
+    """A chat tokenizer trained on the examples: a byte-level BPE (digits split one by one with
+    ``digits``, as Llama and Qwen do), the special tokens ``<|endoftext|>`` (padding), ``<|im_start|>``
+    and ``<|im_end|>`` (the end of a turn and of the sequence), and the ChatML template."""
+    from .corpus import train_raw_tokenizer
+    from .models import require_transformers
+
+    raw = train_raw_tokenizer([*texts(examples), "system", "user", "assistant"], vocab_size, SPECIAL, digits=digits)
+    raw.no_padding()
+    raw.no_truncation()
+    return require_transformers().PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>",
+                                                          pad_token="<|endoftext|>", chat_template=CHATML)
+
+
 def _render(tok, messages: list[dict], generation: bool = False) -> str:
     return tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation)
 

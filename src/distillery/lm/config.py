@@ -33,6 +33,47 @@ class SeqKD:
     """Teacher samples per prompt."""
     temperature: float = 1.0
     top_p: float = 1.0
+    remote: Remote | None = None
+    """Chat data: the teacher behind an API instead of a local folder."""
+
+
+@dataclass
+class Remote:
+    """An OpenAI-compatible chat-completions teacher (vLLM, ``distillery serve``, a hosted API)."""
+
+    base_url: str = ""
+    """As OpenAI clients take it, e.g. http://127.0.0.1:8000/v1."""
+    model: str = ""
+    api_key_env: str = "DISTILLERY_API_KEY"
+    """The environment variable holding the API key (never the key itself)."""
+    concurrency: int = 8
+    """Requests in flight."""
+    max_retries: int = 5
+    timeout: float = 60.0
+
+
+@dataclass
+class Reasoning:
+    """``data: reasoning``: the built-in arithmetic word problems (``lm.reasoning``)."""
+
+    train: int = 8000
+    validation: int = 200
+    test: int = 500
+    seed: int = 0
+
+
+@dataclass
+class LoRA:
+    """A LoRA student through PEFT: adapters on ``targets`` train, the base stays frozen."""
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                                         "up_proj", "down_proj"])
+    """Module names (PEFT's ``target_modules``)."""
+    merge: bool = True
+    """Also export the merged model (``models/merged``: a plain transformers folder)."""
 
 
 @dataclass
@@ -51,7 +92,20 @@ class LMRecipe:
     model: str = "student"
     """A preset (teacher, student, tiny) built with the corpus tokenizer, or a model folder to start from."""
     data: str = "stdlib"
-    """``stdlib`` (the built-in corpus) or a .txt / .jsonl file or HF datasets folder."""
+    """``stdlib`` (the built-in corpus), ``reasoning`` (the built-in word problems, chat), or a file or HF
+    datasets folder: plain text (.txt, .jsonl of ``text``) or chat examples (``messages`` or ``prompt`` /
+    ``completion``; ``lm.chat``)."""
+    tokenizer: str | None = None
+    """A tokenizer folder or tokenizer.json (default: the model folder's, else the teacher's, else one
+    trained on the data). Its end-of-sequence and padding tokens and chat template are used as they are."""
+    pack: bool = True
+    """Chat data: pack several conversations per row (no attention across them); false: one per row."""
+    verifier: str = "exact"
+    """Chat data with an ``answer`` per example: how a response is checked (``lm.traces.VERIFIERS``: exact,
+    none, or a plugin's): the seq_kd filter, and the test accuracy (``exact`` when this is ``none``)."""
+    reasoning: Reasoning = field(default_factory=Reasoning)
+    lora: LoRA | None = None
+    """Train LoRA adapters of ``model`` (PEFT) instead of all its weights."""
     block: int = 128
     vocab_size: int = 8192
     """Of the tokenizer trained for the built-in corpus."""
@@ -122,6 +176,8 @@ class LMRecipe:
                                   "sparse teachers (kd) can read; use terms: [{loss: kd}].")
         if self.method == "adaspec" and [t.loss for t in terms if t.teacher is not None] != ["kd"]:
             raise DistilleryError("method adaspec selects tokens by the draft's forward KL; use terms: [{loss: kd}].")
+        if self.seq_kd.remote is not None and self.teacher is not None:
+            raise DistilleryError("seq_kd.remote and teacher both name the teacher; keep one.")
         if self.model in PRESETS or "/" in self.model or self.model.startswith("."):
             pass
         else:
@@ -143,13 +199,27 @@ class LMRecipe:
             ("on_policy.temperature", self.on_policy.temperature,
              math.isfinite(self.on_policy.temperature) and self.on_policy.temperature > 0, "a finite number > 0"),
         ]
+        if self.seq_kd.remote is not None:
+            r = self.seq_kd.remote
+            ranges += [("seq_kd.remote.base_url", r.base_url, bool(r.base_url), "an http(s) URL such as "
+                        "http://127.0.0.1:8000/v1"), ("seq_kd.remote.model", r.model, bool(r.model), "the served model's name"),
+                       ("seq_kd.remote.concurrency", r.concurrency, r.concurrency >= 1, "at least 1")]
+        if self.lora is not None:
+            lo = self.lora
+            ranges += [("lora.r", lo.r, lo.r >= 1, "at least 1"), ("lora.alpha", lo.alpha, lo.alpha > 0, "> 0"),
+                       ("lora.dropout", lo.dropout, 0 <= lo.dropout < 1, "in [0, 1)"),
+                       ("lora.targets", lo.targets, bool(lo.targets), "a non-empty list of module names")]
+        for n in ("train", "validation", "test"):
+            v = getattr(self.reasoning, n)
+            ranges.append((f"reasoning.{n}", v, v >= 1, "at least 1"))
         for key, value, ok, what in ranges:
             if not ok:
                 raise DistilleryError(f"{key} must be {what}, got {value}.")
         if self.block < 2 or self.vocab_size < 300:
             raise DistilleryError("block must be >= 2 tokens and vocab_size >= 300 (a byte-level BPE needs 256 bytes).")
-        if self.teacher is None and self.method != "kd":
-            raise DistilleryError(f"method {self.method!r} distils from a teacher; set teacher: to a model folder.")
+        if self.teacher is None and self.method != "kd" and not (self.method == "seq_kd" and self.seq_kd.remote):
+            raise DistilleryError(f"method {self.method!r} distils from a teacher; set teacher: to a model folder"
+                                  f"{' (or seq_kd.remote: an API)' if self.method == 'seq_kd' else ''}.")
         if self.method == "adaspec" and self.reference is None:
             raise DistilleryError("method adaspec needs reference: (a model folder distilled with method kd).")
         used = {"seq_kd": self.seq_kd.prompt, "on_policy": self.on_policy.prompt}

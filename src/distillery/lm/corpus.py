@@ -186,11 +186,12 @@ def _fingerprint(files: Sequence[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def builtin(block: int = 128, vocab_size: int = 8192, seed: int = 0, cache: bool = True):
+def builtin(block: int = 128, vocab_size: int = 8192, seed: int = 0, cache: bool = True, tokenizer=None):
     """(splits {"train", "validation", "test"}: TokenData, tokenizer) of the stdlib corpus.
 
-    The tokenizer is trained on the train split only; both it and the token streams are cached
-    under ``cache_root()/lm`` by Python version, file list, vocabulary size and seed."""
+    The tokenizer (unless ``tokenizer`` is given: the text is then encoded with it) is trained on the
+    train split only; both it and the token streams are cached under ``cache_root()/lm`` by Python
+    version, file list, vocabulary size (or the given tokenizer's content) and seed."""
     files = stdlib_files()
     if not files:
         raise DistilleryError(f"no standard-library sources under {sysconfig.get_paths()['stdlib']}; "
@@ -203,13 +204,16 @@ def builtin(block: int = 128, vocab_size: int = 8192, seed: int = 0, cache: bool
 
     from .models import as_tokenizer
 
-    if cache and tok_file.is_file():
-        raw = Tokenizer.from_file(str(tok_file))
+    if tokenizer is not None:
+        tok = tokenizer
+        key = f"{_fingerprint(files)}-t{hashlib.sha256(tok.backend_tokenizer.to_str().encode()).hexdigest()[:16]}-s{seed}"
+    elif cache and tok_file.is_file():
+        tok = as_tokenizer(Tokenizer.from_file(str(tok_file)))
     else:
         raw = train_raw_tokenizer([_read(f) for f in split["train"]], vocab_size)
         if cache:
             atomic_write_text(tok_file, raw.to_str())
-    tok = as_tokenizer(raw)
+        tok = as_tokenizer(raw)
 
     def build() -> dict[str, np.ndarray]:
         return {name: encode_documents([_read(f) for f in fs], tok) for name, fs in split.items()}

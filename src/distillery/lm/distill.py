@@ -192,42 +192,90 @@ def remote_texts(remote, prompts: Tensor, new_tokens: int, *, samples: int = 1, 
 class OnPolicy:
     """GKD's mixture as a step of the engine (``fit(..., task=OnPolicy(...))``): each micro-batch is, with
     probability ``lam``, the prompts of the data continued by the current ``student`` (sampled at
-    ``temperature``), else the data itself (see the module docstring). The first ``prompt`` tokens of
-    each block are the prompt; their targets are never trained. The draw and the sampling are seeded
-    by (seed, epoch, the batch's ids), so a resumed run sees the same batches."""
+    ``temperature``), else the data itself (see the module docstring). ``prompt`` tokens of each block
+    are the prompt (their targets are never trained); ``prompt=None`` (chat rows) takes each row's prompt
+    as everything before its first trained target, left-pads the prompts, and ends each answer at
+    ``eos_id`` (the rows then carry positions). The draw and the sampling are seeded by (seed, epoch, the
+    batch's ids), so a resumed run sees the same batches."""
 
-    def __init__(self, student: CausalLM, *, lam: float = 0.5, prompt: int = 32, temperature: float = 1.0,
-                 top_p: float = 1.0, seed: int = 0):
+    def __init__(self, student: CausalLM, *, lam: float = 0.5, prompt: int | None = 32, temperature: float = 1.0,
+                 top_p: float = 1.0, seed: int = 0, eos_id: int | None = None, pad_id: int = 0):
         if not 0.0 <= lam <= 1.0:
             raise DistilleryError(f"on-policy lambda must lie in [0, 1], got {lam}.")
-        if prompt < 1:
+        if prompt is not None and prompt < 1:
             raise DistilleryError(f"on-policy prompt must be at least 1 token, got {prompt}.")
-        self.student, self.lam, self.prompt = student, float(lam), int(prompt)
+        self.student, self.lam, self.prompt = student, float(lam), None if prompt is None else int(prompt)
         self.temperature, self.top_p, self.seed = float(temperature), float(top_p), int(seed)
+        self.eos_id, self.pad_id = eos_id, int(pad_id)
         self.generated = 0
 
     def check(self, data: TokenData) -> None:
+        if self.prompt is None:
+            valid = data.y != -100
+            last = torch.where(valid.any(1), data.x.shape[1] - 1 - valid.flip(1).float().argmax(1), 0)
+            starts = (data.pos == 0).long().cumsum(1).gather(1, last[:, None]) if data.pos is not None else None
+            if starts is None or bool((starts != 1).any()):
+                raise DistilleryError("on-policy distillation on chat data needs one conversation per row; set "
+                                      "pack: false.")
+            return
         if not 1 <= self.prompt < data.x.shape[1]:
             raise DistilleryError(f"on-policy prompt must lie in [1, {data.x.shape[1]}) (the block length), "
                                   f"got {self.prompt}.")
 
+    def signature(self) -> dict:
+        return {"lam": self.lam, "prompt": self.prompt, "temperature": self.temperature, "top_p": self.top_p,
+                "eos_id": self.eos_id}
+
     def prepare(self, batch: dict[str, Tensor], *, epoch: int) -> dict[str, Tensor]:
         out = dict(batch)
-        if not 1 <= self.prompt < out["x"].shape[1]:
-            raise DistilleryError(f"on-policy prompt must lie in [1, {out['x'].shape[1]}) (the block length), "
+        x = out["x"]
+        if self.prompt is not None and not 1 <= self.prompt < x.shape[1]:
+            raise DistilleryError(f"on-policy prompt must lie in [1, {x.shape[1]}) (the block length), "
                                   f"got {self.prompt}.")
         out["y"] = out["y"].clone()
-        out["y"][:, : self.prompt - 1] = -100
-        key = hashlib.sha256(f"{self.seed}:{epoch}:{out['id'].tolist()}".encode()).digest()
-        g = torch.Generator(device=out["x"].device).manual_seed(int.from_bytes(key[:8], "little"))
-        if float(torch.rand((), generator=g, device=out["x"].device)) < self.lam:
-            new = out["x"].shape[1] + 1 - self.prompt  # continue to the block's full length
-            was = self.student.training
-            gen = sample(self.student, out["x"][:, : self.prompt], new, temperature=self.temperature, top_p=self.top_p,
-                         generator=g)
-            self.student.train(was)
-            self.generated += 1
-            out["x"], out["y"] = gen.ids[:, :-1], gen.ids[:, 1:].clone()
+        if self.prompt is not None:
             out["y"][:, : self.prompt - 1] = -100
+        key = hashlib.sha256(f"{self.seed}:{epoch}:{out['id'].tolist()}".encode()).digest()
+        g = torch.Generator(device=x.device).manual_seed(int.from_bytes(key[:8], "little"))
+        if float(torch.rand((), generator=g, device=x.device)) < self.lam:
+            was = self.student.training
+            try:
+                if self.prompt is None:
+                    out.update(self._continue_rows(out, g))
+                else:
+                    new = x.shape[1] + 1 - self.prompt  # continue to the block's full length
+                    gen = sample(self.student, x[:, : self.prompt], new, temperature=self.temperature,
+                                 top_p=self.top_p, generator=g)
+                    out["x"], out["y"] = gen.ids[:, :-1], gen.ids[:, 1:].clone()
+                    out["y"][:, : self.prompt - 1] = -100
+            finally:
+                self.student.train(was)
+            self.generated += 1
         out["mask"] = out["y"] != -100
         return out
+
+    def _continue_rows(self, batch: dict[str, Tensor], g: torch.Generator) -> dict[str, Tensor]:
+        """Chat rows: each row's prompt (before its first trained target), left-padded, continued by the
+        student to the row length or its end of turn; (x, y, pos) of the new rows."""
+        x, y = batch["x"], batch["y"]
+        b, t = x.shape
+        valid = y != -100
+        lengths = torch.where(valid.any(1), valid.float().argmax(1), torch.full((b,), t - 1, device=x.device)) + 1
+        width = int(lengths.max())
+        prompt = torch.full((b, width), self.pad_id, dtype=x.dtype, device=x.device)
+        mask = torch.zeros(b, width, dtype=torch.bool, device=x.device)
+        for r in range(b):
+            n = int(lengths[r])
+            prompt[r, width - n:] = x[r, :n]
+            mask[r, width - n:] = True
+        gen = sample(self.student, prompt, t + 1 - width, temperature=self.temperature, top_p=self.top_p,
+                     generator=g, eos_id=self.eos_id, prompt_mask=mask)
+        ids = gen.ids
+        new_y = ids[:, 1:].clone()
+        new_y[:, : width - 1] = -100
+        if gen.done.numel():
+            new_y[:, width - 1:][gen.done] = -100  # after the end of turn: padding
+        pad = (width - lengths).unsqueeze(1)
+        ar = torch.arange(t, device=x.device).unsqueeze(0)
+        pos = torch.where(ar < pad, ar, ar - pad)  # the left padding is a sequence of its own
+        return {"x": ids[:, :-1], "y": new_y, "pos": pos}

@@ -111,6 +111,12 @@ def sample(model: CausalLM, prompt: Tensor, max_new_tokens: int, *, temperature:
             lps.append(lp)
             if eos_id is not None:
                 done = done | (tok == eos_id)
+                if bool(done.all()):  # every row has ended: the rest is padding, no more model calls
+                    for _ in range(max_new_tokens - len(new)):
+                        dones.append(done.clone())
+                        new.append(torch.full_like(tok, eos_id))
+                        lps.append(torch.zeros_like(lp))
+                    break
             if len(new) == max_new_tokens:
                 break
             if attn is not None:

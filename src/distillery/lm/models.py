@@ -40,6 +40,8 @@ PRESETS: dict[str, dict[str, int]] = {
     # hidden, layers, heads, kv heads, MLP width; parameters at a vocabulary of 8192 (untied head)
     "teacher": {"hidden_size": 256, "num_hidden_layers": 8, "num_attention_heads": 8, "num_key_value_heads": 4,
                 "intermediate_size": 688},  # 9.8M
+    "small": {"hidden_size": 192, "num_hidden_layers": 6, "num_attention_heads": 6, "num_key_value_heads": 2,
+              "intermediate_size": 512},  # 2.5M at a vocabulary of 400 (the reasoning task's teacher)
     "student": {"hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 4, "num_key_value_heads": 2,
                 "intermediate_size": 176},  # 1.2M
     "tiny": {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -105,7 +107,8 @@ class CausalLM(nn.Module):
 
     @functools.cached_property
     def _cache_kw(self) -> str:  # transformers >= 5.2 calls it ``cache``, before ``past_key_values``
-        return "cache" if "cache" in inspect.signature(self.hf.forward).parameters else "past_key_values"
+        base = self.hf.get_base_model() if hasattr(self.hf, "get_base_model") else self.hf  # a PEFT model's base
+        return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -16,9 +16,8 @@ style, which is what sequence-level distillation hands a small student (Kim & Ru
 ``verify(example, response)`` is exact match with ``example["answer"]``, the verifier of the
 sequence-level distillation filter (``distillery.lm.traces``).
 
-``tokenizer(texts, vocab_size)``: a byte-level BPE with digits split one by one (as Llama and Qwen
-do), the special tokens ``<|endoftext|>`` (padding), ``<|im_start|>`` and ``<|im_end|>`` (the end of
-a turn: the end-of-sequence token), and a ChatML chat template.
+``tokenizer(examples, vocab_size)``: ``chat.train_tokenizer`` on the problems: a byte-level BPE
+with digits split one by one, ChatML's special tokens and template.
 """
 
 from __future__ import annotations
@@ -30,9 +29,6 @@ from typing import Any
 
 NAMES = ("Ana", "Ben", "Cleo", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lena")
 ITEMS = ("apples", "books", "coins", "cards", "pens", "shells", "stamps", "marbles", "eggs", "plums")
-CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 _ANSWER = re.compile(r"answer is\s*(-?\d+)", re.IGNORECASE)
 
 
@@ -117,18 +113,8 @@ def verify(example: dict[str, Any], response: str) -> bool:
     return extract_answer(response) == str(example["answer"])
 
 
-def texts(examples: Sequence[dict[str, Any]]) -> list[str]:
-    """Every message's content (a tokenizer's training text)."""
-    return [m["content"] for e in examples for m in e["messages"]]
-
-
 def tokenizer(examples: Sequence[dict[str, Any]], vocab_size: int = 512, digits: bool = True):
-    """A chat tokenizer trained on the examples (see the module docstring)."""
-    from .corpus import train_raw_tokenizer
-    from .models import require_transformers
+    """The task's chat tokenizer (``chat.train_tokenizer``: ChatML, digits split) trained on ``examples``."""
+    from .chat import train_tokenizer
 
-    raw = train_raw_tokenizer([*texts(examples), "user", "assistant", "system"], vocab_size, SPECIAL, digits=digits)
-    raw.no_padding()
-    raw.no_truncation()
-    return require_transformers().PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<|im_end|>",
-                                                          pad_token="<|endoftext|>", chat_template=CHATML)
+    return train_tokenizer(examples, vocab_size, digits)

@@ -23,18 +23,27 @@ import torch
 from ..errors import DistilleryError
 from ..io import cached_arrays
 from ..rundir import writer
-from . import corpus
+from . import chat, corpus, reasoning, traces
 from . import distill as D
 from .config import LMRecipe
-from .models import PRESETS, CausalLM, check_same_tokenizer, llama, load_lm, save_lm
+from .models import (
+    PRESETS,
+    CausalLM,
+    check_folder,
+    check_same_tokenizer,
+    eos_id,
+    llama,
+    load_lm,
+    load_tokenizer,
+    pad_id,
+    save_lm,
+)
 
 
 def load_data(recipe: LMRecipe, tokenizer=None) -> tuple[dict[str, corpus.TokenData], Any]:
     """The train / validation / test blocks and the tokenizer (``tokenizer`` given: use it)."""
     if recipe.data == "stdlib":
-        splits, tok = corpus.builtin(recipe.block, recipe.vocab_size)
-        if tokenizer is not None:
-            check_same_tokenizer(tokenizer, tok)
+        splits, tok = corpus.builtin(recipe.block, recipe.vocab_size, tokenizer=tokenizer)
     else:
         docs = corpus.read_texts(recipe.data)
         order = list(range(len(docs)))
@@ -53,6 +62,63 @@ def load_data(recipe: LMRecipe, tokenizer=None) -> tuple[dict[str, corpus.TokenD
     if recipe.max_train_blocks is not None:
         splits["train"] = splits["train"].subset(torch.arange(min(recipe.max_train_blocks, len(splits["train"]))))
     return splits, tok
+
+
+def is_chat(recipe: LMRecipe) -> bool:
+    return recipe.data == "reasoning" or (recipe.data != "stdlib" and chat.is_chat_file(recipe.data))
+
+
+def load_chat(recipe: LMRecipe, tokenizer=None) -> tuple[dict[str, corpus.TokenData], Any, dict[str, list[dict]]]:
+    """Chat data: (train / validation / test rows, the tokenizer, the examples of each split). ``reasoning``
+    is the built-in task; a file is split 90 / 5 / 5 % (shuffled with the seed) unless an HF ``DatasetDict``
+    has validation and test splits. Without a tokenizer, a ChatML one is trained on the training examples."""
+    if recipe.data == "reasoning":
+        r = recipe.reasoning
+        examples = reasoning.splits(r.train, r.validation, r.test, r.seed)
+    else:
+        named = _named_splits(recipe.data)
+        if named is not None:
+            examples = named
+        else:
+            rows = chat.read_examples(recipe.data)
+            if len(rows) < 3:
+                raise DistilleryError(f"{recipe.data} holds {len(rows)} examples; train / validation / test need at "
+                                      "least 3.")
+            order = list(range(len(rows)))
+            random.Random(recipe.seed).shuffle(order)
+            n_hold = max(1, len(rows) // 20)
+            parts = {"validation": order[:n_hold], "test": order[n_hold:2 * n_hold], "train": order[2 * n_hold:]}
+            examples = {k: [rows[i] for i in sorted(v)] for k, v in parts.items()}
+    tok = tokenizer or chat.train_tokenizer(examples["train"], recipe.vocab_size)
+    splits, first = {}, 0
+    for name in ("train", "validation", "test"):
+        splits[name] = chat.token_data(tok, examples[name], recipe.block, pack=recipe.pack and name == "train",
+                                       name=f"{recipe.data}/{name}", first_id=first, where=f"{recipe.data} {name}")
+        first += len(splits[name])
+    if recipe.max_train_blocks is not None:
+        splits["train"] = splits["train"].subset(torch.arange(min(recipe.max_train_blocks, len(splits["train"]))))
+    return splits, tok, examples
+
+
+def _named_splits(path: str) -> dict[str, list[dict]] | None:
+    """The examples of an HF DatasetDict folder that has train, validation and test splits (else None)."""
+    folder = Path(path)
+    if not (folder / "dataset_dict.json").is_file():
+        return None
+    names = json.loads((folder / "dataset_dict.json").read_text()).get("splits", [])
+    if not {"train", "validation", "test"} <= set(names):
+        return None
+    return {n: chat.read_examples(folder, split=n) for n in ("train", "validation", "test")}
+
+
+def choose_tokenizer(recipe: LMRecipe, teacher_tok=None):
+    """The tokenizer of the run (or None: trained on the data): ``tokenizer:``, else the model folder's,
+    else the teacher's."""
+    if recipe.tokenizer is not None:
+        return load_tokenizer(recipe.tokenizer)
+    if recipe.model not in PRESETS:
+        return load_tokenizer(check_folder(recipe.model))
+    return teacher_tok
 
 
 def build_model(recipe: LMRecipe, tok) -> CausalLM:
@@ -94,7 +160,7 @@ def _store(teacher: CausalLM, data: corpus.TokenData, folder: Path, top_k: int |
     from ..store import CachedTeacher, model_fingerprint, write_store_shared
     from ..teachers import ModuleTeacher
 
-    write_store_shared(ModuleTeacher(teacher), data, folder, teacher_fingerprint=model_fingerprint(teacher.hf),
+    write_store_shared(ModuleTeacher(teacher, inputs=data.inputs), data, folder, teacher_fingerprint=model_fingerprint(teacher.hf),
                        top_k=top_k, dtype=None if top_k is not None else "float16", shard_size=256)
     return CachedTeacher(folder)
 
@@ -109,16 +175,68 @@ def validate(recipe: LMRecipe) -> None:
                                   "`distillery run` of an lm recipe (its models/model; the shipped lm/kd reads "
                                   "lm/teacher's: `distillery run lm/teacher --out runs/lm/teacher`) or by "
                                   "transformers' save_pretrained.")
-    if recipe.data != "stdlib" and not Path(recipe.data).exists():
+    if recipe.data not in ("stdlib", "reasoning") and not Path(recipe.data).exists():
         raise DistilleryError(f"data {recipe.data!r} does not exist; pass a .txt / .jsonl file or an HF datasets "
-                              "folder, or data: stdlib.")
+                              "folder, or data: stdlib or reasoning (built in).")
+
+
+def _traces_data(recipe: LMRecipe, teacher: CausalLM | None, tok, examples: list[dict], work: Path, first_id: int
+                 ) -> corpus.TokenData:
+    """Sequence-level KD on chat data: the teacher's answers to the training prompts (local or remote),
+    filtered by the verifier and length, cached in ``work`` as JSONL under a name holding what they
+    depend on (the settings, the teacher's weights or endpoint and model, the examples)."""
+    from ..io import atomic_write_text
+    from ..store import model_fingerprint
+
+    s = recipe.seq_kd
+    source = {"remote": {"base_url": s.remote.base_url, "model": s.remote.model}} if s.remote is not None else \
+        {"teacher": model_fingerprint(teacher.hf)[:16]}
+    settings = {"new_tokens": s.new_tokens, "samples": s.samples, "temperature": s.temperature, "top_p": s.top_p,
+                "seed": recipe.seed, "verifier": recipe.verifier, "examples": traces.examples_fingerprint(examples),
+                **source}
+    tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+    file = work / f"traces-{tag}.jsonl"
+    if file.is_file():
+        answers = [json.loads(line)["answers"] for line in file.read_text(encoding="utf-8").splitlines() if line]
+    else:
+        if s.remote is not None:
+            from .remote import RemoteTeacher
+
+            r = s.remote
+            client = RemoteTeacher(r.base_url, r.model, api_key_env=r.api_key_env, timeout=r.timeout,
+                                   max_retries=r.max_retries, log=work / f"requests-{tag}.jsonl")
+            answers = traces.respond_remote(client, examples, s.new_tokens, samples=s.samples,
+                                            temperature=s.temperature, top_p=s.top_p, seed=recipe.seed,
+                                            concurrency=r.concurrency)
+        else:
+            answers = traces.respond(teacher, tok, examples, s.new_tokens, samples=s.samples,
+                                     temperature=s.temperature, top_p=s.top_p, seed=recipe.seed)
+        if writer():
+            atomic_write_text(file, "".join(json.dumps({"answers": a}) + "\n" for a in answers))
+    kept, counts = traces.keep(examples, answers, traces.verifier(recipe.verifier), tok, recipe.block + 1)
+    if not kept:
+        raise DistilleryError(f"the verifier ({recipe.verifier}) kept none of the teacher's {counts['answers']} answers "
+                              f"({traces.describe(counts)}); check the teacher, or use verifier: none.")
+    data = chat.token_data(tok, kept, recipe.block, pack=recipe.pack, name="traces", first_id=first_id)
+    data.settings = {**settings, **counts}
+    return data
 
 
 def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str, Any]]:
     """Train the recipe's model into the run directory ``rd`` (see the module docstring); the rows."""
     out, work = rd.path, rd.path / "work"
     teacher, ttok = (None, None) if recipe.teacher is None else load_lm(recipe.teacher, verify=recipe.verify)
-    splits, tok = load_data(recipe, ttok)
+    tok = choose_tokenizer(recipe, ttok)
+    if teacher is not None and tok is not ttok:
+        check_same_tokenizer(ttok, tok)
+    examples = None
+    if is_chat(recipe):
+        splits, tok, examples = load_chat(recipe, tok)
+    elif recipe.seq_kd.remote is not None:
+        raise DistilleryError("seq_kd.remote asks a chat-completions endpoint, which needs chat data (messages or "
+                              "prompt / completion examples, or data: reasoning); for plain text use a local teacher.")
+    else:
+        splits, tok = load_data(recipe, tok)
     model = build_model(recipe, tok)
     unpruned = None
     if recipe.prune is not None:  # Minitron: prune on calibration blocks, then recover (KD from the teacher)
@@ -126,24 +244,35 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
 
         unpruned = model.num_parameters()
         model = prune(model, recipe.prune, splits["train"].x[: recipe.prune.calibration])
+    if recipe.lora is not None:
+        from .lora import add_lora
+
+        model = add_lora(model, recipe.lora)
     terms = recipe.objective()
     reads_teacher = any(t.teacher is not None for t in terms)
     t0 = time.perf_counter()
     fit = {"run_dir": out, "seed": recipe.seed, "progress": progress, "eval_data": splits["validation"],
            "chunk_size": recipe.chunk_size, "terms": terms, "resume": rd.resume,
-           "phase": "distill" if teacher is not None else "train"}
+           "phase": "distill" if teacher is not None or recipe.seq_kd.remote is not None else "train"}
     train = splits["train"]
-    if teacher is None:
+    notes: dict[str, Any] = {}
+    if teacher is None and recipe.method != "seq_kd":
         D.distil(model, None, train, recipe.train, **fit)
     elif recipe.method == "kd":
         source = teacher if recipe.store is None else _store(teacher, train, Path(recipe.store), None)
         D.distil(model, source, train, recipe.train, **fit)
+    elif recipe.method == "seq_kd" and examples is not None:
+        data = _traces_data(recipe, teacher, tok, examples["train"], work, 0)
+        notes = {k: data.settings[k] for k in ("answers", "kept", "wrong", "too_long", "empty")}
+        D.distil(model, teacher if reads_teacher else None, data, recipe.train, **fit)
     elif recipe.method == "seq_kd":
         D.distil(model, teacher if reads_teacher else None, _seq_kd_data(recipe, teacher, train, work),
                  recipe.train, **fit)
     elif recipe.method == "on_policy":
         op = recipe.on_policy
-        task = D.OnPolicy(model, lam=op.lam, prompt=op.prompt, temperature=op.temperature, seed=recipe.seed)
+        chat_rows = examples is not None
+        task = D.OnPolicy(model, lam=op.lam, prompt=None if chat_rows else op.prompt, temperature=op.temperature,
+                          seed=recipe.seed, eos_id=eos_id(tok) if chat_rows else None, pad_id=pad_id(tok))
         task.check(train)
         D.distil(model, teacher, train, recipe.train, **fit, task=task)
     elif recipe.method == "adaspec":
@@ -156,19 +285,36 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
         folder = Path(recipe.store) if recipe.store is not None else work / f"store-top{recipe.top_k}"
         D.distil(model, _store(teacher, train, folder, recipe.top_k), train, recipe.train, **fit)
     seconds = time.perf_counter() - t0
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     if writer():
-        save_lm(model, tok, rd.models / "model", extra={"recipe": dataclasses.asdict(recipe)})
+        extra = {"recipe": dataclasses.asdict(recipe)}
+        if recipe.lora is not None:
+            from .lora import save_lora
+
+            model = save_lora(model, tok, rd.models, extra, merge=recipe.lora.merge)
+        else:
+            save_lm(model, tok, rd.models / "model", extra=extra)
+    graded = examples is not None and all("answer" in e for e in examples["test"])
+    check = traces.verifier("exact" if recipe.verifier == "none" else recipe.verifier) if graded else None
+
+    def scores(m: CausalLM) -> dict[str, Any]:
+        row = {"validation_perplexity": D.perplexity(m, splits["validation"]),
+               "test_perplexity": D.perplexity(m, splits["test"])}
+        if graded:
+            row["accuracy"] = traces.accuracy(m, tok, examples["test"], check=check,
+                                              max_new_tokens=min(recipe.seq_kd.new_tokens, m.max_length // 2))
+        return row
+
     rows = []
     if teacher is not None:
-        rows.append({"model": "teacher", "phase": "teacher", "params": teacher.num_parameters(),
-                     "validation_perplexity": D.perplexity(teacher, splits["validation"]),
-                     "test_perplexity": D.perplexity(teacher, splits["test"])})
+        rows.append({"model": "teacher", "phase": "teacher", "params": teacher.num_parameters(), **scores(teacher)})
     if unpruned is not None:
         rows.append({"model": "unpruned", "phase": "prune", "params": unpruned})
-    rows.append({"model": recipe.model if recipe.model in PRESETS else "model", "phase": fit["phase"], "method": "alone" if teacher is None else recipe.method,
-                 "terms": ", ".join(t.name for t in terms), "params": model.num_parameters(),
-                 "validation_perplexity": D.perplexity(model, splits["validation"]),
-                 "test_perplexity": D.perplexity(model, splits["test"]), "train_seconds": seconds})
+    method = "alone" if teacher is None and recipe.seq_kd.remote is None else recipe.method
+    rows.append({"model": recipe.model if recipe.model in PRESETS else "model", "phase": fit["phase"],
+                 "method": method, "terms": ", ".join(t.name for t in terms), "params": model.num_parameters(),
+                 **({"trainable_params": trainable} if recipe.lora is not None else {}),
+                 **scores(model), "train_seconds": seconds, **notes})
     if writer():
         _plot(rows, rd.figure("perplexity.png", "Validation and test perplexity (lower is better)"))
     return rows

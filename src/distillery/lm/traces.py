@@ -1,0 +1,147 @@
+"""Sequence-level and reasoning distillation on chat data: a teacher answers the prompts, a verifier
+keeps the right answers, the student learns them (Kim & Rush 2016; the O1-replication recipe of SFT on
+a stronger model's verified chains of thought).
+
+- ``respond(model, tok, examples, ...)``: a local ``CausalLM`` answers every example's prompt (the
+  conversation before its last assistant turn, with the template's generation prompt): ``samples``
+  answers each, batched with left padding, stopping at the tokenizer's end of turn.
+- ``respond_remote(client, examples, ...)``: the same from an OpenAI-compatible chat-completions
+  endpoint (``remote.RemoteTeacher.chat``: concurrent requests, retries, a resumable request log). A
+  request that fails after its retries stops the run with a one-line error (a rerun pays only for
+  the failed ones), so no prompt silently drops out of the data.
+- ``keep(examples, answers, verifier, tok, max_tokens)``: the answers that pass ``verifier`` and fit
+  ``max_tokens`` tokens, as new examples whose last assistant turn is the teacher's answer; the counts
+  of what was dropped and why.
+- ``VERIFIERS``: ``exact`` (the final answer, the number after the last ``answer is``, equals the
+  example's ``answer``), ``none`` (every answer), and any a plugin registers
+  (``@traces.VERIFIERS.register("mine") def mine(example, response) -> bool``).
+- ``accuracy(model, tok, examples)``: the share (%) of greedy answers the verifier accepts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import DistilleryError
+from ..registry import Registry
+from . import chat, reasoning
+from .generate import sample
+from .models import CausalLM, eos_id, pad_id
+
+VERIFIERS: Registry[Callable[[dict, str], bool]] = Registry("verifier")
+VERIFIERS.add("exact", reasoning.verify)
+VERIFIERS.add("none", lambda example, response: True)
+
+
+def verifier(name: str) -> Callable[[dict, str], bool]:
+    return VERIFIERS.get(name)
+
+
+def _prompts(tok, examples: Sequence[dict]) -> list[list[int]]:
+    return [tok(chat.prompt_text(tok, e), add_special_tokens=False)["input_ids"] for e in examples]
+
+
+@torch.no_grad()
+def respond(model: CausalLM, tok, examples: Sequence[dict], max_new_tokens: int, *, samples: int = 1,
+            temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, batch_size: int = 32) -> list[list[str]]:
+    """``samples`` answers of ``model`` to every example's prompt (see the module docstring); the same seed
+    and batch size give the same answers."""
+    if temperature == 0 and samples > 1:
+        raise DistilleryError("greedy answers (temperature 0) are one per prompt; use samples: 1.")
+    prompts = _prompts(tok, examples)
+    limit = model.max_length - max_new_tokens
+    long = [i for i, p in enumerate(prompts) if len(p) > limit]
+    if long:
+        raise DistilleryError(f"example {long[0] + 1}'s prompt has {len(prompts[long[0]])} tokens; with {max_new_tokens} "
+                              f"new ones it exceeds the model's {model.max_length} positions: lower max_new_tokens.")
+    eos, pad = eos_id(tok), pad_id(tok)
+    g = torch.Generator().manual_seed(seed)
+    order = [i for i in range(len(prompts)) for _ in range(samples)]
+    texts: list[list[str]] = [[] for _ in prompts]
+    for lo in range(0, len(order), batch_size):
+        part = order[lo:lo + batch_size]
+        width = max(len(prompts[i]) for i in part)
+        ids = torch.full((len(part), width), pad, dtype=torch.long)
+        mask = torch.zeros(len(part), width, dtype=torch.bool)
+        for r, i in enumerate(part):
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]):] = True
+        out = sample(model, ids, max_new_tokens, temperature=temperature, top_p=top_p, generator=g, eos_id=eos,
+                     prompt_mask=mask)
+        new = out.ids[:, width:]
+        for r, i in enumerate(part):
+            row = new[r].tolist()
+            row = row[: row.index(eos)] if eos in row else row
+            texts[i].append(tok.decode(row, skip_special_tokens=True))
+    return texts
+
+
+def respond_remote(client, examples: Sequence[dict], max_new_tokens: int, *, samples: int = 1,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0,
+                   concurrency: int = 8) -> list[list[str]]:
+    """The answers of a chat-completions endpoint (``remote.RemoteTeacher``) to every example's prompt."""
+    convs = []
+    for e in examples:
+        msgs = chat.messages_of(e)
+        if msgs is None:
+            convs.append([{"role": "user", "content": e["prompt"]}])
+        else:
+            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+            convs.append(msgs[:last])
+    got = client.chat(convs, max_new_tokens, temperature=temperature, top_p=top_p, n=samples, seed=seed,
+                      concurrency=concurrency)
+    return [[c.text for c in outs] for outs in got]
+
+
+def with_answer(example: dict, answer: str) -> dict:
+    """The example with its last assistant turn (or completion) replaced by ``answer``."""
+    msgs = chat.messages_of(example)
+    if msgs is None:
+        return {**example, "completion": answer}
+    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    rest = {k: v for k, v in example.items() if k not in ("messages", "prompt", "completion")}
+    return {**rest, "messages": [*msgs[:last], {"role": "assistant", "content": answer}]}
+
+
+def keep(examples: Sequence[dict], answers: Sequence[Sequence[str]], check: Callable[[dict, str], bool], tok,
+         max_tokens: int) -> tuple[list[dict], dict[str, int]]:
+    """(kept examples, counts): every answer that passes ``check`` and whose example fits ``max_tokens``."""
+    kept: list[dict] = []
+    counts = {"answers": 0, "kept": 0, "wrong": 0, "too_long": 0, "empty": 0}
+    for e, outs in zip(examples, answers):
+        for a in outs:
+            counts["answers"] += 1
+            if not a.strip():
+                counts["empty"] += 1
+                continue
+            if not check(e, a):
+                counts["wrong"] += 1
+                continue
+            new = with_answer(e, a)
+            if len(chat.encode(tok, new)[0]) > max_tokens:
+                counts["too_long"] += 1
+                continue
+            kept.append(new)
+            counts["kept"] += 1
+    return kept, counts
+
+
+def accuracy(model: CausalLM, tok, examples: Sequence[dict], *, check: Callable[[dict, str], bool] = reasoning.verify,
+             max_new_tokens: int = 96, batch_size: int = 64) -> float:
+    """The share (%) of ``model``'s greedy answers that ``check`` accepts."""
+    answers = respond(model, tok, examples, max_new_tokens, batch_size=batch_size)
+    return 100.0 * sum(check(e, a[0]) for e, a in zip(examples, answers)) / max(1, len(examples))
+
+
+def describe(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in counts.items())
+
+
+def examples_fingerprint(examples: Sequence[dict[str, Any]]) -> str:
+    import hashlib
+    import json
+
+    return hashlib.sha256(json.dumps(list(examples), sort_keys=True).encode()).hexdigest()[:16]
