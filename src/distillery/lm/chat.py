@@ -189,16 +189,32 @@ def encode(tok, example: dict[str, Any], max_tokens: int | None = None, where: s
     """(token ids, trained flags, whether it was cut) of one example (see the module docstring).
     ``max_tokens``: the sequence is cut there; a prompt (the tokens before the first trained one) that
     does not fit is an error."""
+    ids, train, cut, _ = encode_with_places(tok, example, max_tokens, where)
+    return ids, train, cut
+
+
+Place = tuple[int, int, int, int]
+"""Where a trained token sits in its answer: (turn, kind, a, b); kind 0: answer text, characters [a, b)
+of the turn's content; kind 1: the template's end-of-turn text after it, a = its order there (b = a)."""
+
+
+def encode_with_places(tok, example: dict[str, Any], max_tokens: int | None = None, where: str = "example"
+                       ) -> tuple[list[int], list[bool], bool, list[Place | None]]:
+    """``encode`` plus each token's ``Place`` in its answer (None for untrained tokens): what lines up the
+    tokens of two tokenizers over the same answers (``lm.cross``)."""
     check_example(example, where)
     msgs = messages_of(example)
+    places: list[Place | None]
     if msgs is None:
         p = tok(example["prompt"], add_special_tokens=False)["input_ids"]
-        c = tok(example["completion"], add_special_tokens=False)["input_ids"] + [eos_id(tok)]
-        ids, train = list(p) + list(c), [False] * len(p) + [True] * len(c)
+        enc = tok(example["completion"], add_special_tokens=False, return_offsets_mapping=True)
+        c = [*enc["input_ids"], eos_id(tok)]
+        ids, train = list(p) + c, [False] * len(p) + [True] * len(c)
+        places = [None] * len(p) + [(0, 0, a, b) for a, b in enc["offset_mapping"]] + [(0, 1, 0, 0)]
     else:
         require_template(tok)
         text = _render(tok, msgs)
-        spans = []
+        spans = []  # (turn start, content start or -1, content end, turn end)
         for i, m in enumerate(msgs):
             if m["role"] != "assistant":
                 continue
@@ -207,21 +223,33 @@ def encode(tok, example: dict[str, Any], max_tokens: int | None = None, where: s
                 raise DistilleryError(f"{where}: the chat template does not render this conversation prefix by prefix "
                                       f"(turn {i} changes earlier text), so its assistant tokens cannot be found; use a "
                                       "template that appends each turn.")
-            spans.append((len(before), len(upto)))
+            at = upto.find(m["content"], len(before))
+            spans.append((len(before), at, at + len(m["content"]), len(upto)))
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        train = [any(lo <= a < hi for lo, hi in spans) for a, _ in enc["offset_mapping"]]
-    if max_tokens is not None and len(ids) > max_tokens:
+        train, places, after = [], [], {}
+        for a, b in enc["offset_mapping"]:
+            turn = next((k for k, (lo, _, _, hi) in enumerate(spans) if lo <= a < hi), None)
+            train.append(turn is not None)
+            if turn is None:
+                places.append(None)
+                continue
+            _, c0, c1, _ = spans[turn]
+            if c0 >= 0 and a < c1:
+                places.append((turn, 0, a - c0, min(b, c1) - c0))
+            else:
+                places.append((turn, 1, after.get(turn, 0), after.get(turn, 0)))
+                after[turn] = after.get(turn, 0) + 1
+    cut = max_tokens is not None and len(ids) > max_tokens
+    if cut:
         first = train.index(True) if True in train else len(train)
         if first > max_tokens - 1:
             raise DistilleryError(f"{where}: the prompt has {first} tokens, the context {max_tokens}; no answer token "
                                   "fits: raise block (and the model's positions) or shorten the prompt.")
-    cut = max_tokens is not None and len(ids) > max_tokens
-    if cut:
-        ids, train = ids[:max_tokens], train[:max_tokens]
+        ids, train, places = ids[:max_tokens], train[:max_tokens], places[:max_tokens]
     if not any(train[1:]):
         raise DistilleryError(f"{where}: no assistant token after the first; there is nothing to train on.")
-    return ids, train, cut
+    return ids, train, cut, places
 
 
 def rows(seqs: Sequence[tuple[list[int], list[bool]]], block: int, pad: int, *, pack: bool = False

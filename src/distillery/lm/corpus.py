@@ -143,12 +143,16 @@ class TokenData(TensorData):
     the model gets it (no token attends across a restart)."""
 
     pos: Tensor | None = None
+    extra: dict[str, Tensor] | None = None
+    """Further per-row tensors (N, ...) that batches carry by name (a cross-tokenizer teacher's rows)."""
     tokens = True  # the engine normalises logit terms by valid tokens
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.pos is not None and self.pos.shape != self.x.shape:
             raise ValueError(f"{self.name}: pos {tuple(self.pos.shape)} must have the shape of x {tuple(self.x.shape)}")
+        if any(len(v) != len(self.x) for v in (self.extra or {}).values()):
+            raise ValueError(f"{self.name}: every extra tensor needs one row per sample")
 
     @property
     def inputs(self) -> list[str] | None:
@@ -160,6 +164,8 @@ class TokenData(TensorData):
         out["mask"] = out["y"] != -100
         if self.pos is not None:
             out["pos"] = self.pos[index]
+        for k, v in (self.extra or {}).items():
+            out[k] = v[index]
         return out
 
     @classmethod
@@ -175,7 +181,8 @@ class TokenData(TensorData):
 
     def subset(self, index: Tensor, name: str | None = None) -> TokenData:
         return TokenData(self.x[index], self.y[index], self.ids[index], self.num_classes, name or self.name,
-                         None if self.pos is None else self.pos[index])
+                         None if self.pos is None else self.pos[index],
+                         None if self.extra is None else {k: v[index] for k, v in self.extra.items()})
 
 
 def _fingerprint(files: Sequence[Path]) -> str:

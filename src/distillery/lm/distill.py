@@ -70,9 +70,18 @@ def train(model: CausalLM, data: TokenData, cfg: TrainConfig, *, run_dir: str | 
                       eval_data=eval_data, resume=resume)
 
 
+def cross_losses() -> list[str]:
+    """The losses that compare distributions over two vocabularies (``uld``, ``gold``): what a teacher with
+    another tokenizer can teach through (``lm.cross``)."""
+    from .. import losses
+
+    return [n for n in losses.names() if (c := losses.capabilities(n)).reads_logits and c.different_widths]
+
+
 def check_terms(terms: Sequence[Term]) -> None:
-    """A term that compares logits with the teacher's must be a token loss (``token_losses``)."""
-    allowed = token_losses()
+    """A term that compares logits with the teacher's must be a token loss (``token_losses``) or a
+    cross-tokenizer loss (``cross_losses``)."""
+    allowed = list(dict.fromkeys(token_losses() + cross_losses()))
     for t in terms:
         if t.is_feature or t.teacher is None:
             continue

@@ -256,9 +256,14 @@ def load_lm(path: str | Path, *, verify: bool = True) -> tuple[CausalLM, Any]:
     return CausalLM(hf, vocab), tok
 
 
+def same_tokenizer(a, b) -> bool:
+    """Do two tokenizers map the same strings to the same ids?"""
+    return a.get_vocab() == b.get_vocab()
+
+
 def check_same_tokenizer(teacher_tok, student_tok) -> None:
-    """Refuse distillation across tokenizers: token-level losses compare distributions over the
-    same token ids, which different vocabularies do not share."""
+    """Refuse distillation across tokenizers with same-vocabulary losses: token-level losses compare
+    distributions over the same token ids, which different vocabularies do not share."""
     a, b = teacher_tok.get_vocab(), student_tok.get_vocab()
     if a == b:
         return
@@ -268,4 +273,5 @@ def check_same_tokenizer(teacher_tok, student_tok) -> None:
             f"token {moved[0]!r} is id {a[moved[0]]} for the teacher and {b[moved[0]]} for the student" if moved else
             f"the student has {len(b) - len(a)} more tokens")
     raise DistilleryError(f"teacher and student use different tokenizers ({len(a)} vs {len(b)} tokens; {what}); "
-                          "token-level distillation needs one shared tokenizer: build the student with the teacher's.")
+                          "token-level KD needs one shared tokenizer: build the student with the teacher's, or distil across "
+                          "tokenizers on chat data with terms: [{loss: uld}] or [{loss: gold, teacher: spans}].")

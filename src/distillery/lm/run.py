@@ -36,6 +36,7 @@ from .models import (
     load_lm,
     load_tokenizer,
     pad_id,
+    same_tokenizer,
     save_lm,
 )
 
@@ -227,11 +228,25 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
     out, work = rd.path, rd.path / "work"
     teacher, ttok = (None, None) if recipe.teacher is None else load_lm(recipe.teacher, verify=recipe.verify)
     tok = choose_tokenizer(recipe, ttok)
-    if teacher is not None and tok is not ttok:
+    terms = recipe.objective()
+    cross_tok = teacher is not None and tok is not ttok and not same_tokenizer(ttok, tok)
+    if cross_tok:  # a teacher with another vocabulary teaches through cross-tokenizer losses only
+        taught = [t for t in terms if t.teacher is not None]
+        if recipe.method != "kd" or not taught or any(t.loss not in D.cross_losses() for t in taught):
+            check_same_tokenizer(ttok, tok)  # the one-line refusal, naming the cross-tokenizer losses
+        if not is_chat(recipe):
+            raise DistilleryError("distillation across tokenizers lines up answers of chat data; give data: reasoning "
+                                  "or a chat file (messages or prompt / completion).")
+    elif teacher is not None and tok is not ttok:
         check_same_tokenizer(ttok, tok)
     examples = None
     if is_chat(recipe):
         splits, tok, examples = load_chat(recipe, tok)
+        if cross_tok:
+            from .cross import paired_data
+
+            splits["train"] = paired_data(tok, ttok, examples["train"], recipe.block, teacher.max_length - 1,
+                                          name=f"{recipe.data}/train", where=f"{recipe.data} train")
     elif recipe.seq_kd.remote is not None:
         raise DistilleryError("seq_kd.remote asks a chat-completions endpoint, which needs chat data (messages or "
                               "prompt / completion examples, or data: reasoning); for plain text use a local teacher.")
@@ -248,7 +263,6 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
         from .lora import add_lora
 
         model = add_lora(model, recipe.lora)
-    terms = recipe.objective()
     reads_teacher = any(t.teacher is not None for t in terms)
     t0 = time.perf_counter()
     fit = {"run_dir": out, "seed": recipe.seed, "progress": progress, "eval_data": splits["validation"],
@@ -258,6 +272,10 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
     notes: dict[str, Any] = {}
     if teacher is None and recipe.method != "seq_kd":
         D.distil(model, None, train, recipe.train, **fit)
+    elif cross_tok:
+        from .cross import CrossTokenizerTeacher
+
+        D.distil(model, CrossTokenizerTeacher(teacher), train, recipe.train, **fit)
     elif recipe.method == "kd":
         source = teacher if recipe.store is None else _store(teacher, train, Path(recipe.store), None)
         D.distil(model, source, train, recipe.train, **fit)
@@ -297,24 +315,26 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
     graded = examples is not None and all("answer" in e for e in examples["test"])
     check = traces.verifier("exact" if recipe.verifier == "none" else recipe.verifier) if graded else None
 
-    def scores(m: CausalLM) -> dict[str, Any]:
-        row = {"validation_perplexity": D.perplexity(m, splits["validation"]),
-               "test_perplexity": D.perplexity(m, splits["test"])}
+    def scores(m: CausalLM, mtok, data: dict[str, corpus.TokenData]) -> dict[str, Any]:
+        row = {"validation_perplexity": D.perplexity(m, data["validation"]),
+               "test_perplexity": D.perplexity(m, data["test"])}
         if graded:
-            row["accuracy"] = traces.accuracy(m, tok, examples["test"], check=check,
+            row["accuracy"] = traces.accuracy(m, mtok, examples["test"], check=check,
                                               max_new_tokens=min(recipe.seq_kd.new_tokens, m.max_length // 2))
         return row
 
     rows = []
-    if teacher is not None:
-        rows.append({"model": "teacher", "phase": "teacher", "params": teacher.num_parameters(), **scores(teacher)})
+    if teacher is not None:  # perplexities over the teacher's own tokens (per token: not comparable across tokenizers)
+        tdata = load_chat(recipe, ttok)[0] if cross_tok else splits
+        rows.append({"model": "teacher", "phase": "teacher", "params": teacher.num_parameters(),
+                     **scores(teacher, ttok, tdata)})
     if unpruned is not None:
         rows.append({"model": "unpruned", "phase": "prune", "params": unpruned})
     method = "alone" if teacher is None and recipe.seq_kd.remote is None else recipe.method
     rows.append({"model": recipe.model if recipe.model in PRESETS else "model", "phase": fit["phase"],
                  "method": method, "terms": ", ".join(t.name for t in terms), "params": model.num_parameters(),
                  **({"trainable_params": trainable} if recipe.lora is not None else {}),
-                 **scores(model), "train_seconds": seconds, **notes})
+                 **scores(model, tok, splits), "train_seconds": seconds, **notes})
     if writer():
         _plot(rows, rd.figure("perplexity.png", "Validation and test perplexity (lower is better)"))
     return rows

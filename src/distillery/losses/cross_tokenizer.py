@@ -501,3 +501,59 @@ def gold_span_loss_batch(
                                        teacher_ids[i], reduction="sum", **params)
         count += sum(1 for g in groups[i] if g[1] > g[0] and g[3] > g[2])
     return total if reduction == "sum" else total / max(count, 1)
+
+
+@register("gold", reads_logits=True, needs_targets=True, batch_keys=("span_len",), different_widths=True)
+def gold_loss(
+    student_logits: Tensor,
+    teacher_spans: Tensor,
+    mask: Tensor | None = None,
+    *,
+    targets: Tensor,
+    span_len: Tensor,
+    reduction: str = "mean",
+) -> Tensor:
+    """GOLD's span loss over a token batch (the engine's form of ``gold_span_loss``, "bayesian" merge,
+    without a vocabulary map): the student's tokens of each aligned span merged by the chain rule and
+    compared with the teacher's merged span by ULD's sorted L1.
+
+    Rows are the flattened (B*T) positions of token sequences: row r's logits predict ``targets[r]``.
+    ``span_len`` (B, T) or (N,): at the row of a span's last token, the number L of the student's
+    tokens in the span (0 elsewhere). The merged student row there is
+    log p(. | x_<r) + sum_{r-L < k < r} log p(x_k | x_<k) (each token's log-prob clamped at log 1e-8, as
+    GOLD), exponentiated; ``teacher_spans`` (N, Vt) holds the teacher's merged span (log, unnormalised) at
+    the same rows, built by ``lm.cross.CrossTokenizerTeacher``. Spans never cross a sequence (the teacher
+    builds them per row), so prefix sums over the flattened rows are exact.
+
+    ``mask`` (N,) and ``targets`` -100 drop rows; the loss is summed over valid span rows; "mean" divides by
+    their count, "sum" returns the sum, "none" one value per row (0 off span ends). The token engine
+    divides the sum by the batch's valid tokens. Not row-wise (a span couples its rows): run it with
+    ``chunk_size: null``."""
+    if reduction not in REDUCTIONS:
+        raise LossInputError(f"gold: unknown reduction {reduction!r}; use one of {', '.join(map(repr, REDUCTIONS))}.")
+    _check_logits("gold", "student_logits", student_logits)
+    _check_logits("gold", "teacher_spans", teacher_spans)
+    n = student_logits.shape[0]
+    lengths = span_len.reshape(-1).long().to(student_logits.device)
+    if teacher_spans.shape[0] != n or len(lengths) != n or tuple(targets.shape) != (n,):
+        raise LossInputError(f"gold: student ({n} rows), teacher spans ({teacher_spans.shape[0]}), span_len "
+                             f"({len(lengths)}) and targets ({tuple(targets.shape)}) must cover the same rows.")
+    valid = _check_mask("gold", mask, n)
+    ends = (lengths > 0) & (targets != IGNORE_INDEX)
+    if valid is not None:
+        ends = ends & valid
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    lp = F.log_softmax(student_logits.to(dtype), dim=-1)
+    safe = torch.where(targets == IGNORE_INDEX, 0, targets).long()
+    tok = lp.gather(1, safe.unsqueeze(1)).squeeze(1).clamp_min(LOG_EPS)
+    csum = torch.cat([tok.new_zeros(1), tok.cumsum(0)])  # csum[i] = sum of tok[:i]
+    idx = torch.arange(n, device=lp.device)
+    lo = (idx - lengths + 1).clamp(min=0)
+    prefix = torch.where(ends, csum[idx] - csum[lo], 0.0)  # tokens lo .. r-1 of the span
+    rows = torch.zeros(n, dtype=dtype, device=lp.device)
+    if bool(ends.any()):
+        e = ends.nonzero().squeeze(1)
+        merged_s = (lp[e] + prefix[e].unsqueeze(1)).exp()
+        merged_t = teacher_spans[e].to(dtype).exp()
+        rows = rows.index_put((e,), _sorted_l1(merged_s, merged_t))
+    return _reduce(rows, ends, reduction)

@@ -40,7 +40,7 @@ from .logits import LossInputError
 from .sparse import TopK
 
 
-def _flat_teacher(teacher: Tensor | TopK | None, n: int, v: int) -> Tensor | TopK | None:
+def _flat_teacher(teacher: Tensor | TopK | None, n: int, v: int, any_width: bool = False) -> Tensor | TopK | None:
     if teacher is None:
         return None
     if isinstance(teacher, TopK):
@@ -49,6 +49,8 @@ def _flat_teacher(teacher: Tensor | TopK | None, n: int, v: int) -> Tensor | Top
             raise LossInputError(f"token loss: the sparse teacher covers {teacher.shape}, the student {n} tokens of {v} "
                                  "classes; store the teacher for the same sequences and vocabulary.")
         return flat
+    if any_width and teacher.dim() == 3 and teacher.shape[0] * teacher.shape[1] == n:  # cross-tokenizer losses
+        return teacher.reshape(n, teacher.shape[-1])
     if teacher.shape[-1] != v or teacher.numel() != n * v:
         raise LossInputError(f"token loss: teacher logits have shape {tuple(teacher.shape)}, the student's cover "
                              f"{n} tokens of {v} classes; both must be (B, T, V) over the same tokens and vocabulary "
@@ -87,7 +89,9 @@ def token_loss(
         raise LossInputError(f"token loss: chunk_size must be a positive integer or None, got {chunk_size!r}.")
     n = b * t
     s = student_logits.reshape(n, v)
-    tv = _flat_teacher(teacher_logits, n, v)
+    from . import capabilities
+
+    tv = _flat_teacher(teacher_logits, n, v, capabilities(fn).different_widths)
     m = mask.reshape(n)
     if targets is not None:
         y = targets.reshape(n)
@@ -95,8 +99,6 @@ def token_loss(
         params = {**params, "targets": torch.where(m, y, 0)}
     if chunk_size is not None and chunk_size < n:
         name = getattr(fn, "__name__", getattr(getattr(fn, "func", None), "__name__", "the loss"))
-        from . import capabilities
-
         if not capabilities(fn).row_wise:  # declared at registration (a partial binds recipe parameters)
             raise LossInputError(f"token loss: {name} couples rows (batch statistics), so it cannot be computed in "
                                  "chunks of tokens; set chunk_size to null for it.")
