@@ -50,6 +50,7 @@ ELSEWHERE = {
     "lm/teacher": "test_lm.py",
     "lm/kd": "test_lm.py",
     "lm/student": "test_recipes.py",  # below: it needs a small text file
+    **{f"lm/reasoning/{n}": "test_lm_practice.py" for n in ("teacher", "sft", "traces", "on_policy", "cross", "lora")},
 }
 
 

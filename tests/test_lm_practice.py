@@ -1,0 +1,235 @@
+"""LLM distillation as practitioners run it: the reasoning recipes end to end, the verifier filter,
+teacher answers from a local model and from a chat-completions server on loopback, on-policy rows of
+chat data, cross-tokenizer pairing, LoRA adapters, and the bad inputs of each."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from distillery.cli import main
+from distillery.config import TermConfig, TrainConfig
+from distillery.errors import DistilleryError
+from distillery.lm import chat, cross, reasoning, traces
+from distillery.lm import distill as D
+from distillery.lm.generate import sample
+from distillery.lm.models import llama, load_lm, load_tokenizer
+
+pytest.importorskip("transformers")
+
+TINY = ["model=tiny", "reasoning.train=48", "reasoning.validation=8", "reasoning.test=8", "block=160",
+        "vocab_size=300", "train.epochs=1", "train.batch_size=8", "seq_kd.new_tokens=24", "threads=1", "--quiet"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return reasoning.tokenizer(reasoning.problems(200, seed=1), vocab_size=300)
+
+
+def _rows(out):
+    return json.loads((out / "summary.json").read_text())["rows"]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("reasoning")
+    assert main(["run", "lm/reasoning/teacher", *TINY, f"runs_dir={tmp / 'runs'}", "--out", str(tmp / "teacher")]) == 0
+    return tmp
+
+
+def test_reasoning_recipes_run_end_to_end(teacher_run):
+    tmp = teacher_run
+    teacher = str(tmp / "teacher" / "models" / "model")
+    rows = _rows(tmp / "teacher")
+    assert rows[-1]["method"] == "alone" and 0 <= rows[-1]["accuracy"] <= 100
+    saved = load_tokenizer(teacher)
+    assert saved.chat_template and saved.eos_token == "<|im_end|>"  # the chat tokenizer travels with the model
+    base = [*TINY, f"runs_dir={tmp / 'runs'}", f"teacher={teacher}"]
+    assert main(["run", "lm/reasoning/sft", *TINY, f"tokenizer={teacher}", f"runs_dir={tmp / 'runs'}",
+                 "--out", str(tmp / "sft")]) == 0
+    assert main(["run", "lm/reasoning/traces", *base, "verifier=none", "--out", str(tmp / "traces")]) == 0
+    row = _rows(tmp / "traces")[-1]
+    assert row["method"] == "seq_kd" and row["answers"] == 48 and row["kept"] + row["wrong"] + row["too_long"] + \
+        row["empty"] == 48
+    assert list((tmp / "traces" / "work").glob("traces-*.jsonl"))  # the teacher's answers are kept for a rerun
+    assert main(["run", "lm/reasoning/on_policy", *base, "--out", str(tmp / "op")]) == 0
+    assert _rows(tmp / "op")[-1]["method"] == "on_policy"
+    other = tmp / "other_tok"
+    reasoning.tokenizer(reasoning.problems(200, seed=1), vocab_size=280, digits=False).save_pretrained(str(other))
+    for name, terms in (("uld", "[{loss: ce, teacher: null}, {loss: uld}]"),
+                        ("gold", "[{loss: ce, teacher: null}, {loss: gold, teacher: spans}]")):
+        assert main(["run", "lm/reasoning/cross", *base, f"tokenizer={other}", f"terms={terms}",
+                     "--out", str(tmp / name)]) == 0
+        student = _rows(tmp / name)[-1]
+        assert student["terms"].endswith(name) and "accuracy" in student
+        assert load_tokenizer(tmp / name / "models" / "model").get_vocab() == load_tokenizer(other).get_vocab()
+    assert main(["run", "lm/reasoning/lora", *base, f"model={teacher}", "prune.keep=[1]", "--out", str(tmp / "lora")]) == 0
+    row = _rows(tmp / "lora")[-1]
+    assert 0 < row["trainable_params"] < row["params"]
+    assert (tmp / "lora" / "models" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_lora_adapters_save_load_and_merge(teacher_run, tmp_path):
+    peft = pytest.importorskip("peft")
+    from distillery.lm.config import LoRA
+    from distillery.lm.lora import add_lora, save_lora
+
+    teacher, tok = load_lm(teacher_run / "teacher" / "models" / "model")
+    base_before = {k: v.clone() for k, v in teacher.hf.state_dict().items()}
+    student = add_lora(load_lm(teacher_run / "teacher" / "models" / "model")[0], LoRA(r=4, alpha=8, targets=["q_proj", "v_proj"]))
+    trainable = [n for n, p in student.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in n for n in trainable)
+    data = chat.token_data(tok, reasoning.problems(16, seed=4), 160)
+    D.distil(student, teacher, data, TrainConfig(epochs=2, batch_size=8, lr=1e-2), progress=False)
+    for k, v in student.hf.get_base_model().state_dict().items():  # the base stayed frozen
+        if "lora_" not in k:
+            assert torch.equal(v, base_before[k.replace(".base_layer", "")]), k
+    merged = save_lora(student, tok, tmp_path / "models")
+    x = data.x[:2]
+    want = student(x)
+    assert not torch.allclose(want, teacher(x), atol=1e-4)  # the adapters learned something
+    assert torch.allclose(merged(x), want, atol=1e-4)
+    back, _ = load_lm(tmp_path / "models" / "model")  # the merged export: a plain transformers folder
+    assert torch.allclose(back(x), want, atol=1e-4)
+    fresh, _ = load_lm(teacher_run / "teacher" / "models" / "model")
+    adapted = peft.PeftModel.from_pretrained(fresh.hf, str(tmp_path / "models" / "adapter"))  # PEFT's own loader
+    assert torch.allclose(adapted(input_ids=x).logits[..., : want.shape[-1]], want, atol=1e-4)
+
+
+def test_verifier_filter_keeps_right_answers_that_fit(tok):
+    ex = reasoning.problems(4, seed=5)
+    right = [e["messages"][1]["content"] for e in ex]
+    answers = [[right[0], "The answer is -1."], [right[1] + " " + "1 " * 300], ["   "], [right[3]]]
+    kept, counts = traces.keep(ex, answers, traces.verifier("exact"), tok, max_tokens=160)
+    assert counts == {"answers": 5, "kept": 2, "wrong": 1, "too_long": 1, "empty": 1}
+    assert [k["messages"][1]["content"] for k in kept] == [right[0], right[3]] and kept[0]["answer"] == ex[0]["answer"]
+    traces.VERIFIERS.add("shorter_than_40", lambda e, r: len(r) < 40)  # a user's verifier, as a plugin registers it
+    try:
+        kept, counts = traces.keep(ex[:1], [["The answer is 1.", right[0]]], traces.verifier("shorter_than_40"), tok, 160)
+        assert counts["kept"] == 1 and kept[0]["messages"][1]["content"] == "The answer is 1."
+    finally:
+        traces.VERIFIERS._items.pop("shorter_than_40", None)
+    with pytest.raises(DistilleryError, match="verifier"):
+        traces.verifier("no_such")
+
+
+def test_local_answers_equal_greedy_sampling_one_prompt_at_a_time(tok):
+    model = llama("tiny", vocab_size=len(tok), seed=0)
+    ex = reasoning.problems(3, seed=6)
+    got = traces.respond(model, tok, ex, 12, batch_size=3)
+    for e, (answer,) in zip(ex, got):
+        ids = torch.tensor([tok(chat.prompt_text(tok, e), add_special_tokens=False)["input_ids"]])
+        new = sample(model, ids, 12, temperature=0, eos_id=tok.eos_token_id).ids[0, ids.shape[1]:].tolist()
+        new = new[: new.index(tok.eos_token_id)] if tok.eos_token_id in new else new
+        assert answer == tok.decode(new, skip_special_tokens=True)
+
+
+def test_remote_teacher_answers_through_a_chat_server_and_resumes_from_its_log(tmp_path, tok):
+    from distillery.lm.remote import RemoteTeacher
+    from distillery.lm.serve import CompletionServer
+
+    model = llama("tiny", vocab_size=len(tok), seed=0)
+    ex = reasoning.problems(5, seed=7)
+    local = traces.respond(model, tok, ex, 10)
+    with CompletionServer(model, tok, "teacher", quiet=True) as server:
+        server.start()
+        client = RemoteTeacher(server.url, "teacher", log=tmp_path / "log.jsonl")
+        got = traces.respond_remote(client, ex, 10, concurrency=3)
+        assert got == local and client.network_calls == 5
+        again = RemoteTeacher(server.url, "teacher", log=tmp_path / "log.jsonl")
+        assert traces.respond_remote(again, ex, 10, concurrency=2) == local and again.network_calls == 0
+
+
+def test_on_policy_chat_rows_keep_the_prompt_and_isolate_left_padding(tok):
+    model = llama("tiny", vocab_size=len(tok), seed=0)
+    data = chat.token_data(tok, reasoning.problems(4, seed=8), 160)
+    task = D.OnPolicy(model, lam=1.0, prompt=None, eos_id=tok.eos_token_id, pad_id=tok.pad_token_id, temperature=1.0)
+    task.check(data)
+    b = task.prepare(data.batch(torch.arange(4)), epoch=0)
+    assert task.generated == 1 and b["x"].shape == data.x.shape
+    for r in range(4):
+        first = int((data.y[r] != -100).nonzero()[0])  # the prompt is x[: first + 1]
+        start = int((b["pos"][r] == 0).nonzero()[-1])  # where the row's conversation starts after its padding
+        assert torch.equal(b["x"][r, start:start + first + 1], data.x[r, : first + 1])
+        assert bool((b["y"][r, : start + first] == -100).all())  # prompt and padding are never trained
+        alone = model(b["x"][r:r + 1, start:])
+        assert torch.allclose(model(b["x"][r:r + 1], pos=b["pos"][r:r + 1])[0, start:], alone[0], atol=1e-5)
+    packed = chat.token_data(tok, reasoning.problems(8, seed=8), 400, pack=True)
+    with pytest.raises(DistilleryError, match="pack: false"):
+        task.check(packed)
+
+
+def test_cross_tokenizer_pairs_cover_the_same_text(tok):
+    other = reasoning.tokenizer(reasoning.problems(200, seed=1), vocab_size=280, digits=False)
+    e = reasoning.problems(1, seed=9)[0]
+    _, s_train, _, s_places = chat.encode_with_places(other, e)
+    _, _, _, t_places = chat.encode_with_places(tok, e)
+    partner, groups = cross.pair(s_places, t_places)
+    answer = e["messages"][1]["content"]
+    for j, p in enumerate(s_places):
+        if p is None:
+            assert partner[j] is None
+        elif p[1] == 0:  # answer text: the teacher token covers the student token's first character
+            t = t_places[partner[j]]
+            assert t[1] == 0 and t[2] <= p[2] < t[3]
+        else:
+            assert t_places[partner[j]][1] == 1  # end of turn to end of turn
+    text = [g for g in groups if s_places[g[0]][1] == 0]
+    assert "".join(answer[s_places[g[0]][2]:s_places[g[1] - 1][3]] for g in text) == answer  # the spans tile it
+    for s_lo, s_hi, t_lo, t_hi in text:
+        assert s_places[s_lo][2] == t_places[t_lo][2] and s_places[s_hi - 1][3] == t_places[t_hi - 1][3]
+    data = cross.paired_data(other, tok, [e], 160, 160)
+    assert data.settings["unpaired_tokens"] == 0
+    assert int((data.y != -100).sum()) == sum(s_train[1:])
+
+
+def test_gold_loss_on_batches_equals_the_per_sequence_reference(tok):
+    from distillery.losses.cross_tokenizer import gold_loss, gold_span_loss
+
+    other = reasoning.tokenizer(reasoning.problems(200, seed=1), vocab_size=280, digits=False)
+    data = cross.paired_data(other, tok, reasoning.problems(3, seed=10), 160, 160)
+    teacher, student = llama("tiny", vocab_size=len(tok), seed=0), llama("tiny", vocab_size=len(other), seed=1)
+    b = data.batch(torch.arange(3))
+    spans = cross.CrossTokenizerTeacher(teacher)(b)["spans"]
+    s = student(b["x"], pos=b["pos"])
+    got = gold_loss(s.reshape(-1, s.shape[-1]), spans.reshape(-1, spans.shape[-1]), b["mask"].reshape(-1),
+                    targets=b["y"].reshape(-1), span_len=b["span_len"], reduction="sum")
+    t_lp, s_lp = teacher(b["t_x"], pos=b["t_pos"]).log_softmax(-1), s.log_softmax(-1)
+    want = 0.0
+    for r in range(3):
+        ends = (b["span_len"][r] > 0).nonzero().flatten().tolist()
+        groups = [(t - int(b["span_len"][r, t]) + 1, t + 1, int(b["t_first"][r, t]), int(b["t_last"][r, t]) + 1)
+                  for t in ends]
+        want += float(gold_span_loss(s_lp[r].detach(), t_lp[r], groups, b["y"][r].clamp(min=0), b["t_y"][r].clamp(min=0),
+                                     reduction="sum"))
+    assert abs(float(got) - want) < 1e-3 * max(1.0, abs(want))
+    got.backward()  # the student learns through every token of a span
+    with pytest.raises(DistilleryError, match="chunk_size"):
+        D.distil(student, cross.CrossTokenizerTeacher(teacher), data, TrainConfig(epochs=1, batch_size=3),
+                 terms=[TermConfig("gold", teacher="spans")], chunk_size=4, progress=False)
+
+
+def test_bad_llm_practice_input_is_one_line(teacher_run, tmp_path, capsys):
+    teacher = str(teacher_run / "teacher" / "models" / "model")
+    other = tmp_path / "other"
+    reasoning.tokenizer(reasoning.problems(100, seed=1), vocab_size=280, digits=False).save_pretrained(str(other))
+    cases = [
+        (["lm/reasoning/cross", f"teacher={teacher}", f"tokenizer={other}", "terms=[{loss: kd}]"], "distil across tokenizers"),
+        (["lm/reasoning/traces", "teacher=null", "data=stdlib", "seq_kd.remote.base_url=http://127.0.0.1:9/v1",
+          "seq_kd.remote.model=m"], "needs chat data"),
+        (["lm/reasoning/lora", f"teacher={teacher}", f"model={teacher}", "prune.keep=[0]", "lora.targets=[nope]"],
+         "name no module"),
+        (["lm/reasoning/on_policy", f"teacher={teacher}", "pack=true"], "pack: false"),
+    ]
+    for args, match in cases:
+        out = tmp_path / f"bad{len(match)}"
+        capsys.readouterr()
+        assert main(["run", *args, *TINY, f"runs_dir={tmp_path}", "--out", str(out)]) == 2, args
+        err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+        assert len(err) == 1 and match in err[0], (args, err)
+    with pytest.raises(DistilleryError, match=r"lora\.r must be at least 1"):
+        from distillery import recipes
+
+        recipes.load("lm/reasoning/lora", ["lora.r=0"])
