@@ -280,12 +280,12 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
         source = teacher if recipe.store is None else _store(teacher, train, Path(recipe.store), None)
         D.distil(model, source, train, recipe.train, **fit)
     elif recipe.method == "seq_kd" and examples is not None:
-        data = _traces_data(recipe, teacher, tok, examples["train"], work, 0)
-        notes = {k: data.settings[k] for k in ("answers", "kept", "wrong", "too_long", "empty")}
-        D.distil(model, teacher if reads_teacher else None, data, recipe.train, **fit)
+        train = _traces_data(recipe, teacher, tok, examples["train"], work, 0)
+        notes = {k: train.settings[k] for k in ("answers", "kept", "wrong", "too_long", "empty")}
+        D.distil(model, teacher if reads_teacher else None, train, recipe.train, **fit)
     elif recipe.method == "seq_kd":
-        D.distil(model, teacher if reads_teacher else None, _seq_kd_data(recipe, teacher, train, work),
-                 recipe.train, **fit)
+        train = _seq_kd_data(recipe, teacher, train, work)
+        D.distil(model, teacher if reads_teacher else None, train, recipe.train, **fit)
     elif recipe.method == "on_policy":
         op = recipe.on_policy
         chat_rows = examples is not None
@@ -304,6 +304,7 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
         D.distil(model, _store(teacher, train, folder, recipe.top_k), train, recipe.train, **fit)
     seconds = time.perf_counter() - t0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    notes["train_tokens"] = int((train.y != -100).sum()) * recipe.train.epochs  # trained targets (on-policy: the data's)
     if writer():
         extra = {"recipe": dataclasses.asdict(recipe)}
         if recipe.lora is not None:
