@@ -9,6 +9,9 @@ Layout of a store folder::
     shard-00000/values.npy      top-k: (n, k) log-probabilities (float16, or bfloat16 bits as uint16)
     shard-00000/indices.npy     top-k: (n, k) class indices, the smallest integer type that holds C
     shard-00000/tail.npy        top-k with tail="bucket": (n,) float32 log of the mass outside the top k
+    shard-00000/packed.npy      top-k with codec="packed" instead of values/indices/tail: (n, R) uint8
+                                records of ``lm.logit_codec`` (Elias-Fano indices, b-bit log-probs, 1-byte
+                                tail), the codec's settings in the manifest and checked on every open
     shard-00000/tap.<path>.npy  optional features of a tapped module, float32 (or the chosen dtype)
 
 Each shard is written to a temporary folder and renamed into place, then recorded in the manifest
@@ -39,12 +42,14 @@ from torch import Tensor, nn
 from .data.core import TensorData
 from .errors import DistilleryError
 from .io import atomic_write_json, read_json
+from .lm.logit_codec import PackedCodec, decode_topk, encode
 from .losses.sparse import TopK
 from .teachers import Teacher
 
 FORMAT = "distillery-teacher-store"
 VERSION = 1
 DTYPES = ("float32", "float16", "bfloat16")
+CODECS = ("packed",)
 
 
 # --------------------------------------------------------------------------- fingerprints
@@ -129,6 +134,9 @@ def write_store(
     batch_size: int = 1024,
     views: int = 1,
     augment=None,
+    codec: str | None = None,
+    value_bits: int = 4,
+    value_clamp: float = 8.0,
     progress: bool = False,
 ) -> Path:
     """Write (or continue writing) the store of ``teacher`` on ``data`` into ``out``.
@@ -139,7 +147,11 @@ def write_store(
     ``"drop"`` discards it. ``taps``: features of tapped teacher modules, stored too. ``views`` > 1 with
     an ``augment`` (``data.views``): the answers for each augmented view, keyed ``v<view>.<array>``.
     Token data (``lm.corpus.TokenData``: (n, T) blocks) store (n, T, k) top-k rows per block, read back
-    by sample id as a (B, T, k) ``TopK``; their batches hold at most 4,096 tokens."""
+    by sample id as a (B, T, k) ``TopK``; their batches hold at most 4,096 tokens.
+    ``codec="packed"`` (top-k only): each row's k log-probs, indices and tail in one record of
+    ``lm.logit_codec`` (``value_bits`` b per log-prob, step ``value_clamp`` / (2^b - 1) nats below the row's
+    top entry; about 1.5 bytes per kept entry at b = 4 for a vocabulary of 8,192 instead of 4 to 6), read
+    back as the same ``TopK``; ``dtype`` then only applies to taps."""
     out = Path(out)
     if top_k is not None and (int(top_k) != top_k or top_k < 1):
         raise DistilleryError(f"top_k must be an integer >= 1 or None (dense), got {top_k!r}.")
@@ -156,6 +168,12 @@ def write_store(
         raise DistilleryError(f"{data.name or 'the data set'} is empty; there is nothing to store.")
     if views < 1 or (views > 1 and augment is None):
         raise DistilleryError(f"views={views}: several views need an augment (distillery.data.views); one view needs none.")
+    if codec is not None and codec not in CODECS:
+        raise DistilleryError(f"codec must be one of {', '.join(CODECS)} or None, got {codec!r}.")
+    if codec is not None and top_k is None:
+        raise DistilleryError("codec='packed' compresses top-k stores; pass top_k too (e.g. top_k=64), or no codec.")
+    packed = None if codec is None else PackedCodec(data.num_classes, min(int(top_k), data.num_classes),
+                                                    value_bits, value_clamp).describe()
     if getattr(data, "tokens", False):  # (n, T, V) answers: batch by a budget of 4,096 tokens, not by rows
         batch_size = max(1, min(batch_size, 4096 // max(1, data.x.shape[1])))
     settings = {"format": FORMAT, "version": VERSION, "teacher_fingerprint": teacher_fingerprint,
@@ -164,7 +182,7 @@ def write_store(
                 "tail": tail if top_k is not None else None, "dtype": dtype,
                 "index_dtype": str(index_dtype(data.num_classes)) if top_k is not None else None,
                 "taps": list(dict.fromkeys(t for t in taps if t != "logits")), "shard_size": int(shard_size),
-                "views": int(views), "augment": None if augment is None else _describe(augment)}
+                "views": int(views), "augment": None if augment is None else _describe(augment), "codec": packed}
     out.mkdir(parents=True, exist_ok=True)
     for stale in out.glob(".shard-*.tmp-*"):  # left by a crashed writer
         shutil.rmtree(stale, ignore_errors=True)
@@ -270,11 +288,15 @@ def _answer(teacher: Teacher, data: TensorData, lo: int, hi: int, settings: dict
         else:
             k = min(k, logp.shape[-1])  # over the last dim: (n, C) rows, or (n, T, V) token sequences
             values, idx = logp.topk(k, dim=-1)
-            rows["values"] = _to_numpy(values, settings["dtype"])
-            rows["indices"] = idx.cpu().numpy().astype(settings["index_dtype"])
-            if settings["tail"] == "bucket":
-                rest = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
-                rows["tail"] = rest.cpu().numpy().astype(np.float32)
+            rest = logp.scatter(-1, idx, float("-inf")).logsumexp(-1)
+            if settings.get("codec") is not None:  # one record per row; the tail is in it either way
+                rows["packed"] = encode(PackedCodec.from_manifest(settings["codec"]), values.double().cpu().numpy(),
+                                        idx.cpu().numpy(), rest.double().cpu().numpy())
+            else:
+                rows["values"] = _to_numpy(values, settings["dtype"])
+                rows["indices"] = idx.cpu().numpy().astype(settings["index_dtype"])
+                if settings["tail"] == "bucket":
+                    rows["tail"] = rest.cpu().numpy().astype(np.float32)
         for t in taps:
             rows[f"tap.{t}"] = _to_numpy(ans[t].float(), "float32" if settings["dtype"] == "float32" else settings["dtype"])
         for key, a in rows.items():
@@ -325,6 +347,13 @@ class TeacherStore:
         self.num_classes = int(m["num_classes"])
         self.temperature = float(m["temperature"])
         self.top_k = m["top_k"]
+        self.codec = None if m.get("codec") is None else PackedCodec.from_manifest(m["codec"])
+        if self.codec is not None:
+            for sh, arrays in zip(m["shards"], self.arrays):
+                bad = [k for k, a in arrays.items() if k.endswith("packed") and a.shape[-1] != self.codec.record_bytes]
+                if bad or not any(k.endswith("packed") for k in arrays):
+                    raise DistilleryError(f"{self.path}: shard {sh['file']} does not hold {self.codec.record_bytes}-byte "
+                                          "packed records, as its manifest says; write the store again.")
 
     def __len__(self) -> int:
         return len(self.sorted_ids)
@@ -390,6 +419,9 @@ class TeacherStore:
         out: dict[str, Any] = {}
         if self.top_k is None:
             out["logits"] = _from_numpy(self._gather(f"{prefix}logits", shard, row), m["dtype"]).float()
+        elif self.codec is not None:
+            out["logits"] = decode_topk(self.codec, self._gather(f"{prefix}packed", shard, row),
+                                        temperature=self.temperature, tail=m["tail"] == "bucket")
         else:
             values = _from_numpy(self._gather(f"{prefix}values", shard, row), m["dtype"]).float()
             idx = torch.from_numpy(self._gather(f"{prefix}indices", shard, row).astype(np.int64))

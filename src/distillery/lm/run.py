@@ -3,8 +3,15 @@
 ``run(recipe, rd)`` trains into the run directory (``rundir``): the engine's checkpoints and metrics
 (an interrupted run resumes), ``models/model`` (``save_lm``: loads with transformers'
 ``AutoModelForCausalLM`` too), and rows with the validation and test perplexity of the student and
-of the teacher when there is one. Generated sequence-level KD text and top-k stores are kept in
-``work/`` and reused when their settings match.
+of the teacher when there is one (on data with answers, the test accuracy of greedy answers too).
+Generated sequence-level KD text, the teacher's answers to chat prompts and top-k stores are kept
+in ``work/`` and reused when their settings match.
+
+Chat data (``data: reasoning`` or a file of ``messages`` / ``prompt`` + ``completion`` examples) go
+through ``lm.chat`` (assistant-only targets, packed rows with positions); ``seq_kd`` on them asks the
+teacher (a folder or a chat-completions endpoint) for answers and keeps the verified ones
+(``lm.traces``); a teacher with another tokenizer teaches through ``uld`` / ``gold`` terms
+(``lm.cross``); ``lora:`` trains PEFT adapters and exports them beside the merged model (``lm.lora``).
 """
 
 from __future__ import annotations
