@@ -233,3 +233,40 @@ def test_bad_llm_practice_input_is_one_line(teacher_run, tmp_path, capsys):
         from distillery import recipes
 
         recipes.load("lm/reasoning/lora", ["lora.r=0"])
+
+
+def test_remote_teacher_top_k_logprobs_become_a_sparse_teacher(teacher_run, tmp_path):
+    from distillery.lm.remote import RemoteTeacher
+    from distillery.lm.serve import CompletionServer
+
+    folder = teacher_run / "teacher" / "models" / "model"
+    model, tok = load_lm(folder)
+    ex = reasoning.problems(4, seed=11)
+    with CompletionServer(model, tok, "teacher", quiet=True) as server:
+        server.start()
+        answers = traces.respond_remote(RemoteTeacher(server.url, "teacher"), ex, 12, top_logprobs=5)
+        kept, counts = traces.keep(ex, answers, traces.verifier("none"), tok, 160)
+        assert counts["kept"] == 4
+        data = traces.answer_data(tok, kept, 160)
+        b = data.batch(torch.arange(len(data)))
+        want = model(b["x"], pos=b["pos"]).log_softmax(-1).topk(5, dim=-1)
+        m = b["mask"]
+        assert torch.allclose(b["top_values"][m], want.values[m], atol=1e-4)  # the server's = the model's own
+        assert torch.equal(b["top_indices"][m], want.indices[m])
+        assert torch.allclose(b["top_tail"][m], torch.log1p(-want.values[m].exp().sum(-1)), atol=1e-4)
+        sparse = traces.AnswerTopK(len(tok))(b)["logits"]
+        assert sparse.shape == (*b["x"].shape, len(tok))
+        # the whole recipe with a remote teacher: answers asked once, token KD from their top-k
+        out = tmp_path / "remote"
+        args = ["run", "lm/reasoning/traces", *TINY, "teacher=null", f"tokenizer={folder}", "verifier=none",
+                f"seq_kd.remote.base_url={server.url}", "seq_kd.remote.model=teacher", "seq_kd.top_logprobs=5",
+                "terms=[{loss: ce, teacher: null}, {loss: kd}]", f"runs_dir={tmp_path}", "--out", str(out)]
+        assert main(args) == 0
+        row = _rows(out)[-1]
+        assert row["method"] == "seq_kd" and row["terms"] == "ce, kd" and row["kept"] == 48
+        assert list((out / "work").glob("requests-*.jsonl"))  # the resumable request log
+    with pytest.raises(DistilleryError, match="top_logprobs"):
+        from distillery import recipes
+
+        recipes.load("lm/reasoning/traces", ["teacher=null", "seq_kd.remote.base_url=http://x/v1",
+                                             "seq_kd.remote.model=m", "terms=[{loss: kd}]"])

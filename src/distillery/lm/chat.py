@@ -252,43 +252,48 @@ def encode_with_places(tok, example: dict[str, Any], max_tokens: int | None = No
     return ids, train, cut, places
 
 
+def layout(pairs: Sequence[int], block: int, pack: bool = False) -> tuple[int, list[tuple[int, int]]]:
+    """(row width, (row, offset) of each sequence) for sequences of ``pairs`` (input, target) pairs each:
+    first-fit in order into rows of ``block`` when packed, else one per row as wide as the longest."""
+    longest = max(pairs)
+    if longest > block:
+        raise DistilleryError(f"a sequence of {longest + 1} tokens does not fit a row of {block} pairs; encode with "
+                              f"max_tokens={block + 1}.")
+    width = block if pack else max(longest, 1)
+    room: list[int] = []
+    where = []
+    for need in pairs:
+        r = next((j for j, free in enumerate(room) if free >= need), None) if pack else None
+        if r is None:
+            room.append(width)
+            r = len(room) - 1
+        where.append((r, width - room[r]))
+        room[r] -= need
+    return width, where
+
+
 def rows(seqs: Sequence[tuple[list[int], list[bool]]], block: int, pad: int, *, pack: bool = False
          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, y, pos), each (N, T) long, from encoded sequences (module docstring). Unpacked, T is the longest
     sequence's length - 1 (at most ``block``); packed, T = ``block``."""
     if not seqs:
         raise DistilleryError("no sequences to put into rows.")
-    longest = max(len(ids) for ids, _ in seqs) - 1
-    if longest > block:
-        raise DistilleryError(f"a sequence of {longest + 1} tokens does not fit a row of {block} pairs; encode with "
-                              f"max_tokens={block + 1}.")
-    width = block if pack else max(longest, 1)
-    placed: list[list[int]] = []  # sequence indices per row
-    room: list[int] = []
-    for i, (ids, _) in enumerate(seqs):
-        need = len(ids) - 1
-        r = next((j for j, free in enumerate(room) if free >= need), None) if pack else None
-        if r is None:
-            placed.append([])
-            room.append(width)
-            r = len(placed) - 1
-        placed[r].append(i)
-        room[r] -= need
-    x = torch.full((len(placed), width), int(pad), dtype=torch.long)
+    width, where = layout([len(ids) - 1 for ids, _ in seqs], block, pack)
+    n_rows = max(r for r, _ in where) + 1
+    x = torch.full((n_rows, width), int(pad), dtype=torch.long)
     y = torch.full_like(x, -100)
-    pos = torch.zeros_like(x)
-    for r, members in enumerate(placed):
-        at = 0
-        for i in members:
-            ids, train = seqs[i]
-            n = len(ids) - 1
-            t = torch.tensor(ids, dtype=torch.long)
-            keep = torch.tensor(train[1:], dtype=torch.bool)
-            x[r, at:at + n] = t[:-1]
-            y[r, at:at + n] = torch.where(keep, t[1:], torch.full_like(t[1:], -100))
-            pos[r, at:at + n] = torch.arange(n)
-            at += n
-        pos[r, at:] = torch.arange(width - at)  # padding: a sequence of its own, never trained
+    pos = torch.arange(width).repeat(n_rows, 1)  # padding: a sequence of its own, never trained
+    ends = [0] * n_rows
+    for (ids, train), (r, at) in zip(seqs, where):
+        n = len(ids) - 1
+        t = torch.tensor(ids, dtype=torch.long)
+        keep = torch.tensor(train[1:], dtype=torch.bool)
+        x[r, at:at + n] = t[:-1]
+        y[r, at:at + n] = torch.where(keep, t[1:], torch.full_like(t[1:], -100))
+        pos[r, at:at + n] = torch.arange(n)
+        ends[r] = max(ends[r], at + n)
+    for r, end in enumerate(ends):
+        pos[r, end:] = torch.arange(width - end)
     return x, y, pos
 
 

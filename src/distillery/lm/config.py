@@ -35,6 +35,10 @@ class SeqKD:
     top_p: float = 1.0
     remote: Remote | None = None
     """Chat data: the teacher behind an API instead of a local folder."""
+    top_logprobs: int = 0
+    """Remote teacher: ask for this many most likely tokens per answer token (their log-probabilities), which
+    terms that read the teacher (kd) then read as a sparse teacher; the student must use the served
+    model's tokenizer (``tokenizer:``)."""
 
 
 @dataclass
@@ -168,9 +172,18 @@ class LMRecipe:
         if self.terms is not None and not self.terms:
             raise DistilleryError("terms is empty; give at least one term, e.g. terms: [{loss: kd}], or null.")
         terms = self.objective()
-        if self.teacher is None and any(t.teacher is not None for t in terms):
+        taught = [t for t in terms if t.teacher is not None]
+        remote = self.seq_kd.remote is not None and self.method == "seq_kd"
+        if self.teacher is None and taught and not remote:
             raise DistilleryError("a term reads the teacher but teacher is null; set teacher: to a model folder, or "
                                   "use terms that read none ({loss: ce, teacher: null}).")
+        if self.teacher is None and taught and remote:
+            if self.seq_kd.top_logprobs < 1:
+                raise DistilleryError("a term reads the teacher, which is remote: set seq_kd.top_logprobs (e.g. 20) so the "
+                                      "server returns its log-probabilities, or use terms: [{loss: ce, teacher: null}].")
+            if not all(t.caps.accepts_sparse for t in taught):
+                raise DistilleryError("a remote teacher's top-k log-probabilities are a sparse teacher, which only losses "
+                                      "that read one (kd) can read; use terms: [{loss: ce, teacher: null}, {loss: kd}].")
         if self.method == "topk" and not all(t.caps.accepts_sparse for t in terms if t.teacher is not None):
             raise DistilleryError("method topk reads a sparse store of top-k answers, which only losses that read "
                                   "sparse teachers (kd) can read; use terms: [{loss: kd}].")

@@ -201,7 +201,7 @@ def _traces_data(recipe: LMRecipe, teacher: CausalLM | None, tok, examples: list
         {"teacher": model_fingerprint(teacher.hf)[:16]}
     settings = {"new_tokens": s.new_tokens, "samples": s.samples, "temperature": s.temperature, "top_p": s.top_p,
                 "seed": recipe.seed, "verifier": recipe.verifier, "examples": traces.examples_fingerprint(examples),
-                **source}
+                "top_logprobs": s.top_logprobs if s.remote is not None else 0, **source}
     tag = hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
     file = work / f"traces-{tag}.jsonl"
     if file.is_file():
@@ -215,7 +215,7 @@ def _traces_data(recipe: LMRecipe, teacher: CausalLM | None, tok, examples: list
                                    max_retries=r.max_retries, log=work / f"requests-{tag}.jsonl")
             answers = traces.respond_remote(client, examples, s.new_tokens, samples=s.samples,
                                             temperature=s.temperature, top_p=s.top_p, seed=recipe.seed,
-                                            concurrency=r.concurrency)
+                                            concurrency=r.concurrency, top_logprobs=s.top_logprobs)
         else:
             answers = traces.respond(teacher, tok, examples, s.new_tokens, samples=s.samples,
                                      temperature=s.temperature, top_p=s.top_p, seed=recipe.seed)
@@ -225,7 +225,7 @@ def _traces_data(recipe: LMRecipe, teacher: CausalLM | None, tok, examples: list
     if not kept:
         raise DistilleryError(f"the verifier ({recipe.verifier}) kept none of the teacher's {counts['answers']} answers "
                               f"({traces.describe(counts)}); check the teacher, or use verifier: none.")
-    data = chat.token_data(tok, kept, recipe.block, pack=recipe.pack, name="traces", first_id=first_id)
+    data = traces.answer_data(tok, kept, recipe.block, pack=recipe.pack, name="traces", first_id=first_id)
     data.settings = {**settings, **counts}
     return data
 
@@ -289,7 +289,8 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
     elif recipe.method == "seq_kd" and examples is not None:
         train = _traces_data(recipe, teacher, tok, examples["train"], work, 0)
         notes = {k: train.settings[k] for k in ("answers", "kept", "wrong", "too_long", "empty")}
-        D.distil(model, teacher if reads_teacher else None, train, recipe.train, **fit)
+        source = teacher if teacher is not None else traces.AnswerTopK(len(tok))  # remote: its top-k, in the batch
+        D.distil(model, source if reads_teacher else None, train, recipe.train, **fit)
     elif recipe.method == "seq_kd":
         train = _seq_kd_data(recipe, teacher, train, work)
         D.distil(model, teacher if reads_teacher else None, train, recipe.train, **fit)

@@ -24,10 +24,12 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ..errors import DistilleryError
 from ..registry import Registry
 from . import chat, reasoning
+from .corpus import TokenData
 from .generate import sample
 from .models import CausalLM, eos_id, pad_id
 
@@ -80,9 +82,11 @@ def respond(model: CausalLM, tok, examples: Sequence[dict], max_new_tokens: int,
 
 
 def respond_remote(client, examples: Sequence[dict], max_new_tokens: int, *, samples: int = 1,
-                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0,
-                   concurrency: int = 8) -> list[list[str]]:
-    """The answers of a chat-completions endpoint (``remote.RemoteTeacher``) to every example's prompt."""
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int | None = 0, concurrency: int = 8,
+                   top_logprobs: int = 0) -> list[list[str | dict]]:
+    """The answers of a chat-completions endpoint (``remote.RemoteTeacher``) to every example's prompt: texts,
+    or with ``top_logprobs`` dicts ``{"text", "ids", "top"}``: the answer's token ids (the server's, with the
+    end-of-turn token that ended it) and per token the ``top_logprobs`` most likely [id, log-prob] pairs."""
     convs = []
     for e in examples:
         msgs = chat.messages_of(e)
@@ -92,8 +96,19 @@ def respond_remote(client, examples: Sequence[dict], max_new_tokens: int, *, sam
             last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
             convs.append(msgs[:last])
     got = client.chat(convs, max_new_tokens, temperature=temperature, top_p=top_p, n=samples, seed=seed,
-                      concurrency=concurrency)
-    return [[c.text for c in outs] for outs in got]
+                      concurrency=concurrency, top_logprobs=top_logprobs)
+    if not top_logprobs:
+        return [[c.text for c in outs] for outs in got]
+    out: list[list[str | dict]] = []
+    for outs in got:
+        row: list[str | dict] = []
+        for c in outs:
+            if c.ids is None or any(not isinstance(k, int) for d in c.top for k in d):
+                raise DistilleryError("the server returned tokens as text, not ids; top-k KD needs the teacher's token "
+                                      "ids: serve it with vLLM or distillery serve (return_tokens_as_token_ids).")
+            row.append({"text": c.text, "ids": list(c.ids), "top": [sorted(d.items(), key=lambda kv: -kv[1]) for d in c.top]})
+        out.append(row)
+    return out
 
 
 def with_answer(example: dict, answer: str) -> dict:
@@ -114,19 +129,81 @@ def keep(examples: Sequence[dict], answers: Sequence[Sequence[str]], check: Call
     for e, outs in zip(examples, answers):
         for a in outs:
             counts["answers"] += 1
-            if not a.strip():
+            text = a if isinstance(a, str) else a["text"]
+            if not text.strip():
                 counts["empty"] += 1
                 continue
-            if not check(e, a):
+            if not check(e, text):
                 counts["wrong"] += 1
                 continue
-            new = with_answer(e, a)
-            if len(chat.encode(tok, new)[0]) > max_tokens:
+            new = with_answer(e, text)
+            if isinstance(a, dict):  # the teacher's own tokens and top-k, trained as they are
+                new["teacher_ids"], new["teacher_top"] = a["ids"], a["top"]
+                length = len(_prompts(tok, [e])[0]) + len(a["ids"])
+            else:
+                length = len(chat.encode(tok, new)[0])
+            if length > max_tokens:
                 counts["too_long"] += 1
                 continue
             kept.append(new)
             counts["kept"] += 1
     return kept, counts
+
+
+def answer_data(tok, kept: Sequence[dict], block: int, *, pack: bool = False, name: str = "traces",
+                first_id: int = 0) -> TokenData:
+    """Rows of the kept answers. Answers that carry the teacher's tokens (``teacher_ids``) are trained on
+    those tokens after the locally rendered prompt, and their top-k log-probabilities ride along as
+    ``top_values`` / ``top_indices`` / ``top_tail`` (N, T, k) for ``AnswerTopK``; the others are encoded
+    by ``chat.token_data``."""
+    if not kept or "teacher_ids" not in kept[0]:
+        return chat.token_data(tok, kept, block, pack=pack, name=name, first_id=first_id)
+    prompts = _prompts(tok, kept)
+    seqs = [(p + e["teacher_ids"], [False] * len(p) + [True] * len(e["teacher_ids"])) for p, e in zip(prompts, kept)]
+    x, y, pos = chat.rows(seqs, block, pad_id(tok), pack=pack)
+    _, where = chat.layout([len(s) - 1 for s, _ in seqs], block, pack)
+    k = max((len(d) for e in kept for d in e["teacher_top"]), default=1)
+    values = torch.full((*x.shape, k), -1e4)  # "never": exp(-1e4) is 0 in every precision
+    indices = torch.zeros(*x.shape, k, dtype=torch.long)
+    for e, p, (r, at) in zip(kept, prompts, where):
+        for j, top in enumerate(e["teacher_top"]):
+            if not top:
+                continue
+            t = at + len(p) + j - 1  # the position whose target is answer token j
+            values[r, t, : len(top)] = torch.tensor([float(lp) for _, lp in top])
+            indices[r, t, : len(top)] = torch.tensor([int(i) for i, _ in top])
+    bad = int(indices.max()) if indices.numel() else 0
+    if bad >= len(tok):
+        raise DistilleryError(f"the teacher's top-k holds token id {bad}, outside this tokenizer's {len(tok)} tokens; "
+                              "give the served model's tokenizer (tokenizer: its folder).")
+    mass = values.exp().sum(-1).clamp(max=1 - 1e-6)
+    tail = torch.log1p(-mass)
+    data = TokenData(x, y, torch.arange(first_id, first_id + len(x)), len(tok), name, pos,
+                     {"top_values": values, "top_indices": indices, "top_tail": tail})
+    return data
+
+
+class AnswerTopK:
+    """The teacher protocol answered from the remote teacher's top-k log-probabilities that ``answer_data``
+    put into the batch (a sparse teacher: ``kd`` reads it; the tail bucket holds the rest of the mass)."""
+
+    answers_inputs = False  # it reads answers from training batches; it cannot score other inputs
+
+    def __init__(self, vocab_size: int):
+        self.vocab_size = int(vocab_size)
+
+    def fingerprint(self) -> str:
+        return f"answer-top-k:{self.vocab_size}"
+
+    def __call__(self, batch: dict[str, Tensor], taps=()) -> dict[str, Any]:
+        from ..losses.sparse import TopK
+
+        if "top_values" not in batch:
+            raise DistilleryError("the remote teacher's log-probabilities are not in the batch; build the data with "
+                                  "traces.answer_data from answers asked with top_logprobs.")
+        if [t for t in taps if t != "logits"]:
+            raise DistilleryError("a remote teacher gives log-probabilities only; feature terms need a local teacher.")
+        return {"logits": TopK(batch["top_values"], batch["top_indices"], batch["top_tail"], self.vocab_size)}
 
 
 def accuracy(model: CausalLM, tok, examples: Sequence[dict], *, check: Callable[[dict, str], bool] = reasoning.verify,
