@@ -60,6 +60,51 @@ def test_an_int8_export_is_over_3_5_times_smaller_than_fp32(tmp_path):
     assert ratio > 3.5, ratio
 
 
+def test_int8_export_runs_the_converted_weights_on_torchs_int8_kernels(tmp_path):
+    from distillery.compress import int8
+    from distillery.pipeline import save_weights
+
+    torch.manual_seed(0)
+    build = lambda: nn.Sequential(nn.Embedding(300, 256), nn.Linear(256, 512), nn.ReLU(), nn.Linear(512, 300))  # noqa: E731
+    m = build().eval()
+    x = torch.randint(0, 300, (4, 9))
+    save_weights(m, tmp_path / "fp32.safetensors", {})
+    float_out = m(x)
+    Q.ptq(m, Q.QuantizeConfig(weights=8, granularity="per_channel", activations=None))
+    converted = m(x)
+    int8.export(m, tmp_path / "w.safetensors", {}, activations="none")
+    weight_only = int8.load(build(), tmp_path / "w.safetensors")
+    assert isinstance(weight_only[1], int8.Int8Linear) and isinstance(weight_only[0], int8.Int8Embedding)
+    torch.testing.assert_close(weight_only(x), converted, atol=1e-4, rtol=1e-4)  # torchao's own int8 values and scales
+    int8.export(m, tmp_path / "d.safetensors", {}, activations="dynamic")
+    dynamic = int8.load(build(), tmp_path / "d.safetensors")
+    err = (dynamic(x) - float_out).abs().max() / float_out.abs().max()
+    assert 0 < err < 0.05  # int8 inputs too: close to float, not equal
+    ratio = (tmp_path / "fp32.safetensors").stat().st_size / (tmp_path / "d.safetensors").stat().st_size
+    assert ratio > 3.5, ratio
+    # a float model is quantized by the export itself: symmetric per row, max |w| / 127
+    f = build().eval()
+    q, scale = int8.int8_weights(f[1].weight)
+    torch.testing.assert_close(scale, f[1].weight.abs().amax(1) / 127)
+    assert int(q.abs().max()) == 127 and (q.float() * scale[:, None] - f[1].weight).abs().max() <= scale.max() / 2 + 1e-7
+    with pytest.raises(DistilleryError, match="does not fit the model"):
+        int8.load(nn.Sequential(nn.Embedding(300, 128), nn.Linear(128, 512), nn.ReLU(), nn.Linear(512, 300)),
+                  tmp_path / "d.safetensors")
+    with pytest.raises(DistilleryError, match="not an int8 export"):
+        Q.save(m, tmp_path / "t.safetensors", {})
+        int8.load(build(), tmp_path / "t.safetensors")
+    g = _mlp()
+    Q.ptq(g, Q.QuantizeConfig(weights=8, granularity="per_group", group_size=8))
+    with pytest.raises(DistilleryError, match="per_channel"):
+        int8.export(g, tmp_path / "g.safetensors", {})
+    p = _mlp()
+    Q.prepare(p, Q.QuantizeConfig(weights=8, granularity="per_channel"))
+    with pytest.raises(DistilleryError, match="fake-quantized"):
+        int8.export(p, tmp_path / "p.safetensors", {})
+    with pytest.raises(DistilleryError, match="export: int8 runs 8-bit weights"):
+        Q.QuantizeConfig(weights=4, export="int8")
+
+
 def test_bad_quantization_input_is_one_line():
     with pytest.raises(DistilleryError, match="2 to 8 bits"):
         Q.QuantizeConfig(weights=1)
@@ -195,7 +240,7 @@ PRUNE = RECIPE.replace("""compress:
     prune: {{ratio: 0.5, importance: taylor, steps: 2}}
     train: {{epochs: 2, batch_size: 64, lr: 0.003}}
   - name: int8
-    quantize: {{method: ptq, weights: 8, granularity: per_channel}}""")
+    quantize: {{method: ptq, weights: 8, granularity: per_channel, export: int8}}""")
 
 
 def test_a_recipe_prunes_with_kd_recovery_then_quantizes_and_resumes(tmp_path):

@@ -295,6 +295,10 @@ def test_cli_trains_a_teacher_then_distils_from_it(tmp_path, capsys):
         rows = _rows(tmp_path / method)
         assert rows["tiny"]["method"] == method and math.isfinite(rows["tiny"]["validation_perplexity"])
         assert rows["teacher"]["validation_perplexity"] == pytest.approx(alone["validation_perplexity"], rel=1e-4)
+    assert main(["run", "lm/kd", *common, f"teacher={teacher}", "method=topk", "top_k=16", "codec=packed",
+                 "--out", str(tmp_path / "packed"), "--quiet"]) == 0  # the compact store
+    manifest = json.loads(next((tmp_path / "packed" / "work").glob("store-*/manifest.json")).read_text())
+    assert manifest["codec"]["k"] == 16 and math.isfinite(_rows(tmp_path / "packed")["tiny"]["validation_perplexity"])
     store = tmp_path / "shared" / "dense"
     for i in (1, 2):  # the second run reads the store the first wrote
         assert main(["lm", "lm/kd", *common, f"teacher={teacher}", f"store={store}", "--out", str(tmp_path / f"d{i}"),

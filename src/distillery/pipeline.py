@@ -374,7 +374,14 @@ def compress_stage(recipe: Recipe, st, student: nn.Module, answers, distill_data
             else:
                 Q.ptq(model, q)
             meta["float_layers"] = Q.float_layers(student, Q.targets(student, q))
-            save, load = Q.save, functools.partial(Q.load, cfg=q)
+            if q.export == "int8":  # torch's x86 / fbgemm int8 kernels: the fast CPU path
+                from .compress import int8
+
+                save = functools.partial(int8.export, activations="dynamic" if q.activations else "none",
+                                         only=set(Q.targets(student, q)))
+                load = int8.load
+            else:
+                save, load = Q.save, functools.partial(Q.load, cfg=q)
     if writer():
         save(model.cpu(), path, meta)
     distributed.barrier()

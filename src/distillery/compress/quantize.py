@@ -50,11 +50,17 @@ class QuantizeConfig:
     """per_group: weights share a scale per this many inputs (the input width must be a multiple)."""
     modules: list[str] | None = None
     """Module paths whose linear and embedding layers are quantized (null: all of them)."""
+    export: Literal["torchao", "int8"] = "torchao"
+    """The exported file: torchao's tensors (any bits; torchao's CPU kernels are reference code), or ``int8``
+    (8-bit per-channel weights on torch's x86 / fbgemm kernels: ``compress.int8``; the fast CPU path)."""
 
     def __post_init__(self) -> None:
         if self.weights not in BITS:
             raise DistilleryError(f"quantize.weights: torchao quantizes weights to 2 to 8 bits, got {self.weights}; "
                                   "give 2, 3, 4, 5, 6, 7 or 8.")
+        if self.export == "int8" and (self.method == "dq" or self.weights != 8 or self.granularity != "per_channel"):
+            raise DistilleryError("quantize.export: int8 runs 8-bit weights with one scale per output channel; set "
+                                  "weights: 8 and granularity: per_channel (method qat or ptq), or export: torchao.")
         if self.activations not in (8, None):
             raise DistilleryError(f"quantize.activations: torchao's QAT quantizes activations to int8 (8) or not at "
                                   f"all (null), got {self.activations}.")

@@ -136,6 +136,10 @@ class LMRecipe:
     original answer; chat data arrive with the LLM-practice issue)."""
     chunk_size: int | None = 512
     top_k: int = 8
+    codec: Literal["packed"] | None = None
+    """method topk: ``packed`` stores each token's top-k in a few bytes (``lm.logit_codec``: Elias-Fano
+    indices, ``value_bits``-bit log-probs, a one-byte tail); null: float16 values and integer indices."""
+    value_bits: int = 4
     store: str | None = None
     """A folder for the teacher's answers on the training blocks, written once and reused by every run
     of the same teacher and data (its fingerprints are checked): method kd reads a dense float16 store
@@ -202,6 +206,7 @@ class LMRecipe:
              "at least 1, or null"),
             ("chunk_size", self.chunk_size, self.chunk_size is None or self.chunk_size >= 1, "at least 1, or null"),
             ("top_k", self.top_k, self.top_k >= 1, "at least 1"),
+            ("value_bits", self.value_bits, 2 <= self.value_bits <= 8, "in [2, 8]"),
             ("keep", self.keep, 0 < self.keep <= 1, "in (0, 1]"),
             ("seq_kd.new_tokens", self.seq_kd.new_tokens, self.seq_kd.new_tokens >= 1, "at least 1"),
             ("seq_kd.samples", self.seq_kd.samples, self.seq_kd.samples >= 1, "at least 1"),

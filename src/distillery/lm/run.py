@@ -161,7 +161,8 @@ def _seq_kd_data(recipe: LMRecipe, teacher: CausalLM, train: corpus.TokenData, o
     return data
 
 
-def _store(teacher: CausalLM, data: corpus.TokenData, folder: Path, top_k: int | None):
+def _store(teacher: CausalLM, data: corpus.TokenData, folder: Path, top_k: int | None, codec: str | None = None,
+           value_bits: int = 4):
     """A ``CachedTeacher`` over the teacher's store of ``data`` in ``folder`` (top-k, or dense float16
     with ``top_k`` None), written first when missing or incomplete. A lock file lets runs in other
     processes share one store: the second waits for the first to finish writing."""
@@ -169,7 +170,8 @@ def _store(teacher: CausalLM, data: corpus.TokenData, folder: Path, top_k: int |
     from ..teachers import ModuleTeacher
 
     write_store_shared(ModuleTeacher(teacher, inputs=data.inputs), data, folder, teacher_fingerprint=model_fingerprint(teacher.hf),
-                       top_k=top_k, dtype=None if top_k is not None else "float16", shard_size=256)
+                       top_k=top_k, dtype=None if top_k is not None else "float16", shard_size=256,
+                       **({"codec": codec, "value_bits": value_bits} if codec is not None else {}))
     return CachedTeacher(folder)
 
 
@@ -308,8 +310,10 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
         check_same_tokenizer(rtok, tok)
         D.distil(model, BatchTeacher(), train, recipe.train, **fit, task=AdaSPEC(model, ref, teacher, recipe.keep))
     else:  # topk
-        folder = Path(recipe.store) if recipe.store is not None else work / f"store-top{recipe.top_k}"
-        D.distil(model, _store(teacher, train, folder, recipe.top_k), train, recipe.train, **fit)
+        tag = f"-{recipe.codec}{recipe.value_bits}" if recipe.codec else ""
+        folder = Path(recipe.store) if recipe.store is not None else work / f"store-top{recipe.top_k}{tag}"
+        D.distil(model, _store(teacher, train, folder, recipe.top_k, recipe.codec, recipe.value_bits), train,
+                 recipe.train, **fit)
     seconds = time.perf_counter() - t0
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     notes["train_tokens"] = int((train.y != -100).sum()) * recipe.train.epochs  # trained targets (on-policy: the data's)

@@ -395,6 +395,17 @@ class CompletionServer:
         if body.get("stream"):
             raise RequestError(400, "streaming is not supported; send \"stream\": false.", param="stream")
 
+    def _sampling(self, body: dict, vocab: int) -> tuple[float, float, int, int]:
+        """(temperature, top_p, top_k, n) of a request, checked (top_k -1 or 0: off)."""
+        temperature = _float(body, "temperature", 1.0)
+        if temperature < 0:
+            raise RequestError(400, f"temperature must be >= 0 (0 = greedy), got {temperature}.", param="temperature")
+        top_p = _float(body, "top_p", 1.0)
+        if not 0 < top_p <= 1:
+            raise RequestError(400, f"top_p must lie in (0, 1], got {top_p}.", param="top_p")
+        top_k = _int(body, "top_k", 0, -1, vocab)
+        return temperature, top_p, 0 if top_k == -1 else top_k, _int(body, "n", 1, 1, self.max_n)
+
     def complete(self, body: Any) -> dict:
         """The ``POST /v1/completions`` answer to a parsed JSON ``body`` (raises ``RequestError``)."""
         self._check_request(body)
@@ -406,15 +417,7 @@ class CompletionServer:
         if max_tokens == 0 and not echo:
             raise RequestError(400, "max_tokens must be >= 1 (0 only with echo=true, to score the prompt).",
                                param="max_tokens")
-        temperature = _float(body, "temperature", 1.0)
-        if temperature < 0:
-            raise RequestError(400, f"temperature must be >= 0 (0 = greedy), got {temperature}.", param="temperature")
-        top_p = _float(body, "top_p", 1.0)
-        if not 0 < top_p <= 1:
-            raise RequestError(400, f"top_p must lie in (0, 1], got {top_p}.", param="top_p")
-        top_k = _int(body, "top_k", 0, -1, vocab)
-        top_k = 0 if top_k == -1 else top_k
-        n = _int(body, "n", 1, 1, self.max_n)
+        temperature, top_p, top_k, n = self._sampling(body, vocab)
         best_of = _int(body, "best_of", None, 1, self.max_n)
         if best_of is not None and best_of != n:
             raise RequestError(400, "best_of is not supported; leave it out (or equal to n).", param="best_of")
@@ -551,15 +554,7 @@ class CompletionServer:
             raise RequestError(400, f"the rendered conversation has {len(prompt)} tokens and {name} is {max_tokens}: "
                                     f"together they exceed the model's context of {ctx} tokens; shorten the messages "
                                     f"or lower {name}.", param=name)
-        temperature = _float(body, "temperature", 1.0)
-        if temperature < 0:
-            raise RequestError(400, f"temperature must be >= 0 (0 = greedy), got {temperature}.", param="temperature")
-        top_p = _float(body, "top_p", 1.0)
-        if not 0 < top_p <= 1:
-            raise RequestError(400, f"top_p must lie in (0, 1], got {top_p}.", param="top_p")
-        top_k = _int(body, "top_k", 0, -1, vocab)
-        top_k = 0 if top_k == -1 else top_k
-        n = _int(body, "n", 1, 1, self.max_n)
+        temperature, top_p, top_k, n = self._sampling(body, vocab)
         seed = _int(body, "seed", None, 0, 2**63 - 1)
         want_lp = _bool(body, "logprobs")
         k = _int(body, "top_logprobs", None, 0, self.max_logprobs)
