@@ -10,8 +10,9 @@ Rows (validation perplexity per epoch, on the recipe `lm/kd`'s data; every stude
   {width,depth}_sdd  pruned, self-data distillation: the unpruned teacher rewrites the text (seq_kd), then CE
 width: `prune: {mlp: 0.5, hidden: 0.4}` (about half the parameters); depth: `prune: {layers: 3}` (of 8: the
 embeddings and output layer hold 42% of the teacher, so depth alone keeps about 70%; the rows give the counts). "tokens_fraction": the tokens
-the pruned+KD model needs to reach the from-scratch model's final validation perplexity (interpolated
-between epochs), over the tokens the from-scratch model used (Minitron's claim: at most 0.25).
+the pruned+KD model needs to reach the from-scratch model's final validation perplexity (the KD runs are
+evaluated 8 times an epoch, ``train.eval_every_steps``; interpolated between points), over the tokens the
+from-scratch model used (Minitron's claim: at most 0.25).
 Writes benchmarks/results/compress_lm.json, a plot benchmarks/results/compress_lm.png and its table.
 
     python benchmarks/compress_lm.py                 # ~35 min for the teacher when missing, then the students
@@ -43,7 +44,9 @@ def run(recipe_name: str, overrides: list[str], out: Path) -> dict:
         recipe = recipes.load(recipe_name, overrides)
         kinds.run(recipe, run_dir=out, resume=(out / "config.yaml").is_file(), progress=False)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    curve = [(r["epoch"], r["perplexity"]) for r in records if r.get("event") == "eval" and "perplexity" in r]
+    evals = [r for r in records if r.get("event") == "eval" and "perplexity" in r]
+    per_epoch = next((r["step"] / r["epoch"] for r in evals if not r.get("within_epoch")), 1.0)
+    curve = [(r["step"] / per_epoch, r["perplexity"]) for r in evals]  # epochs seen (fractions within an epoch)
     return {"rows": json.loads(summary.read_text())["rows"], "curve": curve}
 
 
@@ -121,7 +124,8 @@ def main() -> None:
         pruned = [f"model={args.teacher}", f"prune={PRUNE[kind]}", teacher]
         results[f"{kind}_ce"] = run("lm/kd", [*common, *pruned, "terms=[{loss: ce, teacher: null}]"],
                                     args.work / f"{kind}_ce")
-        results[f"{kind}_kd"] = run("lm/kd", [*common, *pruned, "terms=[{loss: kd}]"], args.work / f"{kind}_kd")
+        fine = f"train.eval_every_steps={max(1, args.blocks // 16 // 8)}"  # 8 points an epoch: tokens_fraction's resolution
+        results[f"{kind}_kd"] = run("lm/kd", [*common, *pruned, "terms=[{loss: kd}]", fine], args.work / f"{kind}_kd")
         results[f"{kind}_sdd"] = run("lm/kd", [*common, *pruned, "method=seq_kd", "terms=[{loss: ce, teacher: null}]"],
                                      args.work / f"{kind}_sdd")
     tokens_per_epoch = args.blocks * (16 if args.quick else 128)

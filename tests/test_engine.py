@@ -61,6 +61,22 @@ def test_resume_equals_uninterrupted(tmp_path, toy_data):
     assert steps == list(range(1, 10))  # records after the checkpoint were dropped, none duplicated
 
 
+def test_eval_every_steps_adds_points_inside_epochs_and_changes_no_weight(tmp_path, toy_data):
+    a, b = student(), student()
+    fit(a, Objective(KD_CE), toy_data, cfg(), teacher=teacher(), run_dir=tmp_path / "a", seed=3, progress=False,
+        eval_data=toy_data)
+    fit(b, Objective(KD_CE), toy_data, cfg(eval_every_steps=2), teacher=teacher(), run_dir=tmp_path / "b", seed=3,
+        progress=False, eval_data=toy_data)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values()):
+        assert torch.equal(x, y)  # evaluating leaves training as it was (modes, RNG)
+    evals = [json.loads(line) for line in (tmp_path / "b/metrics.jsonl").read_text().splitlines()
+             if json.loads(line)["event"] == "eval"]
+    assert [(e["step"], e.get("within_epoch", False)) for e in evals] == \
+        [(2, True), (3, False), (4, True), (6, False), (8, True), (9, False)]  # 3 steps an epoch
+    with pytest.raises(DistilleryError, match="eval_every_steps"):
+        cfg(eval_every_steps=0)
+
+
 def test_run_without_change_differs_with_other_seed(toy_data):
     a, b = student(), student()
     fit(a, Objective(KD_CE), toy_data, cfg(), teacher=teacher(), seed=3, progress=False)

@@ -72,6 +72,9 @@ class TrainConfig:
     """Steps between metric records."""
     checkpoint_every_steps: int | None = None
     """Also checkpoint every this many optimiser steps (a checkpoint is written every epoch anyway)."""
+    eval_every_steps: int | None = None
+    """Also evaluate every this many optimiser steps (a finer learning curve in metrics.jsonl; every epoch's
+    end is evaluated anyway)."""
     select: Literal["last", "best"] = "last"
     """``best``: end with the weights of the epoch whose evaluation accuracy was highest, the later
     one on ties (the evaluation set must then be a validation set, never the test set)."""
@@ -79,7 +82,8 @@ class TrainConfig:
     """Stop after this many epochs without an evaluation accuracy at least as high as the best (early stopping)."""
 
     def __post_init__(self) -> None:
-        _positive(self, "epochs", "batch_size", "grad_accum", "log_every", "step_epochs", "checkpoint_every_steps")
+        _positive(self, "epochs", "batch_size", "grad_accum", "log_every", "step_epochs", "checkpoint_every_steps",
+                  "eval_every_steps")
         for name in ("lr", "weight_decay", "momentum", "warmup_epochs", "min_lr", "gamma"):
             v = getattr(self, name)
             if not math.isfinite(v):
@@ -121,7 +125,7 @@ class TrainConfig:
 # Train settings that change where and how fast a run goes, not what it computes: a run may resume
 # with other values (on a GPU after a CPU start, with more workers, ...).
 RUNTIME_KEYS = ("device", "num_workers", "pin_memory", "persistent_workers", "prefetch_factor", "loggers", "log_every",
-                "compile", "checkpoint_every_steps", "find_unused_parameters")
+                "compile", "checkpoint_every_steps", "eval_every_steps", "find_unused_parameters")
 
 
 @dataclass

@@ -593,6 +593,12 @@ def fit(
                         window_t, window_n = now, 0
                     for h in hooks:
                         h.on_step(state, record)
+                    if cfg.eval_every_steps and global_step % cfg.eval_every_steps == 0 and \
+                            step_in_epoch < len(steps) - 1 and (eval_data is not None or evaluator is not None):
+                        ev = evaluator(student) if evaluator is not None else \
+                            evaluate(student, eval_data, teacher_pred, inputs=cfg.inputs)
+                        emit({"event": "eval", "phase": phase, "epoch": epoch + 1, "step": global_step, "split": "test",
+                              "within_epoch": True, **{k: v for k, v in ev.items() if k != "logits"}})
                     if callbacks and size > 1:  # a callback's decision (a time budget, rank-local terms) is agreed
                         state.stop = distributed.any_failed(state.stop)()
                     if state.stop:
