@@ -50,16 +50,22 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--seeds", type=int, default=1)
-    ap.add_argument("--train", type=int, default=8000)
-    ap.add_argument("--epochs", type=int, default=6)
+    ap.add_argument("--train", type=int, default=4000, help="problems the students train on (the first N of the "
+                    "teacher's)")
+    ap.add_argument("--epochs", type=int, default=6, help="the students' epochs")
+    ap.add_argument("--teacher-train", type=int, default=8000)
+    ap.add_argument("--teacher-epochs", type=int, default=6)
     args = ap.parse_args()
     root = HERE / "runs" / ("lm_reasoning_quick" if args.quick else "lm_reasoning")
-    size = ["reasoning.train=64", "reasoning.validation=8", "reasoning.test=16", "train.epochs=1",
-            "model=tiny", "seq_kd.new_tokens=64", "verifier=none"] if args.quick else \
-        [f"reasoning.train={args.train}", f"train.epochs={args.epochs}"]
+    quick = ["reasoning.train=64", "reasoning.validation=8", "reasoning.test=16", "train.epochs=1",
+             "model=tiny", "seq_kd.new_tokens=64", "verifier=none"]
+    size = quick if args.quick else [f"reasoning.train={args.train}", f"train.epochs={args.epochs}"]
     common = [*size, f"runs_dir={root / 'runs'}", "threads=2"]
     t_start = time.perf_counter()
-    teacher_rows = run("lm/reasoning/teacher", [*common, *(["model=tiny"] if args.quick else [])], root / "teacher")
+    teacher_size = quick if args.quick else [f"reasoning.train={args.teacher_train}",
+                                             f"train.epochs={args.teacher_epochs}"]
+    teacher_rows = run("lm/reasoning/teacher", [*teacher_size, f"runs_dir={root / 'runs'}", "threads=2"],
+                       root / "teacher")
     teacher = str(root / "teacher" / "models" / "model")
     other = root / "other_tokenizer"
     if not (other / "tokenizer.json").is_file():
@@ -95,15 +101,17 @@ def main() -> None:
     by = {r["method"]: r["accuracy"] for r in rows}
     goals = {f"{a} > {b}": by[a] > by[b] for a, b in GOALS}
     payload = {"rows": rows, "goals": goals, "quick": args.quick, "train_problems": args.train, "epochs": args.epochs,
+               "teacher_train_problems": args.teacher_train, "teacher_epochs": args.teacher_epochs,
                "seconds_total": round(time.perf_counter() - t_start, 1), "command": command(), "machine": machine()}
     if args.quick:
         print(json.dumps(payload, indent=1))
         return
     write(RESULTS / "lm_reasoning.json", payload)
     lines = ["## LLM distillation on the reasoning task (`lm_reasoning`)", "",
-             f"`{command()}` (2 CPU cores; recipes `lm/reasoning/*`, {args.train} training problems, {args.epochs} "
-             f"epochs, seeds {list(range(args.seeds))}; {payload['seconds_total'] / 60:.0f} min in all). Test accuracy "
-             "of the final answer on 500 held-out problems (greedy answers, exact match).", "",
+             f"`{command()}` (2 CPU cores; recipes `lm/reasoning/*`; the teacher on {args.teacher_train} problems for "
+             f"{args.teacher_epochs} epochs, every student on the first {args.train} of them for {args.epochs} epochs, "
+             f"seeds {list(range(args.seeds))}; {payload['seconds_total'] / 60:.0f} min in all). Test accuracy of the "
+             "final answer on 500 held-out problems (greedy answers, exact match).", "",
              "| method | accuracy (%) | params | tokens | seconds |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['accuracy']:.1f} | {r['params']:,} | {r['tokens']:,} | {r['seconds']:.0f} |")

@@ -270,3 +270,39 @@ def test_remote_teacher_top_k_logprobs_become_a_sparse_teacher(teacher_run, tmp_
 
         recipes.load("lm/reasoning/traces", ["teacher=null", "seq_kd.remote.base_url=http://x/v1",
                                              "seq_kd.remote.model=m", "terms=[{loss: kd}]"])
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_a_student_from_any_config_trains_on_packed_chat_rows(tmp_path, arch):
+    import transformers
+
+    tok = reasoning.tokenizer(reasoning.problems(200, seed=1), vocab_size=300)
+    tok.save_pretrained(str(tmp_path / "tok"))
+    cfg = transformers.Qwen2Config(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, intermediate_size=64, max_position_embeddings=256) \
+        if arch == "qwen2" else transformers.GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4,
+                                                         n_positions=256, bos_token_id=None, eos_token_id=None)
+    cfg.save_pretrained(str(tmp_path / "cfg"))  # a config alone: the student starts from random weights
+    out = tmp_path / "run"
+    assert main(["run", "lm/reasoning/sft", *TINY, f"model={tmp_path / 'cfg'}", f"tokenizer={tmp_path / 'tok'}",
+                 f"runs_dir={tmp_path}", "--out", str(out)]) == 0
+    model, back = load_lm(out / "models" / "model")
+    assert type(model.hf).__name__.lower().startswith(arch) and back.chat_template == tok.chat_template
+    assert _rows(out)[-1]["train_tokens"] > 0
+
+
+def test_packing_is_refused_for_a_model_that_attends_across_sequences(tok):
+    data = chat.token_data(tok, reasoning.problems(6, seed=3), 300, pack=True)
+    model = llama("tiny", vocab_size=len(tok), seed=0)
+    chat.check_packing(model, data)  # the real model isolates its sequences
+
+    class Leaky(torch.nn.Module):  # a model that ignores positions: the sequences of a row see each other
+        def __init__(self):
+            super().__init__()
+            self.inner = model
+
+        def forward(self, x, pos=None):
+            return self.inner(x)
+
+    with pytest.raises(DistilleryError, match="pack: false"):
+        chat.check_packing(Leaky(), data)

@@ -306,3 +306,27 @@ def token_data(tok, examples: Sequence[dict[str, Any]], block: int, *, pack: boo
     data.settings = {"examples": len(examples), "pack": bool(pack), "block": int(block),
                      "truncated": sum(cut for *_, cut in encoded)}
     return data
+
+
+@torch.no_grad()
+def check_packing(model, data: TokenData) -> None:
+    """Refuse packed rows for a model that lets tokens attend across their sequences: the second sequence of
+    the first packed row must give the same logits inside the row as alone (one short forward of each)."""
+    if data.pos is None:
+        return
+    for r in range(min(len(data), 8)):
+        starts = (data.pos[r] == 0).nonzero().flatten().tolist()
+        if len(starts) < 3 or not bool((data.y[r, starts[1]:starts[2]] != -100).any()):
+            continue  # one sequence (and padding) only
+        lo, hi = starts[1], starts[2]
+        was = model.training
+        model.eval()
+        try:
+            inside = model(data.x[r:r + 1, :hi], pos=data.pos[r:r + 1, :hi])[0, lo:hi]
+            alone = model(data.x[r:r + 1, lo:hi])[0]
+        finally:
+            model.train(was)
+        if not torch.allclose(inside.float(), alone.float(), atol=1e-3, rtol=1e-3):
+            raise DistilleryError(f"{type(getattr(model, 'hf', model)).__name__} lets packed conversations attend to each "
+                                  "other (it does not restart attention where positions restart); set pack: false.")
+        return

@@ -225,6 +225,29 @@ def from_pretrained(cls, path: Path, **kwargs):
         raise DistilleryError(f"{path} is not a readable model folder ({first}).") from None
 
 
+def from_config(folder: str | Path, vocab_size: int, seed: int = 0) -> CausalLM:
+    """A seeded random-init model of ``folder/config.json`` (any causal LM architecture transformers
+    knows): a student built from a config. ``vocab_size`` is the tokenizer's; the config must have room."""
+    transformers = require_transformers()
+    try:
+        cfg = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
+    except (OSError, ValueError, KeyError) as e:
+        raise DistilleryError(f"{folder}/config.json is not a readable transformers config "
+                              f"({(str(e).strip().splitlines() or [type(e).__name__])[0][:160]}).") from None
+    if getattr(cfg, "vocab_size", vocab_size) < vocab_size:
+        raise DistilleryError(f"{folder}/config.json has vocab_size {cfg.vocab_size}, fewer than the tokenizer's "
+                              f"{vocab_size} tokens; raise it in the config.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        try:
+            hf = transformers.AutoModelForCausalLM.from_config(cfg)
+        except ValueError as e:
+            raise DistilleryError(f"{folder}/config.json does not describe a causal LM transformers can build "
+                                  f"({str(e).splitlines()[0][:160]}).") from None
+    hf.eval()
+    return CausalLM(hf, vocab_size)
+
+
 def check_folder(path: str | Path) -> Path:
     """``path`` if it is a model folder (has config.json), else a one-line error saying what to pass."""
     path = Path(path)

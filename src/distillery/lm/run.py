@@ -124,14 +124,21 @@ def choose_tokenizer(recipe: LMRecipe, teacher_tok=None):
     else the teacher's."""
     if recipe.tokenizer is not None:
         return load_tokenizer(recipe.tokenizer)
-    if recipe.model not in PRESETS:
-        return load_tokenizer(check_folder(recipe.model))
+    if recipe.model not in PRESETS and (Path(check_folder(recipe.model)) / "tokenizer.json").is_file():
+        return load_tokenizer(recipe.model)
     return teacher_tok
 
 
 def build_model(recipe: LMRecipe, tok) -> CausalLM:
+    """The preset, the model folder, or a fresh model of a folder's ``config.json`` alone (any architecture
+    transformers knows, seeded; its vocabulary must hold the tokenizer's)."""
     if recipe.model in PRESETS:
         return llama(recipe.model, vocab_size=len(tok), seed=recipe.seed, max_length=max(512, recipe.block + 1))
+    folder = check_folder(recipe.model)
+    if not any(folder.glob("*.safetensors")):
+        from .models import from_config
+
+        return from_config(folder, len(tok), seed=recipe.seed)
     model, mtok = load_lm(recipe.model, verify=recipe.verify)
     check_same_tokenizer(mtok, tok)
     return model
@@ -272,6 +279,8 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
         from .lora import add_lora
 
         model = add_lora(model, recipe.lora)
+    if examples is not None and recipe.pack:
+        chat.check_packing(model, splits["train"])
     reads_teacher = any(t.teacher is not None for t in terms)
     t0 = time.perf_counter()
     fit = {"run_dir": out, "seed": recipe.seed, "progress": progress, "eval_data": splits["validation"],
