@@ -325,3 +325,24 @@ def test_dq_in_a_recipe_and_its_bad_settings(tmp_path, capsys):
     assert rows["int4"]["size_kb"] < rows["distilled"]["size_kb"]
     assert main(["validate", str(recipe), "--set", "compress.0.quantize.activations=8"]) == 2
     assert "set activations: null" in capsys.readouterr().err
+
+
+def test_int8_export_keeps_tied_float_weights(tmp_path):
+    from distillery.compress import int8
+
+    class Tied(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.body, self.head = nn.Embedding(40, 16), nn.Linear(16, 16), nn.Linear(16, 40, bias=False)
+            self.head.weight = self.emb.weight
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(self.emb(x))))
+
+    torch.manual_seed(0)
+    m = Tied().eval()
+    x = torch.randint(0, 40, (3, 5))
+    int8.export(m, tmp_path / "t.safetensors", {}, only={"body"})  # the tied pair stays float
+    back = int8.load(Tied(), tmp_path / "t.safetensors")
+    assert isinstance(back.body, int8.Int8Linear) and isinstance(back.emb, nn.Embedding)
+    assert (back(x) - m(x)).abs().max() < 0.05 * m(x).abs().max()

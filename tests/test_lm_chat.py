@@ -36,9 +36,9 @@ def test_assistant_mask_matches_a_hand_tokenised_conversation(tok):
     # by hand: the ChatML text cut at every turn; each piece starts at a special token, so the pieces
     # tokenise on their own exactly as inside the whole text
     pieces = [("<|im_start|>system\nBe brief.<|im_end|>\n", False), ("<|im_start|>user\nAna has 3 pens.<|im_end|>\n", False),
-              ("<|im_start|>assistant\n", False), ("3 + 4 = 7.<|im_end|>\n", True),
+              ("<|im_start|>assistant\n", False), ("3 + 4 = 7.<|im_end|>", True), ("\n", False),
               ("<|im_start|>user\nAnd now?<|im_end|>\n", False), ("<|im_start|>assistant\n", False),
-              ("The answer is 7.<|im_end|>\n", True)]
+              ("The answer is 7.<|im_end|>", True), ("\n", False)]
     want_ids, want_train = [], []
     for text, trained in pieces:
         p = ids_of(tok, text)
@@ -46,7 +46,8 @@ def test_assistant_mask_matches_a_hand_tokenised_conversation(tok):
         want_train += [trained] * len(p)
     assert ids == want_ids and train == want_train and not cut
     assert tok.convert_ids_to_tokens(ids)[train.index(True)] == "3"  # the first trained token is the answer's
-    assert tok.eos_token == "<|im_end|>" and ids[len(ids) - 2] == tok.eos_token_id  # end of turn is trained
+    assert tok.eos_token == "<|im_end|>" and ids[-2] == tok.eos_token_id and train[-2] and not train[-1]  # the end
+    # of turn is trained, the newline after it is not
 
 
 def test_plain_prompt_completion_trains_the_completion_and_the_end_token(tok):

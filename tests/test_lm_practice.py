@@ -306,3 +306,43 @@ def test_packing_is_refused_for_a_model_that_attends_across_sequences(tok):
 
     with pytest.raises(DistilleryError, match="pack: false"):
         chat.check_packing(Leaky(), data)
+
+
+def test_review_fixes_store_on_chat_rows_cut_teacher_rows_end_tokens_and_missing_answers(tmp_path, tok, teacher_run,
+                                                                                         capsys):
+    from distillery.lm.models import end_ids
+    from distillery.store import CachedTeacher, write_store
+    from distillery.teachers import ModuleTeacher
+
+    model = llama("tiny", vocab_size=len(tok), seed=0)
+    data = chat.token_data(tok, reasoning.problems(6, seed=12), 300, pack=True)
+    write_store(ModuleTeacher(model, inputs=data.inputs), data, tmp_path / "s", teacher_fingerprint="t", top_k=len(tok),
+                dtype="float32")
+    b = data.batch(torch.arange(len(data)))
+    stored = CachedTeacher(tmp_path / "s")(b)["logits"]
+    want = model(b["x"], pos=b["pos"]).log_softmax(-1)  # the packed rows as the model reads them
+    got = stored.flat().dense().reshape(want.shape)
+    assert torch.allclose(got, want, atol=1e-4)
+    # a teacher row cut before the answer's end: the student tokens past the cut have no partner, not trained
+    other = reasoning.tokenizer(reasoning.problems(200, seed=1), vocab_size=280, digits=False)
+    e = reasoning.problems(1, seed=13)[0]
+    full = cross.paired_data(other, tok, [e], 200, 200)
+    first = chat.encode(tok, e)[1].index(True)
+    cut = cross.paired_data(other, tok, [e], 200, first + 6)
+    assert cut.settings["unpaired_tokens"] > 0 and int((cut.y != -100).sum()) < int((full.y != -100).sum())
+    assert int(cut.extra["pair"].max()) < first + 6
+    # a base tokenizer whose eos is not its template's end of turn still stops at the end of turn
+    base = reasoning.tokenizer(reasoning.problems(50, seed=1), vocab_size=280)
+    base.eos_token = "<|endoftext|>"
+    assert base.convert_tokens_to_ids("<|im_end|>") in end_ids(base)
+    # verifier exact on examples without answers: one line, not a KeyError
+    plain = tmp_path / "chat.jsonl"
+    plain.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"say {i}"},
+                                                      {"role": "assistant", "content": f"{i}"}]}) + "\n"
+                             for i in range(40)))
+    teacher = str(teacher_run / "teacher" / "models" / "model")
+    capsys.readouterr()
+    assert main(["run", "lm/reasoning/traces", *TINY, f"data={plain}", f"teacher={teacher}", f"runs_dir={tmp_path}",
+                 "--out", str(tmp_path / "noanswer")]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.startswith("error:")]
+    assert len(err) == 1 and "verifier: none" in err[0]

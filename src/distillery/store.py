@@ -275,7 +275,8 @@ def _answer(teacher: Teacher, data: TensorData, lo: int, hi: int, settings: dict
     taps = settings["taps"]
     for start in range(lo, hi, batch_size):
         index = torch.arange(start, min(hi, start + batch_size))
-        batch = {"x": data.x[index]}  # no ids: a precomputed teacher would answer from its own table
+        # the inputs only (x, and pos for packed token rows): no ids, a precomputed teacher would answer from its table
+        batch = {k: v for k, v in data.batch(index).items() if k not in ("id", "y", "mask")}
         ans = teacher(batch, taps)
         logits = ans["logits"].float()
         if logits.shape[-1] != settings["num_classes"]:

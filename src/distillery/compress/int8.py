@@ -135,9 +135,14 @@ def export(model: nn.Module, path: str | Path, meta: dict, activations: str = "d
         tensors[f"{name}.qweight"], tensors[f"{name}.scale"] = q.contiguous(), s.contiguous()
         kinds[name] = "linear" if isinstance(m, nn.Linear) else "embedding"
     skip = {f"{n}.weight" for n in layers}
+    seen: set[int] = set()
     for key, v in model.state_dict().items():
         if key not in skip:
-            tensors[key] = v.detach().contiguous() if type(v) is torch.Tensor else v.dequantize().contiguous()
+            t = v.detach() if type(v) is torch.Tensor else v.dequantize()
+            ptr = t.untyped_storage().data_ptr() if t.numel() else -1
+            t = t.clone() if ptr in seen else t  # tied weights: safetensors stores each tensor on its own
+            seen.add(ptr)
+            tensors[key] = t.contiguous()
     header = {"format": FORMAT, "layers": json.dumps(kinds), "activations": activations}
     return save_with_record(path, tensors, {**meta, "int8": True}, header=header)
 

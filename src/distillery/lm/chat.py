@@ -16,7 +16,8 @@ Assistant masks (``encode``): the template renders the conversation once; for as
 characters from the end of ``render(messages[:i], add_generation_prompt=True)`` to the end of
 ``render(messages[:i + 1])`` are the turn (its content and the template's end-of-turn text). The
 whole text is tokenised once with offsets; a token is trained when its first character lies in an
-assistant turn. A template that does not render conversations prefix by prefix (a later turn changing
+assistant turn, up to and including the turn's end token (``models.end_ids``: ChatML's ``<|im_end|>``;
+the newline the template writes after it is context, as in TRL). A template that does not render conversations prefix by prefix (a later turn changing
 the text of an earlier one) is refused, as its turns have no fixed span.
 
 Rows (``rows``): each sequence of L tokens gives L - 1 (input, target) pairs. Unpacked, one sequence
@@ -40,7 +41,7 @@ import torch
 
 from ..errors import DistilleryError
 from .corpus import TokenData
-from .models import eos_id, pad_id
+from .models import end_ids, eos_id, pad_id
 
 ROLES = ("system", "user", "assistant", "tool")
 
@@ -227,13 +228,18 @@ def encode_with_places(tok, example: dict[str, Any], max_tokens: int | None = No
             spans.append((len(before), at, at + len(m["content"]), len(upto)))
         enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
-        train, places, after = [], [], {}
-        for a, b in enc["offset_mapping"]:
+        train, places, after, ended = [], [], {}, set()
+        ends = set(end_ids(tok))
+        for token, (a, b) in zip(ids, enc["offset_mapping"]):
             turn = next((k for k, (lo, _, _, hi) in enumerate(spans) if lo <= a < hi), None)
+            if turn in ended:  # after the turn's end token (ChatML's newline): context, not trained
+                turn = None
             train.append(turn is not None)
             if turn is None:
                 places.append(None)
                 continue
+            if token in ends:
+                ended.add(turn)
             _, c0, c1, _ = spans[turn]
             if c0 >= 0 and a < c1:
                 places.append((turn, 0, a - c0, min(b, c1) - c0))

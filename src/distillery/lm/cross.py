@@ -6,7 +6,8 @@ its answer: characters of the turn's content, or the template's end-of-turn text
 
 - **Token pairs** (``uld``): each trained student token is paired with the teacher token that covers
   its first character in the same answer (else the next teacher token, else the answer's last one);
-  the k-th end-of-turn token of the student with the teacher's k-th (or its last). The teacher's
+  the k-th end-of-turn token of the student with the teacher's k-th (or its last); where the teacher's
+  row was cut before the student token's text, the token has no partner and is not trained. The teacher's
   distribution over that token is the one ULD compares with the student's. The paper pairs answer
   tokens by index (the i-th of each); pairing by text keeps pairs on the same words when the two
   tokenizations drift apart, and gives every student token a partner.
@@ -61,13 +62,14 @@ def pair(s_places: Sequence[chat.Place | None], t_places: Sequence[chat.Place | 
         t_all = t_text + t_end
         if not t_all:
             continue
+        whole = bool(t_end)  # the teacher's answer ends inside its row (not cut by its context)
         for j in s_text:
             a = s_places[j][2]
             covering = [i for i in t_text if t_places[i][2] <= a < t_places[i][3]]
             later = [i for i in t_text if t_places[i][2] >= a]
-            partner[j] = covering[0] if covering else later[0] if later else t_all[-1]
+            partner[j] = covering[0] if covering else later[0] if later else t_all[-1] if whole else None
         for k, j in enumerate(s_end):
-            partner[j] = t_end[min(k, len(t_end) - 1)] if t_end else t_all[-1]
+            partner[j] = t_end[min(k, len(t_end) - 1)] if whole else None
         if s_text and t_text:
             s_off = [(s_places[j][2], s_places[j][3]) for j in s_text]
             t_off = [(t_places[i][2], t_places[i][3]) for i in t_text]
@@ -79,19 +81,6 @@ def pair(s_places: Sequence[chat.Place | None], t_places: Sequence[chat.Place | 
         if s_end and t_end:
             groups.append((s_end[0], s_end[-1] + 1, t_end[0], t_end[-1] + 1))
     return partner, groups
-
-
-def _rows(seqs: list[list[int]], pad: int) -> tuple[Tensor, Tensor]:
-    """(x, pos): each sequence's inputs (all but its last token), right-padded; the padding restarts positions."""
-    width = max(len(s) for s in seqs) - 1
-    x = torch.full((len(seqs), width), pad, dtype=torch.long)
-    pos = torch.zeros_like(x)
-    for r, s in enumerate(seqs):
-        n = len(s) - 1
-        x[r, :n] = torch.tensor(s[:-1])
-        pos[r, :n] = torch.arange(n)
-        pos[r, n:] = torch.arange(width - n)
-    return x, pos
 
 
 def paired_data(stok, ttok, examples: Sequence[dict[str, Any]], block: int, teacher_block: int, *,
@@ -117,8 +106,8 @@ def paired_data(stok, ttok, examples: Sequence[dict[str, Any]], block: int, teac
         t_seqs.append(t_ids)
         pairs.append(partner)
         spans.append(groups)
-    x, pos = _rows(s_seqs, pad_id(stok))
-    tx, tpos = _rows(t_seqs, pad_id(ttok))
+    x, _, pos = chat.rows([(q, [False] * len(q)) for q in s_seqs], max(map(len, s_seqs)) - 1, pad_id(stok))
+    tx, _, tpos = chat.rows([(q, [False] * len(q)) for q in t_seqs], max(map(len, t_seqs)) - 1, pad_id(ttok))
     shape, tshape = x.shape, tx.shape
     y = torch.full(shape, -100, dtype=torch.long)
     t_y = torch.full(tshape, -100, dtype=torch.long)

@@ -125,6 +125,8 @@ def perplexity(model: CausalLM, data: TokenData, batch_size: int = 32) -> float:
     try:
         for lo in range(0, len(data), batch_size):
             b = data.batch(torch.arange(lo, min(lo + batch_size, len(data))))
+            device = next(model.parameters()).device
+            b = {k: v.to(device) for k, v in b.items()}
             logits = model(b["x"], pos=b.get("pos"))
             ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), b["y"].reshape(-1),
                                  ignore_index=-100, reduction="sum")

@@ -12,6 +12,7 @@ Randomness comes only from ``generator`` (a ``torch.Generator``), so a seed repr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -71,7 +72,7 @@ def draw(log_p: Tensor, generator: torch.Generator | None) -> Tensor:
 
 @torch.no_grad()
 def sample(model: CausalLM, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0,
-           top_k: int = 0, generator: torch.Generator | None = None, eos_id: int | None = None,
+           top_k: int = 0, generator: torch.Generator | None = None, eos_id: int | Sequence[int] | None = None,
            prompt_mask: Tensor | None = None) -> Generation:
     """Continue every prompt row by ``max_new_tokens`` tokens (see the module docstring).
     ``prompt_mask`` (B, P) bool, False on left padding: prompts of different lengths in one batch
@@ -97,24 +98,27 @@ def sample(model: CausalLM, prompt: Tensor, max_new_tokens: int, *, temperature:
         logits, cache = model.step(prompt, attention_mask=attn, pos=pos)
         last = logits[:, -1]
         new, lps = [], []
-        done = torch.zeros(len(prompt), dtype=torch.bool)
+        done = torch.zeros(len(prompt), dtype=torch.bool, device=prompt.device)
+        ends = None if eos_id is None else torch.as_tensor([eos_id] if isinstance(eos_id, int) else list(eos_id),
+                                                           dtype=prompt.dtype, device=prompt.device)
+        fill = None if ends is None else int(ends[0])
         dones = []
         for _ in range(max_new_tokens):
             log_p = warp(last, temperature, top_p, top_k)
             tok = log_p.argmax(-1) if temperature == 0 else draw(log_p, generator)
             lp = log_p.gather(-1, tok[:, None]).squeeze(-1)
-            if eos_id is not None:
-                tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+            if ends is not None:
+                tok = torch.where(done, torch.full_like(tok, fill), tok)
                 lp = torch.where(done, torch.zeros_like(lp), lp)
             dones.append(done.clone())
             new.append(tok)
             lps.append(lp)
-            if eos_id is not None:
-                done = done | (tok == eos_id)
+            if ends is not None:
+                done = done | torch.isin(tok, ends)
                 if bool(done.all()):  # every row has ended: the rest is padding, no more model calls
                     for _ in range(max_new_tokens - len(new)):
                         dones.append(done.clone())
-                        new.append(torch.full_like(tok, eos_id))
+                        new.append(torch.full_like(tok, fill))
                         lps.append(torch.zeros_like(lp))
                     break
             if len(new) == max_new_tokens:
@@ -130,4 +134,5 @@ def sample(model: CausalLM, prompt: Tensor, max_new_tokens: int, *, temperature:
     lp = torch.stack(lps, 1) if lps else torch.zeros(len(prompt), 0)
     dn = torch.stack(dones, 1) if dones else torch.zeros(len(prompt), 0, dtype=torch.bool)
     return Generation(ids, lp, dn, {"max_new_tokens": int(max_new_tokens), "temperature": float(temperature),
-                                    "top_p": float(top_p), "top_k": int(top_k), "eos_id": eos_id})
+                                    "top_p": float(top_p), "top_k": int(top_k),
+                                    "eos_id": eos_id if eos_id is None or isinstance(eos_id, int) else list(eos_id)})

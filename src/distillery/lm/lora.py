@@ -8,7 +8,8 @@ base weights stay frozen.
   (``adapter_config.json`` + ``adapter_model.safetensors``: ``PeftModel.from_pretrained`` loads it on
   the base) with the tokenizer files, and, with ``cfg.merge``, ``folder/model``: the adapters merged
   into the base weights (``merge_and_unload``), a plain transformers folder written by ``save_lm``.
-  Returns the merged model (the same function as the adapted one).
+  Returns the merged model (the same function as the adapted one). A base pruned in the run is saved
+  as ``folder/base`` and named by the adapter's config.
 """
 
 from __future__ import annotations
@@ -54,13 +55,19 @@ def merged(model: CausalLM) -> CausalLM:
     return CausalLM(hf, model.vocab_size)
 
 
-def save_lora(model: CausalLM, tokenizer, folder: str | Path, extra: dict | None = None, merge: bool = True
-              ) -> CausalLM:
-    """Write ``folder/adapter`` (PEFT format) and, with ``merge``, ``folder/model`` (merged); see the module
-    docstring. Each folder is written atomically."""
+def save_lora(model: CausalLM, tokenizer, folder: str | Path, extra: dict | None = None, merge: bool = True,
+              base: bool = False) -> CausalLM:
+    """Write ``folder/adapter`` (PEFT format) and, with ``merge``, ``folder/model`` (merged); with ``base``,
+    also ``folder/base``: the frozen base the adapters belong to (a base made here, by pruning, exists
+    nowhere else), which the adapter's config then names. Each folder is written atomically."""
     if not is_lora(model):
         raise DistilleryError("save_lora: the model has no LoRA adapters; save it with save_lm.")
     folder = Path(folder)
+    config = next(iter(model.hf.peft_config.values()))
+    if base:
+        plain = copy.deepcopy(model.hf).unload()  # the base weights without the adapters
+        save_lm(CausalLM(plain, model.vocab_size), tokenizer, folder / "base", extra={**(extra or {}), "lora_base": True})
+        config.base_model_name_or_path = str((folder / "base").resolve())
 
     def write(tmp: Path) -> None:
         model.hf.save_pretrained(str(tmp), safe_serialization=True)

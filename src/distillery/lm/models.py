@@ -195,6 +195,19 @@ def load_tokenizer(path: str | Path):
     return tok
 
 
+END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>")
+"""End-of-turn / end-of-text markers of common chat formats (ChatML, Llama 3, Phi, Gemma, SentencePiece)."""
+
+
+def end_ids(tok) -> list[int]:
+    """The ids that end a generated answer: the tokenizer's end-of-sequence token, and the end-of-turn
+    markers of common chat formats its vocabulary holds (a base model's eos is often not its template's
+    end of turn: Qwen's ``<|endoftext|>`` and ``<|im_end|>``, Llama 3's ``<|end_of_text|>`` and ``<|eot_id|>``)."""
+    vocab = tok.get_vocab()
+    ids = [eos_id(tok), *(vocab[t] for t in END_TOKENS if t in vocab)]
+    return list(dict.fromkeys(ids))
+
+
 def eos_id(tok) -> int:
     """The tokenizer's end-of-sequence id (from its own special tokens, never a fixed string)."""
     if tok.eos_token_id is None:

@@ -38,7 +38,7 @@ from .models import (
     CausalLM,
     check_folder,
     check_same_tokenizer,
-    eos_id,
+    end_ids,
     llama,
     load_lm,
     load_tokenizer,
@@ -103,9 +103,17 @@ def load_chat(recipe: LMRecipe, tokenizer=None) -> tuple[dict[str, corpus.TokenD
         splits[name] = chat.token_data(tok, examples[name], recipe.block, pack=recipe.pack and name == "train",
                                        name=f"{recipe.data}/{name}", first_id=first, where=f"{recipe.data} {name}")
         first += len(splits[name])
-    if recipe.max_train_blocks is not None:
-        splits["train"] = splits["train"].subset(torch.arange(min(recipe.max_train_blocks, len(splits["train"]))))
+    splits["train"] = _limited(recipe, splits["train"])
     return splits, tok, examples
+
+
+def _limited(recipe: LMRecipe, data: corpus.TokenData) -> corpus.TokenData:
+    """The first ``max_train_blocks`` rows of ``data`` (all without the setting)."""
+    if recipe.max_train_blocks is None or len(data) <= recipe.max_train_blocks:
+        return data
+    out = data.subset(torch.arange(recipe.max_train_blocks))
+    out.settings = getattr(data, "settings", {})
+    return out
 
 
 def _named_splits(path: str) -> dict[str, list[dict]] | None:
@@ -135,7 +143,7 @@ def build_model(recipe: LMRecipe, tok) -> CausalLM:
     if recipe.model in PRESETS:
         return llama(recipe.model, vocab_size=len(tok), seed=recipe.seed, max_length=max(512, recipe.block + 1))
     folder = check_folder(recipe.model)
-    if not any(folder.glob("*.safetensors")):
+    if not any(f.suffix in (".safetensors", ".bin", ".pt", ".pth") for f in folder.iterdir()):
         from .models import from_config
 
         return from_config(folder, len(tok), seed=recipe.seed)
@@ -207,7 +215,11 @@ def _traces_data(recipe: LMRecipe, teacher: CausalLM | None, tok, examples: list
 
     s = recipe.seq_kd
     source = {"remote": {"base_url": s.remote.base_url, "model": s.remote.model}} if s.remote is not None else \
-        {"teacher": model_fingerprint(teacher.hf)[:16]}
+        {"teacher": model_fingerprint(teacher.hf)[:16],  # and the template its prompts are rendered with
+         "template": hashlib.sha256(str(getattr(tok, "chat_template", "")).encode()).hexdigest()[:16]}
+    if recipe.verifier == "exact" and any("answer" not in e for e in examples):
+        raise DistilleryError("verifier exact compares final answers with each example's 'answer', which these examples "
+                              "lack; use verifier: none (keep every answer) or a plugin's verifier.")
     settings = {"new_tokens": s.new_tokens, "samples": s.samples, "temperature": s.temperature, "top_p": s.top_p,
                 "seed": recipe.seed, "verifier": recipe.verifier, "examples": traces.examples_fingerprint(examples),
                 "top_logprobs": s.top_logprobs if s.remote is not None else 0, **source}
@@ -234,7 +246,8 @@ def _traces_data(recipe: LMRecipe, teacher: CausalLM | None, tok, examples: list
     if not kept:
         raise DistilleryError(f"the verifier ({recipe.verifier}) kept none of the teacher's {counts['answers']} answers "
                               f"({traces.describe(counts)}); check the teacher, or use verifier: none.")
-    data = traces.answer_data(tok, kept, recipe.block, pack=recipe.pack, name="traces", first_id=first_id)
+    data = _limited(recipe, traces.answer_data(tok, kept, recipe.block, pack=recipe.pack, name="traces",
+                                               first_id=first_id))
     data.settings = {**settings, **counts}
     return data
 
@@ -261,8 +274,9 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
         if cross_tok:
             from .cross import paired_data
 
-            splits["train"] = paired_data(tok, ttok, examples["train"], recipe.block, teacher.max_length - 1,
-                                          name=f"{recipe.data}/train", where=f"{recipe.data} train")
+            splits["train"] = _limited(recipe, paired_data(tok, ttok, examples["train"], recipe.block,
+                                                           teacher.max_length - 1, name=f"{recipe.data}/train",
+                                                           where=f"{recipe.data} train"))
     elif recipe.seq_kd.remote is not None:
         raise DistilleryError("seq_kd.remote asks a chat-completions endpoint, which needs chat data (messages or "
                               "prompt / completion examples, or data: reasoning); for plain text use a local teacher.")
@@ -309,7 +323,7 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
         op = recipe.on_policy
         chat_rows = examples is not None
         task = D.OnPolicy(model, lam=op.lam, prompt=None if chat_rows else op.prompt, temperature=op.temperature,
-                          seed=recipe.seed, eos_id=eos_id(tok) if chat_rows else None, pad_id=pad_id(tok))
+                          seed=recipe.seed, eos_id=end_ids(tok) if chat_rows else None, pad_id=pad_id(tok))
         task.check(train)
         D.distil(model, teacher, train, recipe.train, **fit, task=task)
     elif recipe.method == "adaspec":
@@ -331,7 +345,7 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
         if recipe.lora is not None:
             from .lora import save_lora
 
-            model = save_lora(model, tok, rd.models, extra, merge=recipe.lora.merge)
+            model = save_lora(model, tok, rd.models, extra, merge=recipe.lora.merge, base=recipe.prune is not None)
         else:
             save_lm(model, tok, rd.models / "model", extra=extra)
     graded = examples is not None and all("answer" in e for e in examples["test"])

@@ -102,6 +102,7 @@ import torch.nn.functional as F
 
 from ..errors import DistilleryError
 from .generate import draw, sample, warp
+from .models import END_TOKENS, end_ids
 
 DEFAULT_KEY_ENV = "DISTILLERY_API_KEY"
 MAX_BODY = 16 << 20  # bytes of request JSON
@@ -109,9 +110,6 @@ MAX_DEPTH = 32  # nesting of the request JSON (an OpenAI request needs 3)
 MAX_CHARS_PER_TOKEN = 64  # a string prompt longer than context x this is refused before it is tokenised
 NEG_INF = -9999.0  # what a -inf log-probability is reported as (JSON has no infinity; vLLM does the same)
 CHAT_ROLES = ("system", "user", "assistant")
-END_TOKENS = ("<|im_end|>", "<|endoftext|>", "<|eot_id|>", "<|end_of_text|>", "<|end|>", "<end_of_turn>", "</s>")
-"""End-of-turn / end-of-text markers of common chat formats (ChatML, Llama 3, Phi, Gemma, SentencePiece):
-a chat reply ends at the first one the tokenizer's vocabulary holds, as at its ``eos_token``."""
 
 
 class RequestError(Exception):
@@ -503,15 +501,12 @@ class CompletionServer:
     # -- chat completions
 
     def end_ids(self) -> set[int]:
-        """The token ids that end a chat reply: the tokenizer's end-of-sequence token and the end-of-turn
-        markers of common chat formats (``END_TOKENS``) that its vocabulary holds."""
+        """The token ids that end a chat reply (``models.end_ids``: the end-of-sequence token and the end-of-turn
+        markers of common chat formats, ``END_TOKENS``, that the vocabulary holds)."""
         if self._end_ids is None:
-            tok, ids = self.tokenizer, set()
-            eos = getattr(tok, "eos_token_id", None)
-            if isinstance(eos, int):
-                ids.add(eos)
-            vocab = tok.get_vocab()
-            ids.update(vocab[t] for t in END_TOKENS if t in vocab)
+            eos = getattr(self.tokenizer, "eos_token_id", None)
+            vocab = self.tokenizer.get_vocab()
+            ids = end_ids(self.tokenizer) if isinstance(eos, int) else [vocab[t] for t in END_TOKENS if t in vocab]
             self._end_ids = {i for i in ids if 0 <= i < int(self.model.vocab_size)}
         return self._end_ids
 

@@ -31,7 +31,7 @@ from ..registry import Registry
 from . import chat, reasoning
 from .corpus import TokenData
 from .generate import sample
-from .models import CausalLM, eos_id, pad_id
+from .models import CausalLM, end_ids, pad_id
 
 VERIFIERS: Registry[Callable[[dict, str], bool]] = Registry("verifier")
 VERIFIERS.add("exact", reasoning.verify)
@@ -59,8 +59,9 @@ def respond(model: CausalLM, tok, examples: Sequence[dict], max_new_tokens: int,
     if long:
         raise DistilleryError(f"example {long[0] + 1}'s prompt has {len(prompts[long[0]])} tokens; with {max_new_tokens} "
                               f"new ones it exceeds the model's {model.max_length} positions: lower max_new_tokens.")
-    eos, pad = eos_id(tok), pad_id(tok)
-    g = torch.Generator().manual_seed(seed)
+    ends, pad = end_ids(tok), pad_id(tok)
+    device = next(model.parameters()).device
+    g = torch.Generator(device=device).manual_seed(seed)
     order = [i for i in range(len(prompts)) for _ in range(samples)]
     texts: list[list[str]] = [[] for _ in prompts]
     for lo in range(0, len(order), batch_size):
@@ -71,12 +72,12 @@ def respond(model: CausalLM, tok, examples: Sequence[dict], max_new_tokens: int,
         for r, i in enumerate(part):
             ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
             mask[r, width - len(prompts[i]):] = True
-        out = sample(model, ids, max_new_tokens, temperature=temperature, top_p=top_p, generator=g, eos_id=eos,
-                     prompt_mask=mask)
-        new = out.ids[:, width:]
+        out = sample(model, ids.to(device), max_new_tokens, temperature=temperature, top_p=top_p, generator=g,
+                     eos_id=ends, prompt_mask=mask.to(device))
+        new = out.ids[:, width:].cpu()
         for r, i in enumerate(part):
             row = new[r].tolist()
-            row = row[: row.index(eos)] if eos in row else row
+            row = row[: min(row.index(e) for e in ends if e in row)] if any(e in row for e in ends) else row
             texts[i].append(tok.decode(row, skip_special_tokens=True))
     return texts
 
@@ -90,6 +91,9 @@ def respond_remote(client, examples: Sequence[dict], max_new_tokens: int, *, sam
     convs = []
     for e in examples:
         msgs = chat.messages_of(e)
+        if msgs is None and top_logprobs:
+            raise DistilleryError("top-k KD from a chat endpoint needs chat examples (messages): the server renders its "
+                                  "template around a plain prompt, which the student's rows would not hold.")
         if msgs is None:
             convs.append([{"role": "user", "content": e["prompt"]}])
         else:
