@@ -55,22 +55,25 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6, help="the students' epochs")
     ap.add_argument("--teacher-train", type=int, default=8000)
     ap.add_argument("--teacher-epochs", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=2, help="at most this many events per problem (reasoning.steps)")
+    ap.add_argument("--largest", type=int, default=60, help="every count below this (reasoning.largest)")
     args = ap.parse_args()
+    task = [f"reasoning.steps={args.steps}", f"reasoning.largest={args.largest}"]
     root = HERE / "runs" / ("lm_reasoning_quick" if args.quick else "lm_reasoning")
     quick = ["reasoning.train=64", "reasoning.validation=8", "reasoning.test=16", "train.epochs=1",
              "model=tiny", "seq_kd.new_tokens=64", "verifier=none"]
     size = quick if args.quick else [f"reasoning.train={args.train}", f"train.epochs={args.epochs}"]
-    common = [*size, f"runs_dir={root / 'runs'}", "threads=2"]
+    common = [*size, *task, f"runs_dir={root / 'runs'}", "threads=2"]
     t_start = time.perf_counter()
     teacher_size = quick if args.quick else [f"reasoning.train={args.teacher_train}",
                                              f"train.epochs={args.teacher_epochs}"]
-    teacher_rows = run("lm/reasoning/teacher", [*teacher_size, f"runs_dir={root / 'runs'}", "threads=2"],
+    teacher_rows = run("lm/reasoning/teacher", [*teacher_size, *task, f"runs_dir={root / 'runs'}", "threads=2"],
                        root / "teacher")
     teacher = str(root / "teacher" / "models" / "model")
     other = root / "other_tokenizer"
     if not (other / "tokenizer.json").is_file():
         r = recipes.load("lm/reasoning/teacher", common).reasoning
-        reasoning.tokenizer(reasoning.splits(r.train, r.validation, r.test, r.seed)["train"], 384,
+        reasoning.tokenizer(reasoning.splits(r.train, r.validation, r.test, r.seed, r.steps, r.largest)["train"], 384,
                             digits=False).save_pretrained(str(other))
     keep = "[0]" if args.quick else "[0, 5]"
     plans = {
@@ -101,6 +104,7 @@ def main() -> None:
     by = {r["method"]: r["accuracy"] for r in rows}
     goals = {f"{a} > {b}": by[a] > by[b] for a, b in GOALS}
     payload = {"rows": rows, "goals": goals, "quick": args.quick, "train_problems": args.train, "epochs": args.epochs,
+               "task": {"steps": args.steps, "largest": args.largest},
                "teacher_train_problems": args.teacher_train, "teacher_epochs": args.teacher_epochs,
                "seconds_total": round(time.perf_counter() - t_start, 1), "command": command(), "machine": machine()}
     if args.quick:
@@ -110,8 +114,9 @@ def main() -> None:
     lines = ["## LLM distillation on the reasoning task (`lm_reasoning`)", "",
              f"`{command()}` (2 CPU cores; recipes `lm/reasoning/*`; the teacher on {args.teacher_train} problems for "
              f"{args.teacher_epochs} epochs, every student on the first {args.train} of them for {args.epochs} epochs, "
-             f"seeds {list(range(args.seeds))}; {payload['seconds_total'] / 60:.0f} min in all). Test accuracy of the "
-             "final answer on 500 held-out problems (greedy answers, exact match).", "",
+             f"seeds {list(range(args.seeds))}; {payload['seconds_total'] / 60:.0f} min in all). Problems of at most "
+             f"{args.steps} events, every count below {args.largest}. Test accuracy of the final answer on 500 held-out "
+             "problems (greedy answers, exact match).", "",
              "| method | accuracy (%) | params | tokens | seconds |", "|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['method']} | {r['accuracy']:.1f} | {r['params']:,} | {r['tokens']:,} | {r['seconds']:.0f} |")

@@ -64,6 +64,10 @@ class Reasoning:
     validation: int = 200
     test: int = 500
     seed: int = 0
+    steps: int = 3
+    """At most this many events per problem (each one or two equations)."""
+    largest: int = 200
+    """Every count in a problem stays below this."""
 
 
 @dataclass
@@ -227,9 +231,10 @@ class LMRecipe:
             ranges += [("lora.r", lo.r, lo.r >= 1, "at least 1"), ("lora.alpha", lo.alpha, lo.alpha > 0, "> 0"),
                        ("lora.dropout", lo.dropout, 0 <= lo.dropout < 1, "in [0, 1)"),
                        ("lora.targets", lo.targets, bool(lo.targets), "a non-empty list of module names")]
-        for n in ("train", "validation", "test"):
+        for n in ("train", "validation", "test", "steps"):
             v = getattr(self.reasoning, n)
             ranges.append((f"reasoning.{n}", v, v >= 1, "at least 1"))
+        ranges.append(("reasoning.largest", self.reasoning.largest, self.reasoning.largest >= 20, "at least 20"))
         for key, value, ok, what in ranges:
             if not ok:
                 raise DistilleryError(f"{key} must be {what}, got {value}.")

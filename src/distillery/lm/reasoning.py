@@ -22,6 +22,7 @@ with digits split one by one, ChatML's special tokens and template.
 
 from __future__ import annotations
 
+import math
 import random
 import re
 from collections.abc import Sequence
@@ -45,47 +46,50 @@ def _step(rng: random.Random, op: str, a: int, b: int) -> str:
     return f"So {a} {op} {b} is {r}."
 
 
-def problem(rng: random.Random) -> dict[str, Any]:
-    """One word problem with its gold solution and answer."""
+def problem(rng: random.Random, steps: int = 3, largest: int = 200) -> dict[str, Any]:
+    """One word problem of 1 to ``steps`` events (finding, giving away, buying bags: a product and a sum)
+    whose every count stays below ``largest``, with its gold solution and answer."""
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
-    total = rng.randint(2, 30)
+    total = rng.randint(2, max(2, min(30, largest // 4)))
     text = [f"{name} has {total} {item}."]
-    steps: list[str] = []
-    for _ in range(rng.randint(1, 3)):
+    lines: list[str] = []
+    side = max(2, min(9, math.isqrt(largest // 2)))
+    for _ in range(rng.randint(1, steps)):
         kind = rng.choice(("buy", "give", "bags"))
         if kind == "bags":
-            bags, each = rng.randint(2, 9), rng.randint(2, 9)
-            if total + bags * each >= 200:
+            bags, each = rng.randint(2, side), rng.randint(2, side)
+            if total + bags * each >= largest:
                 kind = "give"
             else:
                 text.append(f"{name} buys {bags} bags with {each} {item} each.")
-                steps.append(_step(rng, "*", bags, each))
-                steps.append(_step(rng, "+", total, bags * each))
+                lines.append(_step(rng, "*", bags, each))
+                lines.append(_step(rng, "+", total, bags * each))
                 total += bags * each
                 continue
-        if kind == "buy" and total < 180:
-            more = rng.randint(2, 19)
+        more = rng.randint(2, max(2, min(19, largest // 5)))
+        if kind == "buy" and total + more < largest:
             text.append(f"{name} finds {more} more {item}.")
-            steps.append(_step(rng, "+", total, more))
+            lines.append(_step(rng, "+", total, more))
             total += more
         else:
             less = rng.randint(1, max(1, total - 1))
             text.append(f"{name} gives {less} {item} away.")
-            steps.append(_step(rng, "-", total, less))
+            lines.append(_step(rng, "-", total, less))
             total -= less
     question = " ".join(text) + f" How many {item} does {name} have now?"
-    solution = " ".join(steps) + f" The answer is {total}."
+    solution = " ".join(lines) + f" The answer is {total}."
     return {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": solution}],
             "answer": str(total)}
 
 
-def problems(n: int, seed: int = 0) -> list[dict[str, Any]]:
+def problems(n: int, seed: int = 0, steps: int = 3, largest: int = 200) -> list[dict[str, Any]]:
     """``n`` problems drawn with ``random.Random(seed)``."""
     rng = random.Random(seed)
-    return [problem(rng) for _ in range(int(n))]
+    return [problem(rng, steps, largest) for _ in range(int(n))]
 
 
-def splits(train: int = 8000, validation: int = 200, test: int = 500, seed: int = 0) -> dict[str, list[dict]]:
+def splits(train: int = 8000, validation: int = 200, test: int = 500, seed: int = 0, steps: int = 3,
+           largest: int = 200) -> dict[str, list[dict]]:
     """Train / validation / test problems; no question of one split appears in another."""
     out: dict[str, list[dict]] = {}
     seen: set[str] = set()
@@ -93,7 +97,7 @@ def splits(train: int = 8000, validation: int = 200, test: int = 500, seed: int 
     for name, n in (("test", test), ("validation", validation), ("train", train)):
         rows: list[dict] = []
         while len(rows) < n:
-            p = problem(rng)
+            p = problem(rng, steps, largest)
             q = p["messages"][0]["content"]
             if q not in seen:
                 seen.add(q)

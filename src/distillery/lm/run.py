@@ -82,7 +82,7 @@ def load_chat(recipe: LMRecipe, tokenizer=None) -> tuple[dict[str, corpus.TokenD
     has validation and test splits. Without a tokenizer, a ChatML one is trained on the training examples."""
     if recipe.data == "reasoning":
         r = recipe.reasoning
-        examples = reasoning.splits(r.train, r.validation, r.test, r.seed)
+        examples = reasoning.splits(r.train, r.validation, r.test, r.seed, r.steps, r.largest)
     else:
         named = _named_splits(recipe.data)
         if named is not None:
