@@ -203,6 +203,10 @@ def validate(recipe: LMRecipe) -> None:
     if recipe.data not in ("stdlib", "reasoning") and not Path(recipe.data).exists():
         raise DistilleryError(f"data {recipe.data!r} does not exist; pass a .txt / .jsonl file or an HF datasets "
                               "folder, or data: stdlib or reasoning (built in).")
+    if recipe.tokenizer is not None and not (Path(recipe.tokenizer) / "tokenizer.json").is_file() and \
+            not (Path(recipe.tokenizer).is_file() and Path(recipe.tokenizer).suffix == ".json"):
+        raise DistilleryError(f"tokenizer {recipe.tokenizer!r} is neither a folder with tokenizer.json nor a tokenizer.json "
+                              "file; name a model or tokenizer folder (tokenizer.save_pretrained writes one).")
 
 
 def _traces_data(recipe: LMRecipe, teacher: CausalLM | None, tok, examples: list[dict], work: Path, first_id: int
