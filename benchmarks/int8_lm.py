@@ -7,9 +7,10 @@ Rows {"export", "size_mb", "size_ratio", "latency_b1_ms", "latency_b64_ms", "spe
   torchao_int8      torchao's int8 per-channel weights + int8 dynamic activations (quantize.ptq; torchao's CPU
                     kernels are reference code)
   int8_dynamic      compress.int8: torch's x86 / fbgemm dynamic int8 GEMM on torchao's int8 weights
-  int8_weight_only  compress.int8 with float activations (aten._weight_int8pack_mm)
-Latency: one forward of block-long sequences (128 tokens) at 1 thread, median of 5 rounds of medians
-(pipeline.latency); the exports alternate round by round. The model is the built-in ~10M teacher
+  int8_weight_only  compress.int8 with float activations (int8 weights dequantized at each call)
+Latency: one forward of block-long sequences (128 tokens) at 1 thread: the median over 3 rounds (batch 1: of
+each round's median of 10; batch 64: one forward a round, after one warm-up); the exports alternate
+round by round. The model is the built-in ~10M teacher
 (benchmarks/runs/lm/teacher, trained by recipe lm/teacher when missing).
 
     python benchmarks/int8_lm.py            # ~10 min with the teacher present
@@ -37,11 +38,11 @@ from _common import RESULTS, command, machine, update_markdown, write
 HERE = Path(__file__).parent
 
 
-def timed(model, x: torch.Tensor, repeats: int) -> float:
-    """Median ms of ``repeats`` forwards at 1 thread, after two warm-ups."""
+def timed(model, x: torch.Tensor, repeats: int, warmup: int = 2) -> float:
+    """Median ms of ``repeats`` forwards at 1 thread, after ``warmup`` untimed ones."""
     torch.set_num_threads(1)
     with torch.no_grad():
-        for _ in range(2):
+        for _ in range(warmup):
             model(x)
         times = []
         for _ in range(repeats):
@@ -54,7 +55,7 @@ def timed(model, x: torch.Tensor, repeats: int) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
     torch.manual_seed(0)
     if args.quick:
@@ -70,7 +71,7 @@ def main() -> None:
         from distillery.lm.corpus import builtin
 
         val = builtin(128, 8192, tokenizer=tok)[0]["validation"]
-        val = val.subset(torch.arange(min(256, len(val))))
+        val = val.subset(torch.arange(min(64, len(val))))
         block, vocab = 128, model.vocab_size
     model.eval()
     work = Path(tempfile.mkdtemp())
@@ -93,10 +94,12 @@ def main() -> None:
     x1, x64 = torch.randint(0, vocab, (1, block), generator=g), torch.randint(0, vocab, (64, block), generator=g)
     times = {k: {"b1": [], "b64": []} for k in models}
     threads = torch.get_num_threads()
-    for _ in range(args.rounds):  # alternate the exports round by round
+    for i in range(args.rounds):  # alternate the exports round by round
         for name, m in models.items():
-            times[name]["b1"].append(timed(m, x1, 20 if not args.quick else 5))
-            times[name]["b64"].append(timed(m, x64, 3 if not args.quick else 2))
+            times[name]["b1"].append(timed(m, x1, 10 if not args.quick else 5))
+            times[name]["b64"].append(timed(m, x64, 1, warmup=0 if times[name]["b64"] else 1))
+            print(f"round {i + 1}: {name} b1 {times[name]['b1'][-1]:.1f} ms, b64 {times[name]['b64'][-1]:.0f} ms",
+                  flush=True)
     torch.set_num_threads(threads)
     size = {k: (work / f"{f}.safetensors").stat().st_size / 2**20 for k, f in files.items()}
     rows = []
