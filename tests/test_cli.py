@@ -175,9 +175,11 @@ def test_validate_and_ls(capsys):
     assert main(["validate"]) == 2  # every shipped recipe: lm/kd reads a teacher that lm/teacher trains first
     got = capsys.readouterr()
     assert "ok      mnist1d/kd" in got.out and "ok      lm/teacher" in got.out and "ok      graph/glnn" in got.out
-    (bad,) = got.err.strip().splitlines()
-    assert bad.startswith("invalid lm/kd: teacher 'runs/lm/teacher/models/model' is not a model folder") \
-        and "distillery run lm/teacher" in bad
+    bad = got.err.strip().splitlines()  # the recipes that read a model another recipe trains first
+    assert bad[0].startswith("invalid lm/kd: teacher 'runs/lm/teacher/models/model' is not a model folder") \
+        and "distillery run lm/teacher" in bad[0]
+    assert {b.split(":")[0] for b in bad[1:]} == {f"invalid lm/reasoning/{n}" for n in
+                                                  ("cross", "lora", "on_policy", "sft", "traces")}
     assert main(["validate", "mnist1d/kd", "nope.yaml"]) == 2
     got = capsys.readouterr()
     assert "ok      mnist1d/kd" in got.out and "invalid nope.yaml: recipe file 'nope.yaml' does not exist" in got.err
