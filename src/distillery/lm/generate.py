@@ -95,7 +95,8 @@ def sample(model: CausalLM, prompt: Tensor, max_new_tokens: int, *, temperature:
     was_training = model.training
     model.eval()
     try:
-        logits, cache = model.step(prompt, attention_mask=attn, pos=pos)
+        padded = {} if attn is None else {"attention_mask": attn, "pos": pos}  # models without padding support too
+        logits, cache = model.step(prompt, **padded)
         last = logits[:, -1]
         new, lps = [], []
         done = torch.zeros(len(prompt), dtype=torch.bool, device=prompt.device)
@@ -126,7 +127,8 @@ def sample(model: CausalLM, prompt: Tensor, max_new_tokens: int, *, temperature:
             if attn is not None:
                 attn = torch.cat([attn, attn.new_ones(len(attn), 1)], 1)
                 pos = pos[:, -1:] + 1
-            logits, cache = model.step(tok[:, None], cache, attention_mask=attn, pos=pos)
+            padded = {} if attn is None else {"attention_mask": attn, "pos": pos}
+            logits, cache = model.step(tok[:, None], cache, **padded)
             last = logits[:, -1]
     finally:
         model.train(was_training)
