@@ -487,6 +487,10 @@ def fit(
         for t in trackers:
             t.log(record)
 
+    def evaluate_now() -> dict[str, Any]:
+        return evaluator(student) if evaluator is not None else \
+            evaluate(student, eval_data, teacher_pred, inputs=cfg.inputs)
+
     def sync(on: bool):
         if size > 1 and not sharded and not on:
             return wrapped.no_sync()
@@ -595,8 +599,7 @@ def fit(
                         h.on_step(state, record)
                     if cfg.eval_every_steps and global_step % cfg.eval_every_steps == 0 and \
                             step_in_epoch < len(steps) - 1 and (eval_data is not None or evaluator is not None):
-                        ev = evaluator(student) if evaluator is not None else \
-                            evaluate(student, eval_data, teacher_pred, inputs=cfg.inputs)
+                        ev = evaluate_now()
                         emit({"event": "eval", "phase": phase, "epoch": epoch + 1, "step": global_step, "split": "test",
                               "within_epoch": True, **{k: v for k, v in ev.items() if k != "logits"}})
                     if callbacks and size > 1:  # a callback's decision (a time budget, rank-local terms) is agreed
@@ -608,8 +611,7 @@ def fit(
                 del batches
                 record = {"event": "eval", "phase": phase, "epoch": epoch + 1, "step": global_step, "split": "test"}
                 if eval_data is not None or evaluator is not None:
-                    ev = evaluator(student) if evaluator is not None else \
-                        evaluate(student, eval_data, teacher_pred, inputs=cfg.inputs)
+                    ev = evaluate_now()
                     record.update({k: v for k, v in ev.items() if k != "logits"})
                     emit(record)
                     shown = (f"test acc {100 * ev['accuracy']:.2f}%" if "perplexity" not in ev

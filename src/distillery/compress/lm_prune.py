@@ -102,8 +102,10 @@ def keep_layers(hf: nn.Module, keep: list[int]) -> None:
 
 
 def _layers(hf: nn.Module) -> nn.ModuleList:
-    inner = getattr(hf, "model", None)
-    layers = getattr(inner, "layers", None)
+    try:
+        layers = decoder_layers(hf)[2]
+    except DistilleryError:
+        layers = None
     if not isinstance(layers, nn.ModuleList) or not all(hasattr(blk, "mlp") and hasattr(blk.mlp, "down_proj")
                                                         for blk in layers):
         raise DistilleryError(f"prune: {type(hf).__name__} is not a Llama-style model (model.layers[i].mlp."

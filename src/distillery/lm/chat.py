@@ -181,8 +181,12 @@ def prompt_text(tok, example: dict[str, Any]) -> str:
     if msgs is None:
         return example["prompt"]
     require_template(tok)
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-    return _render(tok, msgs[:last], generation=True)
+    return _render(tok, msgs[: last_answer(msgs)], generation=True)
+
+
+def last_answer(messages: list[dict]) -> int:
+    """The index of the conversation's last assistant turn (the answer a teacher or student writes anew)."""
+    return max(i for i, m in enumerate(messages) if m["role"] == "assistant")
 
 
 def encode(tok, example: dict[str, Any], max_tokens: int | None = None, where: str = "example"
@@ -278,13 +282,14 @@ def layout(pairs: Sequence[int], block: int, pack: bool = False) -> tuple[int, l
     return width, where
 
 
-def rows(seqs: Sequence[tuple[list[int], list[bool]]], block: int, pad: int, *, pack: bool = False
-         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def rows(seqs: Sequence[tuple[list[int], list[bool]]], block: int, pad: int, *, pack: bool = False,
+         placed: tuple[int, list[tuple[int, int]]] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(x, y, pos), each (N, T) long, from encoded sequences (module docstring). Unpacked, T is the longest
-    sequence's length - 1 (at most ``block``); packed, T = ``block``."""
+    sequence's length - 1 (at most ``block``); packed, T = ``block``. ``placed``: their ``layout`` when the
+    caller has it already (to place more per-token arrays the same way)."""
     if not seqs:
         raise DistilleryError("no sequences to put into rows.")
-    width, where = layout([len(ids) - 1 for ids, _ in seqs], block, pack)
+    width, where = placed or layout([len(ids) - 1 for ids, _ in seqs], block, pack)
     n_rows = max(r for r, _ in where) + 1
     x = torch.full((n_rows, width), int(pad), dtype=torch.long)
     y = torch.full_like(x, -100)

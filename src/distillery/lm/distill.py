@@ -36,7 +36,7 @@ from ..errors import DistilleryError
 from ..objective import Objective, Term
 from ..teachers import ModuleTeacher, Teacher
 from .corpus import TokenData
-from .generate import sample
+from .generate import left_pad, sample
 from .models import CausalLM
 
 
@@ -272,13 +272,8 @@ class OnPolicy:
         b, t = x.shape
         valid = y != -100
         lengths = torch.where(valid.any(1), valid.float().argmax(1), torch.full((b,), t - 1, device=x.device)) + 1
-        width = int(lengths.max())
-        prompt = torch.full((b, width), self.pad_id, dtype=x.dtype, device=x.device)
-        mask = torch.zeros(b, width, dtype=torch.bool, device=x.device)
-        for r in range(b):
-            n = int(lengths[r])
-            prompt[r, width - n:] = x[r, :n]
-            mask[r, width - n:] = True
+        prompt, mask = left_pad([x[r, : int(lengths[r])] for r in range(b)], self.pad_id, x.device)
+        width = prompt.shape[1]
         gen = sample(self.student, prompt, t + 1 - width, temperature=self.temperature, top_p=self.top_p,
                      generator=g, eos_id=self.eos_id, prompt_mask=mask)
         ids = gen.ids

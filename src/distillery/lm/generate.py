@@ -70,6 +70,18 @@ def draw(log_p: Tensor, generator: torch.Generator | None) -> Tensor:
     return torch.multinomial(log_p.exp(), 1, generator=generator).squeeze(-1)
 
 
+def left_pad(prompts: Sequence[Tensor | Sequence[int]], pad: int, device=None) -> tuple[Tensor, Tensor]:
+    """(ids (B, P), prompt_mask (B, P)) of prompts of different lengths, right-aligned with ``pad`` before
+    them: what ``sample(..., prompt_mask=)`` continues."""
+    width = max(len(q) for q in prompts)
+    ids = torch.full((len(prompts), width), int(pad), dtype=torch.long, device=device)
+    mask = torch.zeros(len(prompts), width, dtype=torch.bool, device=device)
+    for r, q in enumerate(prompts):
+        ids[r, width - len(q):] = torch.as_tensor(q, dtype=torch.long, device=device)
+        mask[r, width - len(q):] = True
+    return ids, mask
+
+
 @torch.no_grad()
 def sample(model: CausalLM, prompt: Tensor, max_new_tokens: int, *, temperature: float = 1.0, top_p: float = 1.0,
            top_k: int = 0, generator: torch.Generator | None = None, eos_id: int | Sequence[int] | None = None,

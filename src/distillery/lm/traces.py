@@ -30,7 +30,7 @@ from ..errors import DistilleryError
 from ..registry import Registry
 from . import chat, reasoning
 from .corpus import TokenData
-from .generate import sample
+from .generate import left_pad, sample
 from .models import CausalLM, end_ids, pad_id
 
 VERIFIERS: Registry[Callable[[dict, str], bool]] = Registry("verifier")
@@ -66,15 +66,10 @@ def respond(model: CausalLM, tok, examples: Sequence[dict], max_new_tokens: int,
     texts: list[list[str]] = [[] for _ in prompts]
     for lo in range(0, len(order), batch_size):
         part = order[lo:lo + batch_size]
-        width = max(len(prompts[i]) for i in part)
-        ids = torch.full((len(part), width), pad, dtype=torch.long)
-        mask = torch.zeros(len(part), width, dtype=torch.bool)
-        for r, i in enumerate(part):
-            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
-            mask[r, width - len(prompts[i]):] = True
-        out = sample(model, ids.to(device), max_new_tokens, temperature=temperature, top_p=top_p, generator=g,
-                     eos_id=ends, prompt_mask=mask.to(device))
-        new = out.ids[:, width:].cpu()
+        ids, mask = left_pad([prompts[i] for i in part], pad, device)
+        out = sample(model, ids, max_new_tokens, temperature=temperature, top_p=top_p, generator=g, eos_id=ends,
+                     prompt_mask=mask)
+        new = out.ids[:, ids.shape[1]:].cpu()
         for r, i in enumerate(part):
             row = new[r].tolist()
             row = row[: min(row.index(e) for e in ends if e in row)] if any(e in row for e in ends) else row
@@ -97,8 +92,7 @@ def respond_remote(client, examples: Sequence[dict], max_new_tokens: int, *, sam
         if msgs is None:
             convs.append([{"role": "user", "content": e["prompt"]}])
         else:
-            last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
-            convs.append(msgs[:last])
+            convs.append(msgs[: chat.last_answer(msgs)])
     got = client.chat(convs, max_new_tokens, temperature=temperature, top_p=top_p, n=samples, seed=seed,
                       concurrency=concurrency, top_logprobs=top_logprobs)
     if not top_logprobs:
@@ -120,9 +114,8 @@ def with_answer(example: dict, answer: str) -> dict:
     msgs = chat.messages_of(example)
     if msgs is None:
         return {**example, "completion": answer}
-    last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
     rest = {k: v for k, v in example.items() if k not in ("messages", "prompt", "completion")}
-    return {**rest, "messages": [*msgs[:last], {"role": "assistant", "content": answer}]}
+    return {**rest, "messages": [*msgs[: chat.last_answer(msgs)], {"role": "assistant", "content": answer}]}
 
 
 def keep(examples: Sequence[dict], answers: Sequence[Sequence[str]], check: Callable[[dict, str], bool], tok,
@@ -164,8 +157,9 @@ def answer_data(tok, kept: Sequence[dict], block: int, *, pack: bool = False, na
         return chat.token_data(tok, kept, block, pack=pack, name=name, first_id=first_id)
     prompts = _prompts(tok, kept)
     seqs = [(p + e["teacher_ids"], [False] * len(p) + [True] * len(e["teacher_ids"])) for p, e in zip(prompts, kept)]
-    x, y, pos = chat.rows(seqs, block, pad_id(tok), pack=pack)
-    _, where = chat.layout([len(s) - 1 for s, _ in seqs], block, pack)
+    placed = chat.layout([len(s) - 1 for s, _ in seqs], block, pack)
+    x, y, pos = chat.rows(seqs, block, pad_id(tok), pack=pack, placed=placed)
+    where = placed[1]
     k = max((len(d) for e in kept for d in e["teacher_top"]), default=1)
     values = torch.full((*x.shape, k), -1e4)  # "never": exp(-1e4) is 0 in every precision
     indices = torch.zeros(*x.shape, k, dtype=torch.long)
