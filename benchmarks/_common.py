@@ -37,6 +37,19 @@ def write(path: str | Path, payload: dict) -> Path:
     return path
 
 
+def finished_rows(recipe_name: str, overrides: list[str], out: Path, progress: bool = False) -> list[dict]:
+    """The rows of the recipe's run in ``out``: reused when it is done, resumed when it was cut, else run."""
+    import json
+
+    from distillery import kinds, recipes
+
+    summary = Path(out) / "summary.json"
+    if not (summary.is_file() and json.loads(summary.read_text())["status"] == "done"):
+        recipe = recipes.load(recipe_name, overrides)
+        kinds.run(recipe, run_dir=out, resume=(Path(out) / "config.yaml").is_file(), progress=progress)
+    return json.loads(summary.read_text())["rows"]
+
+
 BENCHMARKS_MD = Path(__file__).resolve().parents[1] / "BENCHMARKS.md"
 
 

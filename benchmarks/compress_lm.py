@@ -28,26 +28,23 @@ from pathlib import Path
 
 import torch
 
-from distillery import kinds, recipes
+from distillery import recipes
 from distillery.compress.lm_prune import LMPrune, prune
 from distillery.lm.models import load_lm, save_lm
 
-from _common import RESULTS, command, machine, update_markdown, write
+from _common import RESULTS, command, finished_rows, machine, update_markdown, write
 
 PRUNE = {"width": "{mlp: 0.5, hidden: 0.4, calibration: 64}", "depth": "{layers: 3, calibration: 64}"}
 
 
 def run(recipe_name: str, overrides: list[str], out: Path) -> dict:
     """A finished lm run in ``out`` (run or resumed): its rows and its validation perplexity per epoch."""
-    summary = out / "summary.json"
-    if not (summary.is_file() and json.loads(summary.read_text())["status"] == "done"):
-        recipe = recipes.load(recipe_name, overrides)
-        kinds.run(recipe, run_dir=out, resume=(out / "config.yaml").is_file(), progress=False)
+    rows = finished_rows(recipe_name, overrides, out)
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     evals = [r for r in records if r.get("event") == "eval" and "perplexity" in r]
     per_epoch = next((r["step"] / r["epoch"] for r in evals if not r.get("within_epoch")), 1.0)
     curve = [(r["step"] / per_epoch, r["perplexity"]) for r in evals]  # epochs seen (fractions within an epoch)
-    return {"rows": json.loads(summary.read_text())["rows"], "curve": curve}
+    return {"rows": rows, "curve": curve}
 
 
 def scratch_folder(teacher: Path, kind: str, data: list[str], out: Path) -> Path:

@@ -26,9 +26,7 @@ import json
 import time
 from pathlib import Path
 
-from distillery import kinds, recipes
-
-from _common import RESULTS, command, machine, update_markdown, write
+from _common import RESULTS, command, finished_rows, machine, update_markdown, write
 
 # (row name, recipe, overrides) per data set; budgets keep every distillation under 10 minutes on 2 cores
 MIXTURE = [
@@ -66,11 +64,7 @@ QUICK = ["samples=1024", "teacher.train.epochs=2", "student.train.epochs=1", "ev
 
 
 def run_one(recipe_name: str, overrides: list[str], out: Path) -> list[dict]:
-    summary = out / "summary.json"
-    if not (summary.is_file() and json.loads(summary.read_text())["status"] == "done"):
-        recipe = recipes.load(recipe_name, overrides)
-        kinds.run(recipe, run_dir=out, resume=(out / "config.yaml").is_file(), progress=True)
-    return json.loads(summary.read_text())["rows"]
+    return finished_rows(recipe_name, overrides, out, progress=True)
 
 
 def main() -> None:

@@ -30,23 +30,14 @@ import statistics
 import time
 from pathlib import Path
 
-from distillery import kinds, recipes
+from distillery import recipes
 from distillery.lm import reasoning
 
-from _common import RESULTS, command, machine, update_markdown, write
+from _common import RESULTS, command, finished_rows, machine, update_markdown, write
 
 HERE = Path(__file__).parent
 GOALS = [("sft_teacher", "sft_gold"), ("on_policy", "token_kd"), ("cross_tokenizer_uld", "sft_alone_other_tokenizer"),
          ("cross_tokenizer_span", "sft_alone_other_tokenizer")]
-
-
-def run(name: str, overrides: list[str], out: Path) -> dict:
-    """The student row of a finished run in ``out`` (run, or resumed when it was cut)."""
-    summary = out / "summary.json"
-    if not (summary.is_file() and json.loads(summary.read_text())["status"] == "done"):
-        recipe = recipes.load(name, overrides)
-        kinds.run(recipe, run_dir=out, resume=(out / "config.yaml").is_file(), progress=False)
-    return json.loads(summary.read_text())["rows"]
 
 
 def main() -> None:
@@ -70,7 +61,7 @@ def main() -> None:
     t_start = time.perf_counter()
     teacher_size = quick if args.quick else [f"reasoning.train={args.teacher_train}",
                                              f"train.epochs={args.teacher_epochs}"]
-    teacher_rows = run("lm/reasoning/teacher", [*teacher_size, *task, f"runs_dir={root / 'runs'}", "threads=2"],
+    teacher_rows = finished_rows("lm/reasoning/teacher", [*teacher_size, *task, f"runs_dir={root / 'runs'}", "threads=2"],
                        root / "teacher")
     teacher = str(root / "teacher" / "models" / "model")
     other = root / "other_tokenizer"
@@ -102,7 +93,7 @@ def main() -> None:
             quick = ["model=tiny"] if args.quick and name != "lm/reasoning/lora" else []
             sft = root / f"sft_gold-s{seed}" / "models" / "model"
             extra_s = [e.replace("{sft}", str(sft)) for e in extra]
-            got.append(run(name, [*common, *quick, *extra_s, f"seed={seed}"], root / f"{method}-s{seed}")[-1])
+            got.append(finished_rows(name, [*common, *quick, *extra_s, f"seed={seed}"], root / f"{method}-s{seed}")[-1])
             trained += got[-1]["train_seconds"]
         first = next((r for r in rows if r["method"] == "sft_gold"), None) if any("{sft}" in e for e in extra) else None
         before = {"tokens": 0, "seconds": 0.0} if first is None else first  # tokens and time of the SFT start
