@@ -11,7 +11,8 @@ Rows (validation perplexity per epoch, on the recipe `lm/kd`'s data; every stude
 width: `prune: {mlp: 0.5, hidden: 0.4}` (about half the parameters); depth: `prune: {layers: 3}` (of 8: the
 embeddings and output layer hold 42% of the teacher, so depth alone keeps about 70%; the rows give the counts). "tokens_fraction": the tokens
 the pruned+KD model needs to reach the from-scratch model's final validation perplexity (the KD runs are
-evaluated 8 times an epoch, ``train.eval_every_steps``; interpolated between points), over the tokens the
+evaluated 8 times an epoch, ``train.eval_every_steps``, and once after pruning, before recovery;
+log-linear between points), over the tokens the
 from-scratch model used (Minitron's claim: at most 0.25).
 Writes benchmarks/results/compress_lm.json, a plot benchmarks/results/compress_lm.png and its table.
 
@@ -23,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import time
 from pathlib import Path
 
@@ -44,7 +46,8 @@ def run(recipe_name: str, overrides: list[str], out: Path) -> dict:
     evals = [r for r in records if r.get("event") == "eval" and "perplexity" in r]
     per_epoch = next((r["step"] / r["epoch"] for r in evals if not r.get("within_epoch")), 1.0)
     curve = [(r["step"] / per_epoch, r["perplexity"]) for r in evals]  # epochs seen (fractions within an epoch)
-    return {"rows": rows, "curve": curve}
+    start = [(0.0, r["validation_perplexity"]) for r in rows if r.get("model") == "pruned"]  # before recovery
+    return {"rows": rows, "curve": start + curve}
 
 
 def scratch_folder(teacher: Path, kind: str, data: list[str], out: Path) -> Path:
@@ -73,15 +76,16 @@ def _yaml(text: str) -> dict:
     return safe_load(text)
 
 
-def tokens_to_reach(curve: list[tuple[int, float]], target: float, tokens_per_epoch: float) -> float | None:
-    """Tokens seen when ``curve`` (epoch, perplexity) first reaches ``target`` (linear between epochs)."""
-    prev = (0, float("inf"))
+def tokens_to_reach(curve: list[tuple[float, float]], target: float, tokens_per_epoch: float) -> float | None:
+    """Tokens seen when ``curve`` (epochs, perplexity) first reaches ``target``: linear in log perplexity (the
+    loss) between points; from the start when the curve has no point before it reaches the target."""
+    prev = None
     for epoch, ppl in curve:
         if ppl <= target:
-            e0, p0 = prev
-            if p0 == float("inf"):
+            if prev is None:
                 return epoch * tokens_per_epoch
-            frac = (p0 - target) / (p0 - ppl) if p0 != ppl else 1.0
+            e0, p0 = prev
+            frac = math.log(p0 / target) / math.log(p0 / ppl)
             return (e0 + frac * (epoch - e0)) * tokens_per_epoch
         prev = (epoch, ppl)
     return None

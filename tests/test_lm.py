@@ -437,6 +437,7 @@ def test_minitron_pruning_by_depth_and_width_then_kd_recovery(tmp_path, tok, dat
                  "--out", str(out), "--quiet"]) == 0
     rows = {r["model"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
     assert rows["model"]["params"] < 0.75 * rows["unpruned"]["params"] and rows["model"]["method"] == "kd"
+    assert rows["pruned"]["params"] == rows["model"]["params"] and rows["pruned"]["validation_perplexity"] > 1
     hf = AutoModelForCausalLM.from_pretrained(str(out / "models" / "model"), local_files_only=True)
     assert hf.config.num_hidden_layers == 1 and hf.config.intermediate_size == inter // 2
     assert hf.config.hidden_size == teacher.config.hidden_size // 2

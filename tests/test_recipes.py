@@ -41,6 +41,7 @@ TINY.update({
     "diffusion/reflow": [*DIFFUSION, "settings.pairs=256", "settings.pair_steps=4", "settings.one_step.epochs=1"],
     "diffusion/dmd": DIFFUSION,
     "diffusion/sds_points": [*DIFFUSION, "settings.points=200", "eval.teacher_steps=[2]"],
+    "diffusion/prune": [*DIFFUSION[1:], "prune.calibration=32"],
 })
 ELSEWHERE = {
     "condense/digits_dm": "test_condense.py",

@@ -12,7 +12,10 @@ A model folder is a diffusers pipeline folder: ``model_index.json``, ``unet/`` (
 diffusion_pytorch_model.safetensors) and ``scheduler/scheduler_config.json`` (DDIM with trailing
 spacing for vp, FlowMatchEuler for flow, LCM for consistency students), plus ``distillery.json`` (the
 process, sample shape and sampler). A UNet folder loads in diffusers alone (``DDPMPipeline``,
-``UNet2DModel.from_pretrained``); ``load_folder`` reads any such folder back, also one diffusers wrote.
+``UNet2DModel.from_pretrained``); ``load_folder`` reads any such folder back, also one diffusers wrote. A
+layer-pruned UNet (``diffusion.prune``) keeps its full architecture with the removed layers' weights zero
+(diffusers alone computes the pruned network) and lists them in ``distillery.json``: ``load_folder`` builds
+the smaller network without them.
 """
 
 from __future__ import annotations
@@ -163,7 +166,14 @@ def save_folder(model: Denoiser, path: str | Path, extra: dict[str, Any] | None 
     from ..io import atomic_folder
 
     def write(tmp: Path) -> None:
-        model.net.save_pretrained(tmp / "unet", safe_serialization=True)
+        if getattr(model.net, "removed_layers", None):  # layer-pruned: the full architecture, removed layers zero
+            from .prune import dense_state
+
+            full = type(model.net).from_config(model.net.config)
+            full.load_state_dict(dense_state(model.net))
+            full.save_pretrained(tmp / "unet", safe_serialization=True)
+        else:
+            model.net.save_pretrained(tmp / "unet", safe_serialization=True)
         sched = _scheduler(model.process, model.sampler, model.solver_steps)
         sched.save_pretrained(tmp / "scheduler")
         index = {"_class_name": "DDPMPipeline", "_diffusers_version": diffusers.__version__,
@@ -171,6 +181,7 @@ def save_folder(model: Denoiser, path: str | Path, extra: dict[str, Any] | None 
         (tmp / "model_index.json").write_text(json.dumps(index, indent=2))
         meta = {"process": model.process.config(), "shape": list(model.shape), "sampler": model.sampler,
                 "guided": model.guided, "solver_steps": model.solver_steps, "net": type(model.net).__name__,
+                **({"removed_layers": model.net.removed_layers} if getattr(model.net, "removed_layers", None) else {}),
                 "grid": "tau = 1 - i / steps (diffusers: DDIM or LCM with timestep_spacing trailing; FlowMatchEuler: "
                         "set_timesteps(sigmas=[1 - i / steps]))", **(extra or {})}
         (tmp / "distillery.json").write_text(json.dumps(meta, indent=2))
@@ -216,9 +227,18 @@ def load_folder(path: str | Path) -> Denoiser:
     cls = {"UNet2DModel": diffusers.UNet2DModel, "MLPDenoiser": MLPDenoiser}.get(cls_name)
     if cls is None:
         raise DistilleryError(f"{unet_dir} holds a {cls_name!r}; distillery loads UNet2DModel and MLPDenoiser.")
-    net = cls.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
     meta_file = path / "distillery.json"
     meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("removed_layers"):  # a layer-pruned network (diffusion.prune): the layers removed, then its weights
+        from safetensors.torch import load_file
+
+        from .prune import remove, sparse_state
+
+        net = remove(cls.from_config(cls.load_config(unet_dir)), meta["removed_layers"])
+        state = load_file(unet_dir / "diffusion_pytorch_model.safetensors")
+        net.load_state_dict(sparse_state(state, meta["removed_layers"]), strict=True)
+    else:
+        net = cls.from_pretrained(unet_dir, use_safetensors=True, low_cpu_mem_usage=False)
     sched_cfg = json.loads(sched_file.read_text())
     process = Process(**meta["process"]) if "process" in meta else _process_from_scheduler(sched_cfg)
     if "shape" in meta:

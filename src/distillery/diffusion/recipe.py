@@ -27,8 +27,9 @@ import torch
 from ..config import TrainConfig, to_dict
 from ..errors import DistilleryError
 from ..rundir import say, writer
+from .prune import LayerPrune
 
-METHODS = ("none", "pd", "cd", "reflow", "dmd", "sds", "vsd", "hyper_sd")
+METHODS = ("none", "pd", "cd", "reflow", "dmd", "sds", "vsd", "hyper_sd", "prune")
 DATA = ("mixture2d", "mixture64d", "digits", "digits32")
 
 
@@ -135,8 +136,11 @@ class DiffusionRecipe:
     """Mixtures: training samples drawn with the seed (digits: all 1,797)."""
     teacher: DiffusionTeacher = field(default_factory=DiffusionTeacher)
     method: str = "cd"
-    """none | pd | cd | reflow | dmd | sds | vsd | hyper_sd."""
+    """none | pd | cd | reflow | dmd | sds | vsd | hyper_sd | prune (LAPTOP-Diff: layers removed by their output
+    loss, then recovery by normalised feature distillation; the student samples in the teacher's step counts)."""
     student: DiffusionStudent = field(default_factory=DiffusionStudent)
+    prune: LayerPrune | None = None
+    """method prune: ``diffusion.prune.LayerPrune`` (ratio, criterion, calibration, layers, features, weights)."""
     settings: DiffusionSettings = field(default_factory=DiffusionSettings)
     eval: DiffusionEval = field(default_factory=DiffusionEval)
     seed: int = 0
@@ -187,6 +191,13 @@ class DiffusionRecipe:
                                   "(teacher.class_conditional: false) or a method that takes labels (cd, pd, dmd).")
         if self.settings.w is not None and not self.teacher.class_conditional:
             raise DistilleryError("settings.w is a classifier-free guidance scale; set teacher.class_conditional: true.")
+        if self.method == "prune":
+            self.prune = self.prune or LayerPrune()
+            if self.teacher.source == "exact" or self.student.init != "teacher":
+                raise DistilleryError("method prune removes layers of the teacher's network; give a network teacher "
+                                      "(teacher.source: train or a folder) and student.init: teacher.")
+        elif self.prune is not None:
+            raise DistilleryError("prune: {...} belongs to method prune; remove it or set method: prune.")
         if self.samples < 2 or self.threads < 1:
             raise DistilleryError("samples must be >= 2 and threads >= 1.")
 
@@ -329,6 +340,7 @@ def new_student(recipe: DiffusionRecipe, teacher, data, process=None):
 def distil(recipe: DiffusionRecipe, teacher, data, rd, progress) -> list[tuple[str, int, Any, float]]:
     """The method's students: (label, steps, model, seconds) for every step count it samples with."""
     from . import distill as D
+    from .distill import copy_of
     from .methods import PointSet
     from .process import Process
 
@@ -359,6 +371,21 @@ def distil(recipe: DiffusionRecipe, teacher, data, rd, progress) -> list[tuple[s
         out = [(m, k, rf, secs) for k in recipe.eval.steps]
         if one is not None:  # InstaFlow's one-step student, distilled from the 2-rectified flow
             out.append(("reflow_distill", 1, one, time.perf_counter() - t0))
+    elif m == "prune":  # LAPTOP-Diff: one-shot layer pruning, then recovery; sampled like the teacher
+        from .prune import prune, recover
+
+        pruned, report = prune(teacher, data, recipe.prune, recipe.seed)
+        say(progress, f"prune: removed {', '.join(report['removed'])} ({report['params_removed']:,} of "
+                      f"{report['params_before']:,} parameters); output loss {report['output_loss']:.4g} (sum of the "
+                      f"layers' own: {report['sum_of_layer_losses']:.4g})")
+        secs = time.perf_counter() - t0
+        pruned.notes = {k: report[k] for k in ("removed", "output_loss", "sum_of_layer_losses", "criterion")}
+        student = recover(teacher, copy_of(pruned), data, recipe.prune, report["removed"], recipe.student.train,
+                          **{k: v for k, v in common.items() if k != "train"})
+        student.notes = pruned.notes
+        secs2 = time.perf_counter() - t0
+        out = [("pruned", k, pruned.eval(), secs) for k in recipe.eval.teacher_steps]
+        out += [(m, k, student, secs2) for k in recipe.eval.teacher_steps]
     elif m in ("dmd", "vsd", "sds"):
         if s.generator == "points":
             init = torch.randn(s.points, *data.x.shape[1:], generator=torch.Generator().manual_seed(recipe.seed + 1))
@@ -397,6 +424,12 @@ def measure(x: torch.Tensor, ref: torch.Tensor, mix, fid_net, labels) -> dict[st
         x, ref = _as8(x), _as8(ref)  # the FID classifier reads 8x8 digits
         row.update(fid=M.fid(fid_net, x, ref), coverage=None, **M.classifier(fid_net, x, labels))
     return row
+
+
+def _size(model) -> dict[str, int]:
+    """The network's parameter count (none for the exact teacher, which has no network)."""
+    n = sum(p.numel() for p in model.parameters())
+    return {"params": n} if n else {}
 
 
 def _as8(x: torch.Tensor) -> torch.Tensor:
@@ -444,7 +477,7 @@ def run(recipe: DiffusionRecipe, rd, *, progress: bool | None = None) -> list[di
     for label, k, model, secs in entries:
         x, rate = _samples(model, k, n, recipe, labels)
         row = {"method": label, "data": recipe.data, "steps": k, **measure(x, ref, mix, fid_net, labels),
-               "samples_per_s": rate, "seconds": secs}
+               "samples_per_s": rate, "seconds": secs, **_size(model), **getattr(model, "notes", {})}
         if label == "teacher":
             row["teacher"] = origin
         rows.append(row)

@@ -287,12 +287,15 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
     else:
         splits, tok = load_data(recipe, tok)
     model = build_model(recipe, tok)
-    unpruned = None
+    pruned: list[dict] = []
     if recipe.prune is not None:  # Minitron: prune on calibration blocks, then recover (KD from the teacher)
         from ..compress.lm_prune import prune
 
         unpruned = model.num_parameters()
         model = prune(model, recipe.prune, splits["train"].x[: recipe.prune.calibration])
+        pruned = [{"model": "unpruned", "phase": "prune", "params": unpruned},  # the prune stage, before recovery
+                  {"model": "pruned", "phase": "prune", "params": model.num_parameters(),
+                   **{f"{k}_perplexity": D.perplexity(model, splits[k]) for k in ("validation", "test")}}]
     if recipe.lora is not None:
         from .lora import add_lora
 
@@ -368,8 +371,7 @@ def run(recipe: LMRecipe, rd, *, progress: bool | None = None) -> list[dict[str,
         tdata = load_chat(recipe, ttok)[0] if cross_tok else splits
         rows.append({"model": "teacher", "phase": "teacher", "params": teacher.num_parameters(),
                      **scores(teacher, ttok, tdata)})
-    if unpruned is not None:
-        rows.append({"model": "unpruned", "phase": "prune", "params": unpruned})
+    rows += pruned
     method = "alone" if teacher is None and recipe.seq_kd.remote is None else recipe.method
     rows.append({"model": recipe.model if recipe.model in PRESETS else "model", "phase": fit["phase"],
                  "method": method, "terms": ", ".join(t.name for t in terms), "params": model.num_parameters(),

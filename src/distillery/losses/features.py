@@ -210,6 +210,33 @@ def hint(student_features: Tensor, teacher_features: Tensor, *, metric: str = "m
         return _reduce(rows)
 
 
+@register("normalized_mse")
+def normalized_mse(student_features: Tensor, teacher_features: Tensor, *, eps: float = NORMALIZE_EPS) -> Tensor:
+    """LAPTOP-Diff's normalised feature distillation term (Zhang et al., arXiv 2404.11098): the squared
+    distance to the teacher's feature map over that map's squared L2 norm, per sample,
+
+        L_i = ||s_i - t_i||_2^2 / max(||t_i||_2^2, eps),
+
+    batch mean. Each term is thus a relative error near 1 at worst, whatever its layer's magnitude, so no
+    numerically large feature map dominates a sum over layers (the imbalance the paper names). The paper
+    reweights each feature term by the L2 norm of the teacher's feature map; the per-sample norm (each sample
+    weighs the same at every noise level) is ours. An all-zero teacher map divides by eps (1e-12).
+    Shapes: any (N, ...) with at least 2 dimensions, equal for student and teacher -> scalar.
+    """
+    s, t = _prepare(
+        "normalized_mse",
+        student_features,
+        teacher_features,
+        ndims=None,
+        accepted=ANY,
+        fix="Add the batch dimension first: (D,) -> (1, D).",
+        same_shape=True,
+    )
+    s, t = _flat(s), _flat(t)
+    with _no_autocast(s):
+        return _reduce((s - t).pow(2).sum(1) / t.pow(2).sum(1).clamp_min(eps))
+
+
 # ---------------------------------------------------------------------------------------------
 # attention transfer
 
