@@ -327,6 +327,53 @@ def test_dq_in_a_recipe_and_its_bad_settings(tmp_path, capsys):
     assert "set activations: null" in capsys.readouterr().err
 
 
+def test_dq_bit_allocation_by_gradient_norm_as_polino_code():
+    # by hand: 2 layers of 4 points: 2 each first, the other 4 by norms 1 : 3 -> 1 and 3 more: (3, 5)
+    assert DQ.allocate_points([1.0, 3.0], 4) == [3, 5]
+    # rounding: norms 1 : 1 : 1 share 12 of 24 as 4 each -> (8, 8, 8); 1 : 1 : 2 -> 3, 3, 6 more
+    assert DQ.allocate_points([1.0, 1.0, 1.0], 8) == [8, 8, 8]
+    assert DQ.allocate_points([1.0, 1.0, 2.0], 8) == [7, 7, 10]
+    assert DQ.allocate_points([0.2, 0.2, 1.0], 4) == [3, 3, 6]  # 6 shared as 0.86, 0.86, 4.29
+    # rounding: 2 + round(1.5) twice and 2 + 3 make 13 of 12, so the largest gives one back; 2 + 2.4 twice and
+    # 2 + 1.2 make 11, so the smallest gets one
+    assert DQ.allocate_points([1.0, 1.0, 2.0], 4) == [4, 4, 4]
+    assert DQ.allocate_points([2.0, 2.0, 1.0], 4) == [4, 4, 4]
+    assert DQ.allocate_points([0.0, 0.0], 16) == [16, 16]  # no gradient: uniform
+    torch.manual_seed(0)
+    m = models.build("mlp", (16,), 4, {"hidden": [64]})
+    x, y = torch.randn(40, 16), torch.randint(0, 4, (40,))
+    batches = [{"x": x[i:i + 8], "y": y[i:i + 8]} for i in range(0, 40, 8)]
+    norms = DQ.gradient_importances(m, ["body.0", "head"], batches, lambda mm, b: F.cross_entropy(mm(b["x"]), b["y"]))
+    m.zero_grad()
+    total = [torch.zeros_like(m.body[0].weight), torch.zeros_like(m.head.weight)]
+    for b in batches:  # the naive loop: backward per batch, mean gradient, its norm
+        m.zero_grad()
+        F.cross_entropy(m(b["x"]), b["y"]).backward()
+        total[0] += m.body[0].weight.grad
+        total[1] += m.head.weight.grad
+    assert norms == pytest.approx([float((t / 5).norm()) for t in total], rel=1e-5)
+    pts = DQ.allocate_points(norms, 4)
+    DQ.prepare(m, bits=2, bucket=16, points=pts)
+    assert [len(m.body[0].dq.points), len(m.head.dq.points)] == pts
+
+
+def test_dq_allocation_in_a_recipe(tmp_path, capsys):
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(RECIPE.format(runs=tmp_path / "runs").replace(
+        "quantize: {method: qat, weights: 4, group_size: 8}",
+        "quantize: {method: dq, weights: 3, group_size: 16, activations: null, allocate: gradient}"))
+    out = tmp_path / "run"
+    assert main(["run", str(recipe), "--out", str(out), "--quiet"]) == 0
+    from distillery.pipeline import read_weights
+
+    _, record = read_weights(next((out / "models").glob("int4*.safetensors")))
+    points = record["dq_points"]
+    assert sum(points.values()) == 8 * len(points) and len(set(points.values())) > 1
+    assert main(["validate", str(recipe), "--set", "compress.0.quantize.method=qat",
+                 "--set", "compress.0.quantize.activations=8"]) == 2
+    assert "method dq" in capsys.readouterr().err
+
+
 def test_int8_export_keeps_tied_float_weights(tmp_path):
     from distillery.compress import int8
 

@@ -363,7 +363,21 @@ def compress_stage(recipe: Recipe, st, student: nn.Module, answers, distill_data
         if q.method == "dq":  # Polino et al.: the points learn, the float weights stay
             from .compress import dq
 
-            dq.prepare(model, q.weights, q.group_size, q.modules)
+            points = None
+            if q.allocate == "gradient":  # Polino et al.: 5 calibration batches of the task loss
+                from .data.loader import iter_batches
+                from .runtime import call_model, logits_of, to_device
+
+                def task_loss(m: nn.Module, b: dict) -> torch.Tensor:
+                    b = to_device(b, next(m.parameters()).device)
+                    return torch.nn.functional.cross_entropy(logits_of(call_model(m, b, cfg.inputs)), b["y"])
+
+                paths = dq.layers(model, q.modules)
+                batches = [b for b, _ in zip(iter_batches(data.train, cfg.batch_size), range(5))]
+                norms = dq.gradient_importances(model, paths, batches, task_loss)
+                points = dq.allocate_points(norms, 2 ** q.weights)
+                meta["dq_points"] = dict(zip(paths, points))
+            dq.prepare(model, q.weights, q.group_size, q.modules, points)
             train(f"compress-{st.name}", cfg)
             save, load = dq.save, dq.load
         else:

@@ -10,13 +10,21 @@ the only parameters trained (the gradient of a point is the sum of the gradients
 assigned to it, times their bucket's alpha: autograd through the indexing). Biases stay in float, as
 in the paper. Linear and convolution layers are quantized (weight-only).
 
-The exported model is what it claims to be: per layer the point index of every weight (uint8), the
-points, and each bucket's alpha and beta, in safetensors; ``load`` rebuilds float weights from them.
-Bit allocation by gradient norm (the paper's optional heuristic) is not done: every layer gets ``bits``.
+The exported model is what it claims to be: per layer the point index of every weight (uint8; int16 when a
+layer holds more than 256 points), the points, and each bucket's alpha and beta, in safetensors; ``load``
+rebuilds float weights from them.
+
+Bit allocation (``allocate_points``; recipe ``quantize.allocate: gradient``): the paper's heuristic gives
+layers whose weights matter more more points, the total kept. As the authors' code does
+(``assign_bits_automatically`` with ``input_is_point``): the importance of a layer is the 2-norm of its
+weight's gradient averaged over 5 calibration batches of the task loss; every layer first gets half of its
+2^bits points, and the other half of the total is shared in proportion to the importances (rounded; the
+rounding difference is taken from the largest or given to the smallest share).
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -31,7 +39,7 @@ LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 class DQWeight(nn.Module):
     """The learned-points quantization of one layer's weight (its buckets' alpha and beta fixed)."""
 
-    def __init__(self, weight: Tensor, bits: int, bucket: int):
+    def __init__(self, weight: Tensor, bits: int, bucket: int, points: int | None = None):
         super().__init__()
         flat = weight.detach().reshape(-1)
         pad = (-len(flat)) % bucket
@@ -42,7 +50,8 @@ class DQWeight(nn.Module):
         self.register_buffer("scaled", (buckets - beta) / alpha)
         self.register_buffer("alpha", alpha)
         self.register_buffer("beta", beta)
-        self.points = nn.Parameter(torch.linspace(0, 1, 2 ** bits, dtype=weight.dtype, device=weight.device))
+        n = points if points is not None else 2 ** bits
+        self.points = nn.Parameter(torch.linspace(0, 1, n, dtype=weight.dtype, device=weight.device))
 
     def index(self) -> Tensor:
         """The nearest point of every (scaled) weight."""
@@ -56,10 +65,10 @@ class DQWeight(nn.Module):
 class DQLayer(nn.Module):
     """A linear or convolution layer whose weight is ``DQWeight``'s (the float layer kept, frozen)."""
 
-    def __init__(self, layer: nn.Module, bits: int, bucket: int):
+    def __init__(self, layer: nn.Module, bits: int, bucket: int, points: int | None = None):
         super().__init__()
         self.layer = layer
-        self.dq = DQWeight(layer.weight, bits, bucket)
+        self.dq = DQWeight(layer.weight, bits, bucket, points)
         for p in layer.parameters():
             p.requires_grad_(False)
 
@@ -70,9 +79,52 @@ class DQLayer(nn.Module):
         return self.layer._conv_forward(x, w, self.layer.bias)
 
 
-def prepare(model: nn.Module, bits: int, bucket: int, modules: list[str] | None = None) -> list[str]:
-    """Wrap every linear and convolution layer of ``model`` (under ``modules``) in place; their paths.
-    Only the points train afterwards (every other parameter is frozen)."""
+def allocate_points(importances: list[float], points: int) -> list[int]:
+    """Polino et al.'s bit allocation (their code's ``assign_bits_automatically``, counting points): each of
+    the layers gets ``points // 2``, the rest of the total ``len * points`` goes in proportion to
+    ``importances`` (rounded); the rounding difference comes off the largest share or goes to the smallest.
+    Every layer keeps at least 2 points."""
+    if not importances:
+        return []
+    total = points * len(importances)
+    base = [points // 2] * len(importances)
+    rest = total - sum(base)
+    norm = sum(importances)
+    if not math.isfinite(norm) or norm <= 0:  # no gradient signal: the uniform allocation
+        return [points] * len(importances)
+    out = [b + round(x / norm * rest) for b, x in zip(base, importances)]
+    diff = sum(out) - total
+    if diff > 0:
+        out[out.index(max(out))] -= diff
+    elif diff < 0:
+        out[out.index(min(out))] -= diff
+    return [max(2, n) for n in out]
+
+
+def gradient_importances(model: nn.Module, paths: list[str], batches, loss_fn) -> list[float]:
+    """The 2-norm of each layer's weight gradient averaged over ``batches`` (Polino et al.'s code: 5 of them,
+    the task loss); the model's gradients are left as they were (none)."""
+    from ..taps import find_module
+
+    weights = [find_module(model, p).weight for p in paths]
+    flags = [w.requires_grad for w in weights]
+    for w in weights:
+        w.requires_grad_(True)
+    grads = [torch.zeros_like(w) for w in weights]
+    n = 0
+    for batch in batches:
+        got = torch.autograd.grad(loss_fn(model, batch), weights, allow_unused=True)
+        for g, x in zip(grads, got):
+            if x is not None:
+                g += x.detach()
+        n += 1
+    for w, f in zip(weights, flags):
+        w.requires_grad_(f)
+    return [float((g / max(n, 1)).norm()) for g in grads]
+
+
+def layers(model: nn.Module, modules: list[str] | None = None) -> list[str]:
+    """The paths of the linear and convolution layers ``prepare`` quantizes."""
     from ..taps import find_module
 
     roots = [(p, find_module(model, p)) for p in modules] if modules is not None else [("", model)]
@@ -84,12 +136,23 @@ def prepare(model: nn.Module, bits: int, bucket: int, modules: list[str] | None 
     if not paths:
         raise DistilleryError("quantize method dq: no linear or convolution layer to quantize; name modules that "
                               "hold some (quantize.modules).")
+    return paths
+
+
+def prepare(model: nn.Module, bits: int, bucket: int, modules: list[str] | None = None,
+            points: list[int] | None = None) -> list[str]:
+    """Wrap every linear and convolution layer of ``model`` (under ``modules``) in place; their paths.
+    ``points``: each layer's point count (``allocate_points``; default 2^bits each). Only the points train
+    afterwards (every other parameter is frozen)."""
+    paths = layers(model, modules)
+    if points is not None and len(points) != len(paths):
+        raise DistilleryError(f"dq: {len(points)} point counts for {len(paths)} layers.")
     for p in model.parameters():
         p.requires_grad_(False)
-    for path in paths:
+    for i, path in enumerate(paths):
         parent_path, _, attr = path.rpartition(".")
         parent = model.get_submodule(parent_path)
-        setattr(parent, attr, DQLayer(getattr(parent, attr), bits, bucket))
+        setattr(parent, attr, DQLayer(getattr(parent, attr), bits, bucket, None if points is None else points[i]))
     return paths
 
 
@@ -101,7 +164,8 @@ def save(model: nn.Module, path: str | Path, meta: dict) -> Path:
     tensors: dict[str, Tensor] = {}
     dq = {n: m for n, m in model.named_modules() if isinstance(m, DQLayer)}
     for name, m in dq.items():
-        tensors[f"{name}.weight.index"] = m.dq.index().to(torch.uint8)
+        wide = len(m.dq.points) > 256
+        tensors[f"{name}.weight.index"] = m.dq.index().to(torch.int16 if wide else torch.uint8)
         tensors[f"{name}.weight.points"] = m.dq.points.detach().clone()
         tensors[f"{name}.weight.alpha"] = m.dq.alpha.clone()
         tensors[f"{name}.weight.beta"] = m.dq.beta.clone()

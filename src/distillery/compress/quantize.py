@@ -50,6 +50,9 @@ class QuantizeConfig:
     """per_group: weights share a scale per this many inputs (the input width must be a multiple)."""
     modules: list[str] | None = None
     """Module paths whose linear and embedding layers are quantized (null: all of them)."""
+    allocate: Literal["none", "gradient"] = "none"
+    """method dq: ``gradient`` shares the points among layers by their weight-gradient norm (Polino et al.'s
+    bit allocation; the total stays ``2^weights`` per layer); none: every layer gets ``2^weights``."""
     export: Literal["torchao", "int8"] = "torchao"
     """The exported file: torchao's tensors (any bits; torchao's CPU kernels are reference code), or ``int8``
     (8-bit per-channel weights on torch's x86 / fbgemm kernels: ``compress.int8``; the fast CPU path)."""
@@ -66,6 +69,9 @@ class QuantizeConfig:
                                   f"all (null), got {self.activations}.")
         if self.group_size < 1:
             raise DistilleryError(f"quantize.group_size must be at least 1, got {self.group_size}.")
+        if self.allocate != "none" and self.method != "dq":
+            raise DistilleryError(f"quantize.allocate shares learned quantization points among layers (method dq); "
+                                  f"method {self.method} has fixed bit widths: remove allocate, or use method dq.")
         if self.method == "dq" and (self.activations is not None or self.granularity != "per_group"):
             raise DistilleryError("quantize method dq learns weight quantization points per layer over buckets of "
                                   "group_size weights: set activations: null and granularity: per_group.")
