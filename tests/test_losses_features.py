@@ -21,12 +21,12 @@ from distillery.losses.logits import LossInputError
 
 torch.set_num_threads(1)
 
-EXPECTED = {"hint", "attention", "similarity", "nst", "acam", "mi_alpha"}
+EXPECTED = {"hint", "normalized_mse", "attention", "similarity", "nst", "acam", "mi_alpha"}
 # every loss registered from the features module, so that a new one is picked up by the tests below
 NAMES = sorted(n for n in losses.names() if getattr(losses.get(n), "__module__", None) == Fe.__name__)
 STATE_CLASSES = {"acam": Fe.ACAMMaskGenerator, "mi_alpha": Fe.MIAlphaCritic}
 WITH_STATE = sorted(STATE_CLASSES)
-ZERO_AT_IDENTITY = ["hint", "attention", "similarity", "nst"]
+ZERO_AT_IDENTITY = ["hint", "normalized_mse", "attention", "similarity", "nst"]
 DIFFERENT_WIDTHS = {"attention", "similarity", "nst", "mi_alpha"}
 SCALE_INVARIANT = ["attention", "similarity", "nst"]  # normalised maps / Gram rows / channel vectors
 
@@ -40,6 +40,7 @@ def inputs(name, seed=0, dtype=torch.float64, scale=1.0):
     g = gen(seed)
     shapes = {
         "hint": ((3, 4, 2), (3, 4, 2)),
+        "normalized_mse": ((3, 2, 2, 2), (3, 2, 2, 2)),
         "attention": ((3, 2, 3, 2), (3, 4, 3, 2)),  # channel counts differ
         "similarity": ((4, 5), (4, 2, 3)),  # dims differ
         "nst": ((2, 3, 2, 2), (2, 2, 2, 2)),
@@ -76,6 +77,11 @@ def flat(x):
 
 def norm(v):
     return math.sqrt(sum(a * a for a in v))
+
+
+def naive_normalized_mse(s, t, eps=1e-12):
+    rows = [sum((x - y) ** 2 for x, y in zip(a, b)) / max(sum(y * y for y in b), eps) for a, b in zip(flat(s), flat(t))]
+    return sum(rows) / len(rows)
 
 
 def naive_hint(s, t, metric="mse"):
@@ -274,6 +280,7 @@ def naive_mi_alpha(
 PARAMS = {
     "hint": [{}, {"metric": "l1"}, {"metric": "cosine"}, {"metric": "smooth_l1"}, {"metric": "mse"}],
     "attention": [{}, {"p": 3.0}, {"p": 1.0}],
+    "normalized_mse": [{}, {"eps": 1e-6}],
     "similarity": [{}],
     "nst": [{}],
     "acam": [{}, {"num_masks": 1}, {"num_masks": 3, "diversity_weight": 0.25}],
@@ -292,6 +299,8 @@ CASES = [pytest.param(n, p, id=f"{n}-{i}") for n in NAMES for i, p in enumerate(
 def naive(name, s, t, state, params):
     if name == "hint":
         return naive_hint(s, t, **params)
+    if name == "normalized_mse":
+        return naive_normalized_mse(s, t, **params)
     if name == "attention":
         return naive_attention(s, t, **params)
     if name == "similarity":
@@ -492,6 +501,10 @@ HAND = [
     pytest.param("hint", [[1.0, 2.0]], [[0.0, 0.0]], {"metric": "smooth_l1"}, 1.0, id="hint-smooth_l1"),
     # cos((1, 0), (1, 1)) = 1/sqrt2: 1 - 0.707107 = 0.292893
     pytest.param("hint", [[1.0, 0.0]], [[1.0, 1.0]], {"metric": "cosine"}, 1 - R2, id="hint-cosine"),
+    # ||(1, 2) - (1, 0)||^2 / ||(1, 0)||^2 = 4 and ||(0, 0) - (3, 4)||^2 / 25 = 1: mean 2.5
+    pytest.param("normalized_mse", [[1.0, 2.0], [0.0, 0.0]], [[1.0, 0.0], [3.0, 4.0]], {}, 2.5, id="normalized_mse"),
+    # an all-zero teacher map divides by eps: 1 / 1e-6
+    pytest.param("normalized_mse", [[1.0, 0.0]], [[0.0, 0.0]], {"eps": 1e-6}, 1e6, id="normalized_mse-zero-teacher"),
     # student channels (1, 0), (0, 1): sum_c F^2 = (1, 1) -> (1/sqrt2, 1/sqrt2); teacher (1, 0) -> (1, 0);
     # differences (1/sqrt2 - 1, 1/sqrt2), squares 0.085786 + 0.5, mean over 2 positions = 0.292893
     pytest.param("attention", [[[1.0, 0.0], [0.0, 1.0]]], [[[1.0, 0.0]]], {}, 1 - R2, id="attention"),
@@ -715,6 +728,7 @@ BAD = [
     ("hint", (4,), (4,), ["hint", "(N, ...)", "batch dimension"]),
     ("hint", (2, 4), (2, 5), ["same shape", "adapter"]),
     ("hint", (2, 4), (3, 4), ["batch sizes"]),
+    ("normalized_mse", (2, 4), (2, 5), ["same shape", "adapter"]),
     ("attention", (2, 8), (2, 8), ["(N, C, L)", "(N, C, H, W)", "(2, 8)"]),
     ("attention", (2, 3, 4, 4), (2, 3, 2, 2), ["spatial", "adaptive_avg_pool2d"]),
     ("similarity", (5,), (5,), ["similarity", "batch dimension"]),

@@ -160,6 +160,13 @@ def _linear(layer: nn.Linear, x: Tensor) -> Tensor:
     return F.linear(x, layer.weight.to(x.dtype), bias)
 
 
+def _flat_pair(loss: str, student: Tensor, teacher: Tensor) -> tuple[Tensor, Tensor]:
+    """Student and teacher features of one shape (N, ...), checked and upcast, as (N, D) rows."""
+    s, t = _prepare(loss, student, teacher, ndims=None, accepted=ANY,
+                    fix="Add the batch dimension first: (D,) -> (1, D).", same_shape=True)
+    return _flat(s), _flat(t)
+
+
 def _no_autocast(x: Tensor):
     return torch.autocast(device_type=x.device.type, enabled=False)
 
@@ -186,16 +193,7 @@ def hint(student_features: Tensor, teacher_features: Tensor, *, metric: str = "m
         raise LossInputError(
             f"hint: unknown metric {metric!r}; use one of {', '.join(map(repr, HINT_METRICS))}."
         )
-    s, t = _prepare(
-        "hint",
-        student_features,
-        teacher_features,
-        ndims=None,
-        accepted=ANY,
-        fix="Add the batch dimension first: (D,) -> (1, D).",
-        same_shape=True,
-    )
-    s, t = _flat(s), _flat(t)
+    s, t = _flat_pair("hint", student_features, teacher_features)
     with _no_autocast(s):
         if metric == "cosine":
             s_unit = s / torch.linalg.vector_norm(s, dim=1, keepdim=True).clamp_min(COSINE_EPS)
@@ -223,16 +221,7 @@ def normalized_mse(student_features: Tensor, teacher_features: Tensor, *, eps: f
     weighs the same at every noise level) is ours. An all-zero teacher map divides by eps (1e-12).
     Shapes: any (N, ...) with at least 2 dimensions, equal for student and teacher -> scalar.
     """
-    s, t = _prepare(
-        "normalized_mse",
-        student_features,
-        teacher_features,
-        ndims=None,
-        accepted=ANY,
-        fix="Add the batch dimension first: (D,) -> (1, D).",
-        same_shape=True,
-    )
-    s, t = _flat(s), _flat(t)
+    s, t = _flat_pair("normalized_mse", student_features, teacher_features)
     with _no_autocast(s):
         return _reduce((s - t).pow(2).sum(1) / t.pow(2).sum(1).clamp_min(eps))
 
