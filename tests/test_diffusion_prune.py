@@ -83,6 +83,8 @@ def test_cheapest_cover_is_the_brute_force_optimum():
         assert sum(costs[i] for i in got) == pytest.approx(best)
     # by hand: removing 10 of sizes (6, 5, 5) at costs (1, 1.5, 0.4): {1, 2} costs 1.9, {0, 2} 1.4, {0, 1} 2.5
     assert P.cheapest_cover([1.0, 1.5, 0.4], [6, 5, 5], 10) == [0, 2]
+    # sizes that round down below the need at the coarse unit: the unit shrinks until the cover is found
+    assert P.cheapest_cover([1.0, 2.0, 0.5], [19999, 19999, 5], 40000, units=2) == [0, 1, 2]
     with pytest.raises(DistilleryError, match="fewer than"):
         P.cheapest_cover([1.0], [3], 4)
 

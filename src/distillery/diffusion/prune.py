@@ -294,32 +294,25 @@ def output_loss(denoiser, batch: dict[str, Tensor], paths: list[str], reference:
 
 def cheapest_cover(costs: list[float], sizes: list[int], need: int, units: int = 10_000) -> list[int]:
     """The indices S minimising sum(costs[S]) subject to sum(sizes[S]) >= need: a 0-1 covering knapsack, solved
-    by dynamic programming over sizes in units of ceil(need / ``units``) (sizes rounded down, the need up, so
-    the answer always holds ``need``; exact when every size is a multiple of the unit)."""
+    by dynamic programming over sizes in units of ceil(need / ``units``), sizes rounded down and the need up, so
+    the answer always holds ``need`` (exact when every size is a multiple of the unit). Where the rounding
+    leaves no cover, the unit shrinks tenfold, down to exact sizes."""
     if sum(sizes) < need:
         raise DistilleryError(f"the candidate layers hold {sum(sizes)} parameters, fewer than the {need} to remove.")
     unit = max(1, -(-need // units))
-    want = -(-need // unit)
-    best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
-    for i, (c, s) in enumerate(zip(costs, sizes)):
-        step = s // unit
-        for got, (cost, chosen) in list(best.items()):
-            if got >= want:
-                continue
-            key = min(want, got + step)
-            cand = (cost + c, (*chosen, i))
-            if key not in best or cand[0] < best[key][0]:
-                best[key] = cand
-    if want not in best:  # sizes rounded down missed the need: take the layers with the most parameters too
-        order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
-        chosen, total = [], 0
-        for i in order:
-            chosen.append(i)
-            total += sizes[i]
-            if total >= need:
-                break
-        return sorted(chosen)
-    return sorted(best[want][1])
+    while True:
+        want = -(-need // unit)
+        best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
+        for i, (c, s) in enumerate(zip(costs, sizes)):
+            for got, (cost, chosen) in list(best.items()):
+                if got >= want:
+                    continue
+                key = min(want, got + s // unit)
+                if key not in best or cost + c < best[key][0]:
+                    best[key] = (cost + c, (*chosen, i))
+        if want in best or unit == 1:
+            return sorted(best[want][1])
+        unit = max(1, unit // 10)
 
 
 def choose(denoiser, data, cfg: LayerPrune, seed: int = 0) -> tuple[list[str], dict[str, Any]]:
