@@ -159,10 +159,13 @@ def main() -> None:
              "model's final perplexity, over the from-scratch tokens.", "",
              "| method | params | validation perplexity |", "|---|---|---|"]
     lines += [f"| {r['method']} | {r.get('params', '-')} | {r['validation_perplexity']:.2f} |" for r in rows]
-    lines += ["", f"tokens_fraction: width {fractions['width']}, depth {fractions['depth']} (the pruned models before "
-              f"any recovery are at perplexity {before['width']:.1f} and {before['depth']:.1f}, already below the "
-              "from-scratch models' final ones). Against pruned + cross-entropy's final perplexity instead "
-              f"(`tokens_fraction_vs_ce`): width {vs_ce['width']:.4f}, depth {vs_ce['depth']:.4f}."]
+    def fmt(v: float | None) -> str:
+        return "not reached" if v is None else f"{v:.4f}"
+
+    lines += ["", f"tokens_fraction: width {fmt(fractions['width'])}, depth {fmt(fractions['depth'])}; against pruned "
+              f"+ cross-entropy's final perplexity instead (`tokens_fraction_vs_ce`): width {fmt(vs_ce['width'])}, "
+              f"depth {fmt(vs_ce['depth'])}. The pruned models before any recovery: perplexity "
+              f"{before['width']:.1f} (width) and {before['depth']:.1f} (depth)."]
     update_markdown("compress_lm", "\n".join(lines))
 
 

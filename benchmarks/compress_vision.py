@@ -10,7 +10,8 @@ once; then each method compresses a copy of that student through the recipe flow
          (MNIST-1D: the 50,000-sample unlabelled transfer set, so 12x the steps; digits: the training split)
 Methods: fp32 (the distilled student), ptq (torchao, no training), qat (fake-quantized fine-tuning),
 qat_kd, at 8 / 4 / 2 weight bits (int8 dynamic activations, per-channel weights), and dq_kd (Polino et
-al.'s differentiable quantization: learned points, buckets of 256, weight-only); prune_ft and
+al.'s differentiable quantization: learned points, buckets of 256, weight-only) and dq_alloc_kd (the same with
+the paper's bit allocation: points shared among layers by gradient norm, the total kept); prune_ft and
 prune_kd (magnitude, one shot) at 0.5 and 0.75 of the channels. Rows:
   {"method", "data", "bits" | "sparsity", "accuracy", "size_kb", "latency_ms", "latency_64_ms", "seeds"}
 test accuracy % (mean, std, runs), size on disk of the exported file, CPU latency at 1 thread (batch 1 and
@@ -51,7 +52,10 @@ def methods(epochs: int) -> list[tuple[str, dict, CompressStage | None, bool]]:
                 ("qat", {"bits": bits}, CompressStage(f"qat{bits}", quantize=q, terms=CE, train=train), False),
                 ("qat_kd", {"bits": bits}, CompressStage(f"qatkd{bits}", quantize=q, train=train), True),
                 ("dq_kd", {"bits": bits}, CompressStage(f"dqkd{bits}", quantize=QuantizeConfig(
-                    weights=bits, method="dq", activations=None, group_size=256), train=train), True)]
+                    weights=bits, method="dq", activations=None, group_size=256), train=train), True),
+                ("dq_alloc_kd", {"bits": bits}, CompressStage(f"dqakd{bits}", quantize=QuantizeConfig(
+                    weights=bits, method="dq", activations=None, group_size=256, allocate="gradient"), train=train),
+                 True)]
     for ratio in (0.5, 0.75):
         p = PruneConfig(ratio=ratio)
         out += [("prune_ft", {"sparsity": ratio}, CompressStage(f"pft{round(100 * ratio)}", prune=p, terms=CE, train=train), False),

@@ -170,6 +170,57 @@ def test_recovery_trains_with_normalized_feature_terms(tmp_path):
         ("net.blocks.0", "net.blocks.0"), ("net.blocks.1", "net.blocks.2"), ("net.blocks.2", "net.blocks.3")]
 
 
+def test_attention_blocks_are_removable_and_the_folder_is_exact_in_diffusers(tmp_path):
+    torch.manual_seed(0)
+    net = diffusers.UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
+                                block_out_channels=(8, 16), norm_num_groups=4, attention_head_dim=4,
+                                down_block_types=("AttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "AttnUpBlock2D"))
+    d = Denoiser(net, Process("vp", "epsilon"), (1, 8, 8)).eval()
+    found = P.candidates(net)
+    assert "down_blocks.0.attentions.0" in found and "up_blocks.1.attentions.1" in found
+    drop = ["down_blocks.0.attentions.0", "up_blocks.1.attentions.0", "mid_block.resnets.1"]
+    batch = P.calibration_batch(d, _data(d.shape), 8, seed=0)
+    with P.Ablated(net, drop):
+        masked = P._predict(d, batch)
+    small = Denoiser(P.remove(net, drop), d.process, d.shape).eval()
+    torch.testing.assert_close(P._predict(small, batch), masked, atol=1e-6, rtol=1e-5)
+    path = save_folder(small, tmp_path / "m")
+    alone = diffusers.UNet2DModel.from_pretrained(path / "unet")
+    with torch.no_grad():
+        out = alone(batch["x"], d.process.timestep(batch["tau"])).sample
+    torch.testing.assert_close(out, masked, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(P._predict(load_folder(path), batch), masked, atol=1e-6, rtol=1e-5)
+
+
+def test_a_resumed_prune_removes_the_recorded_layers_without_choosing_again(tmp_path, monkeypatch):
+    d = _unet()
+    data = _data(d.shape)
+    cfg = P.LayerPrune(ratio=0.1, calibration=16)
+    first, rep = P.prune(d, data, cfg, record=tmp_path / "prune.json")
+
+    def no_choice(*a, **k):
+        raise AssertionError("chose again")
+
+    monkeypatch.setattr(P, "choose", no_choice)
+    again, rep2 = P.prune(d, data, cfg, record=tmp_path / "prune.json")
+    assert rep2["removed"] == rep["removed"] and again.net.removed_layers == first.net.removed_layers
+
+
+def test_recovery_terms_follow_the_features_setting(tmp_path):
+    d = _mlp(3)
+    data = _data(d.shape, n=32)
+    for features, weight, want, absent in (("plain", 1.0, {"task", "output_kd", "feat_blocks_0"}, set()),
+                                           ("none", 0.0, {"task"}, {"output_kd", "feat_blocks_0"})):
+        cfg = P.LayerPrune(ratio=0.2, calibration=16, features=features, output_weight=weight)
+        pruned, rep = P.prune(d, data, cfg)
+        P.recover(d, pruned, data, cfg, rep["removed"], TrainConfig(epochs=1, batch_size=16),
+                  run_dir=tmp_path / features, progress=False)
+        logged = [json.loads(x) for x in (tmp_path / features / "metrics.jsonl").read_text().splitlines()]
+        terms = set(next(r["terms"] for r in logged if r.get("event") == "train"))
+        assert want <= terms and not absent & terms
+
+
 def test_bad_pruning_input_is_a_one_line_error():
     d = _unet()
     data = _data(d.shape)
@@ -179,6 +230,8 @@ def test_bad_pruning_input_is_a_one_line_error():
         P.candidates(d.net, ["mid_block.resnet.0"])
     with pytest.raises(DistilleryError, match="keeps its input's shape"):
         P.choose(d, data, P.LayerPrune(ratio=0.01, calibration=8, layers=["down_blocks.1.resnets.0"]))
+    with pytest.raises(DistilleryError, match=r"only whole residual blocks"):  # a layer inside a block
+        P.candidates(_mlp().net, ["blocks.0.2"])
     for bad in ({"ratio": 1.0}, {"ratio": 0.0}, {"criterion": "taylor"}, {"features": "fancy"}):
         with pytest.raises(DistilleryError):
             P.LayerPrune(**bad)

@@ -217,9 +217,10 @@ class DistillConfig:
     """Which samples the distillation step reads: the unlabelled transfer set, the labelled set, or both."""
     train: TrainConfig = field(default_factory=TrainConfig)
     normalize_terms: bool = False
+    """Divide each feature term by a running estimate of its magnitude, so none dominates (LAPTOP-Diff's
+    imbalance; the paper's own per-term normalisation is the loss ``normalized_mse``)."""
     balance_terms: list[str] = field(default_factory=list)
     """Names of terms whose weights move by MTARD's relative-loss-decrease balance (per teacher terms)."""
-    """Divide each feature term by a running estimate of its magnitude (LAPTOP-Diff), so none dominates."""
     precompute_teacher: bool = True
     """Compute the teacher's logits (and the taps terms read) once per sample and look them up by id
     (the inputs do not change between epochs); false runs the teacher at every step."""

@@ -84,8 +84,10 @@ class Term:
 
 class TermScales(nn.Module):
     """Running magnitude of each normalised term (EMA of its detached value), as buffers so that
-    checkpoints keep them: term / scale keeps every feature term near 1 (LAPTOP-Diff's normalised
-    feature distillation: no single layer's magnitude dominates the sum)."""
+    checkpoints keep them: term / scale keeps every feature term near 1, so no single layer's magnitude
+    dominates the sum (the imbalance LAPTOP-Diff names). This is distillery's loss-agnostic form; the
+    paper's own normalisation, each term over the teacher map's squared norm, is the loss
+    ``normalized_mse`` (``losses.features``)."""
 
     def __init__(self, names: Sequence[str], momentum: float = 0.99):
         super().__init__()

@@ -364,7 +364,11 @@ def compress_stage(recipe: Recipe, st, student: nn.Module, answers, distill_data
             from .compress import dq
 
             points = None
-            if q.allocate == "gradient":  # Polino et al.: 5 calibration batches of the task loss
+            record = Path(rd.path) / f"dq-points-{st.name}.json"  # a resumed stage keeps its allocation
+            if q.allocate == "gradient" and record.is_file():
+                points = json.loads(record.read_text())["points"]
+                meta["dq_points"] = dict(zip(dq.layers(model, q.modules), points))
+            elif q.allocate == "gradient":  # Polino et al.: 5 calibration batches of the task loss
                 from .data.loader import iter_batches
                 from .runtime import call_model, logits_of, to_device
 
@@ -377,6 +381,8 @@ def compress_stage(recipe: Recipe, st, student: nn.Module, answers, distill_data
                 norms = dq.gradient_importances(model, paths, batches, task_loss)
                 points = dq.allocate_points(norms, 2 ** q.weights)
                 meta["dq_points"] = dict(zip(paths, points))
+                if writer():
+                    atomic_write_json(record, {"points": points, "gradient_norms": norms})
             dq.prepare(model, q.weights, q.group_size, q.modules, points)
             train(f"compress-{st.name}", cfg)
             save, load = dq.save, dq.load

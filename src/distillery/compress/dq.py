@@ -11,7 +11,7 @@ assigned to it, times their bucket's alpha: autograd through the indexing). Bias
 in the paper. Linear and convolution layers are quantized (weight-only).
 
 The exported model is what it claims to be: per layer the point index of every weight (uint8; int16 when a
-layer holds more than 256 points), the points, and each bucket's alpha and beta, in safetensors; ``load``
+layer holds more than 256 points, int32 past 32,768), the points, and each bucket's alpha and beta, in safetensors; ``load``
 rebuilds float weights from them.
 
 Bit allocation (``allocate_points``; recipe ``quantize.allocate: gradient``): the paper's heuristic gives
@@ -157,15 +157,17 @@ def prepare(model: nn.Module, bits: int, bucket: int, modules: list[str] | None 
 
 
 def save(model: nn.Module, path: str | Path, meta: dict) -> Path:
-    """The quantized model: for each DQ layer its point indices (uint8), points, alpha and beta; every
+    """The quantized model: for each DQ layer its point indices (uint8, or wider past 256 points), points,
+    alpha and beta; every
     other tensor as it is (biases, norms, float layers)."""
     from ..io import save_with_record
 
     tensors: dict[str, Tensor] = {}
     dq = {n: m for n, m in model.named_modules() if isinstance(m, DQLayer)}
     for name, m in dq.items():
-        wide = len(m.dq.points) > 256
-        tensors[f"{name}.weight.index"] = m.dq.index().to(torch.int16 if wide else torch.uint8)
+        n = len(m.dq.points)
+        kind = torch.uint8 if n <= 256 else torch.int16 if n <= 32768 else torch.int32
+        tensors[f"{name}.weight.index"] = m.dq.index().to(kind)
         tensors[f"{name}.weight.points"] = m.dq.points.detach().clone()
         tensors[f"{name}.weight.alpha"] = m.dq.alpha.clone()
         tensors[f"{name}.weight.beta"] = m.dq.beta.clone()

@@ -16,9 +16,10 @@ chosen set, not assumed: the run reports sum_i L_i beside the pruned network's o
   indices for vp, uniform tau for flow) with seeded noise and their labels, the denoiser's own prediction
   (epsilon, v or flow) compared. The expectation of the paper is over its prompts, times and noise.
 - Removable layers: those that hold their own residual connection and keep the shape, so a removed layer is
-  the identity (diffusers' ``ResnetBlock2D`` with equal in and out channels and no resampling, ``Attention``
-  with a residual connection, ``Transformer2DModel``); in an ``MLPDenoiser`` the residual blocks, whose
-  removal drops the block's branch. ``layers:`` names the candidates instead.
+  its residual path (diffusers' ``ResnetBlock2D`` with equal in and out channels and no resampling, and
+  ``Attention`` with a residual connection: every one in ``UNet2DModel``'s blocks, mid block included); in an
+  ``MLPDenoiser`` the residual blocks ``blocks.N``, whose removal drops the block's branch. ``layers:`` names
+  the candidates instead (a named layer must return a tensor of its first input's shape).
 - Other criteria, for comparison: ``magnitude`` (the mean |weight| of the layer) and ``random`` (seeded),
   both through the same knapsack.
 
@@ -31,8 +32,8 @@ size), and ``nets.load_folder`` reads ``removed_layers`` from ``distillery.json`
 Recovery (``recover``): the pruned network trains on the denoising loss, plus output distillation (mean
 squared difference to the unpruned teacher's prediction at the same noisy input) and feature distillation at
 the outputs of every stage (the U-Net's down blocks, mid block and up blocks; an MLP's kept blocks against
-the same teacher blocks). LAPTOP-Diff normalises each feature term by the L2 norm of the teacher's feature
-map (``losses.features.normalized_mse``) so that no numerically large layer dominates; ``features: plain``
+the same teacher blocks). LAPTOP-Diff normalises each feature term by the teacher's feature map's L2 norm
+(squared here: ``losses.features.normalized_mse``) so that no numerically large layer dominates; ``features: plain``
 is the unnormalised mean squared error (BK-SDM's feature loss) and ``none`` drops the feature terms.
 
 Written from the paper's abstract and method summary (its full text was not reachable offline): where the
@@ -44,7 +45,9 @@ from __future__ import annotations
 
 import copy
 import math
+import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -114,34 +117,18 @@ def _is_mlp(net: nn.Module) -> bool:
     return isinstance(net, MLPDenoiser)
 
 
-def _residual_types() -> tuple[type, ...]:
-    from diffusers.models.attention_processor import Attention
-    from diffusers.models.resnet import ResnetBlock2D
-
-    types: list[type] = [ResnetBlock2D, Attention]
-    try:
-        from diffusers.models.transformers.transformer_2d import Transformer2DModel
-
-        types.append(Transformer2DModel)
-    except ImportError:  # pragma: no cover - older diffusers
-        pass
-    return tuple(types)
-
-
-def _removable(name: str, m: nn.Module) -> bool:
+def _removable(m: nn.Module) -> bool:
     from diffusers.models.attention_processor import Attention
     from diffusers.models.resnet import ResnetBlock2D
 
     if isinstance(m, ResnetBlock2D):
         return m.in_channels == m.out_channels and not m.up and not m.down and m.conv_shortcut is None
-    if isinstance(m, Attention):
-        return bool(m.residual_connection)
-    return isinstance(m, _residual_types())
+    return isinstance(m, Attention) and bool(m.residual_connection)
 
 
 def candidates(net: nn.Module, layers: list[str] | None = None) -> list[str]:
-    """The layers of ``net`` that can be removed (module paths), or ``layers`` checked: each must exist and,
-    outside an MLPDenoiser's blocks, keep its input's shape (``probe`` checks that on a forward)."""
+    """The layers of ``net`` that can be removed (module paths), or ``layers`` checked: each must exist (in an
+    MLPDenoiser: whole blocks ``blocks.N``); a named layer's shape is checked on the calibration forward."""
     from ..taps import find_module
 
     if layers is not None:
@@ -150,14 +137,15 @@ def candidates(net: nn.Module, layers: list[str] | None = None) -> list[str]:
                                   "layer).")
         for path in layers:
             find_module(net, path)  # a wrong path: one line naming the close matches
+            if _is_mlp(net) and not _branch(net, path):
+                raise DistilleryError(f"prune.layers {path!r}: in an MLPDenoiser only whole residual blocks can be "
+                                      f"removed; name blocks.N (0 to {len(net.blocks) - 1}).")
         if len(set(layers)) != len(layers):
             raise DistilleryError(f"prune.layers names a layer twice: {layers}.")
         return list(layers)
     if _is_mlp(net):
         return [f"blocks.{i}" for i in range(len(net.blocks))]
-    found = [n for n, m in net.named_modules() if n and _removable(n, m)]
-    # a removable layer inside another (an Attention inside a Transformer2DModel) is left to the outer one
-    found = [n for n in found if not any(n.startswith(o + ".") for o in found if o != n)]
+    found = [n for n, m in net.named_modules() if n and _removable(m)]
     if not found:
         raise DistilleryError(f"{type(net).__name__} has no layer that can be removed whole (residual blocks that keep "
                               "their shape); name them in prune.layers.")
@@ -166,7 +154,7 @@ def candidates(net: nn.Module, layers: list[str] | None = None) -> list[str]:
 
 def _branch(net: nn.Module, path: str) -> bool:
     """True for an MLPDenoiser block, whose residual connection lies outside it (removed: it adds zero)."""
-    return _is_mlp(net) and path.startswith("blocks.")
+    return _is_mlp(net) and re.fullmatch(r"blocks\.\d+", path) is not None
 
 
 class Ablated:
@@ -200,9 +188,10 @@ class Ablated:
 
 
 def layer_params(net: nn.Module, path: str) -> int:
+    from ..models import num_params
     from ..taps import find_module
 
-    return sum(p.numel() for p in find_module(net, path).parameters())
+    return num_params(find_module(net, path))
 
 
 def remove(net: nn.Module, paths: list[str]) -> nn.Module:
@@ -223,7 +212,8 @@ def remove(net: nn.Module, paths: list[str]) -> nn.Module:
                 k = f"blocks.{kept.index(i)}." + k.split(".", 2)[2]
             state[k] = v
         small.load_state_dict(state)
-        return small
+        ref = next(net.parameters())
+        return small.to(device=ref.device, dtype=ref.dtype)
     out = copy.deepcopy(net)
     for p in paths:
         parent, _, leaf = p.rpartition(".")
@@ -293,26 +283,25 @@ def output_loss(denoiser, batch: dict[str, Tensor], paths: list[str], reference:
 
 
 def cheapest_cover(costs: list[float], sizes: list[int], need: int, units: int = 10_000) -> list[int]:
-    """The indices S minimising sum(costs[S]) subject to sum(sizes[S]) >= need: a 0-1 covering knapsack, solved
-    by dynamic programming over sizes in units of ceil(need / ``units``), sizes rounded down and the need up, so
-    the answer always holds ``need`` (exact when every size is a multiple of the unit). Where the rounding
-    leaves no cover, the unit shrinks tenfold, down to exact sizes."""
+    """The indices S minimising sum(costs[S]) subject to sum(sizes[S]) >= need: a 0-1 covering knapsack,
+    solved as its complement, the 0-1 knapsack that keeps the most cost within sum(sizes) - need. Dynamic
+    programming over sizes in units of ceil(capacity / ``units``), each kept size rounded up, so the answer
+    always removes ``need`` (exact when every size is a multiple of the unit) and holds at most ``units`` + 1
+    states."""
     if sum(sizes) < need:
         raise DistilleryError(f"the candidate layers hold {sum(sizes)} parameters, fewer than the {need} to remove.")
-    unit = max(1, -(-need // units))
-    while True:
-        want = -(-need // unit)
-        best: dict[int, tuple[float, tuple[int, ...]]] = {0: (0.0, ())}
-        for i, (c, s) in enumerate(zip(costs, sizes)):
-            for got, (cost, chosen) in list(best.items()):
-                if got >= want:
-                    continue
-                key = min(want, got + s // unit)
-                if key not in best or cost + c < best[key][0]:
-                    best[key] = (cost + c, (*chosen, i))
-        if want in best or unit == 1:
-            return sorted(best[want][1])
-        unit = max(1, unit // 10)
+    room = sum(sizes) - need
+    unit = max(1, -(-room // units))
+    cap = room // unit
+    best = {0: (0.0, 0)}  # kept units -> (kept cost, bit mask of the kept layers)
+    for i, (c, s) in enumerate(zip(costs, sizes)):
+        w = -(-s // unit)
+        for used, (value, mask) in list(best.items()):
+            key = used + w
+            if key <= cap and (key not in best or value + c > best[key][0]):
+                best[key] = (value + c, mask | 1 << i)
+    kept = max(best.values(), key=lambda v: v[0])[1]
+    return [i for i in range(len(sizes)) if not kept >> i & 1]
 
 
 def choose(denoiser, data, cfg: LayerPrune, seed: int = 0) -> tuple[list[str], dict[str, Any]]:
@@ -320,7 +309,9 @@ def choose(denoiser, data, cfg: LayerPrune, seed: int = 0) -> tuple[list[str], d
     set, and (output_loss criterion) the sum of the single-layer losses beside the chosen set's own loss."""
     net = denoiser.net
     paths = candidates(net, cfg.layers)
-    total = sum(p.numel() for p in net.parameters())
+    from ..models import num_params
+
+    total = num_params(net)
     sizes = [layer_params(net, p) for p in paths]
     need = math.ceil(cfg.ratio * total)
     if sum(sizes) < need:
@@ -350,14 +341,30 @@ def choose(denoiser, data, cfg: LayerPrune, seed: int = 0) -> tuple[list[str], d
     return chosen, report
 
 
-def prune(denoiser, data, cfg: LayerPrune, seed: int = 0):
-    """(the pruned denoiser, the report of ``choose``): a new ``Denoiser`` on the same process."""
+def prune(denoiser, data, cfg: LayerPrune, seed: int = 0, record: str | Path | None = None):
+    """(the pruned denoiser, the report of ``choose``): a new ``Denoiser`` on the same process. ``record``: a
+    JSON file that keeps the report; when it exists (a resumed run) its layers are removed again without a new
+    choice, so the architecture a checkpoint holds cannot change."""
+    import json
+
+    from ..io import atomic_write_json
+    from ..models import num_params
     from .nets import Denoiser
 
-    chosen, report = choose(denoiser, data, cfg, seed)
-    net = remove(denoiser.net, chosen)
+    record = Path(record) if record is not None else None
+    if record is not None and record.is_file():
+        report = json.loads(record.read_text())
+        candidates(denoiser.net, report["removed"])  # each must still exist
+    else:
+        _, report = choose(denoiser, data, cfg, seed)
+    net = remove(denoiser.net, report["removed"])
     small = Denoiser(net, denoiser.process, denoiser.shape, denoiser.sampler, denoiser.guided, denoiser.solver_steps)
-    report["params"] = sum(p.numel() for p in net.parameters())
+    report["params"] = num_params(net)
+    if record is not None and not record.is_file():
+        from ..rundir import writer
+
+        if writer():
+            atomic_write_json(record, report)
     return small, report
 
 

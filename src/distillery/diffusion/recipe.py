@@ -372,9 +372,11 @@ def distil(recipe: DiffusionRecipe, teacher, data, rd, progress) -> list[tuple[s
         if one is not None:  # InstaFlow's one-step student, distilled from the 2-rectified flow
             out.append(("reflow_distill", 1, one, time.perf_counter() - t0))
     elif m == "prune":  # LAPTOP-Diff: one-shot layer pruning, then recovery; sampled like the teacher
+        from ..runtime import resolve_device
         from .prune import prune, recover
 
-        pruned, report = prune(teacher, data, recipe.prune, recipe.seed)
+        teacher.to(resolve_device(recipe.student.train.device))  # the calibration forwards run where training does
+        pruned, report = prune(teacher, data, recipe.prune, recipe.seed, record=rd.path / "prune.json")
         say(progress, f"prune: removed {', '.join(report['removed'])} ({report['params_removed']:,} of "
                       f"{report['params_before']:,} parameters); output loss {report['output_loss']:.4g} (sum of the "
                       f"layers' own: {report['sum_of_layer_losses']:.4g})")
@@ -428,7 +430,9 @@ def measure(x: torch.Tensor, ref: torch.Tensor, mix, fid_net, labels) -> dict[st
 
 def _size(model) -> dict[str, int]:
     """The network's parameter count (none for the exact teacher, which has no network)."""
-    n = sum(p.numel() for p in model.parameters())
+    from ..models import num_params
+
+    n = num_params(model)
     return {"params": n} if n else {}
 
 
