@@ -369,6 +369,8 @@ def test_dq_allocation_in_a_recipe(tmp_path, capsys):
     _, record = read_weights(next((out / "models").glob("int4*.safetensors")))
     points = record["dq_points"]
     assert sum(points.values()) == 8 * len(points) and len(set(points.values())) > 1
+    kept = json.loads((out / "dq-points-int4.json").read_text())  # a resumed stage reads this, not new gradients
+    assert kept["points"] == list(points.values()) and len(kept["gradient_norms"]) == len(points)
     assert main(["validate", str(recipe), "--set", "compress.0.quantize.method=qat",
                  "--set", "compress.0.quantize.activations=8"]) == 2
     assert "method dq" in capsys.readouterr().err
