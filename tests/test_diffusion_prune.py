@@ -251,6 +251,7 @@ def test_prune_recipe_runs_and_resumes(tmp_path, capsys):
     assert rows["prune"]["params"] == rows["pruned"]["params"] < 0.8 * rows["teacher"]["params"] + 1
     assert rows["prune"]["removed"] and rows["prune"]["output_loss"] > 0
     assert (out / "models" / "prune-2step" / "unet" / "config.json").is_file()
+    assert (out / "report" / "size.png").is_file()  # quality against size
     assert main([*args[:-3], "--resume", str(out), "--quiet"]) == 0
     again = {r["method"]: r for r in json.loads((out / "summary.json").read_text())["rows"]}
     assert again["prune"]["swd"] == rows["prune"]["swd"]

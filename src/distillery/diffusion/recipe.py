@@ -489,10 +489,13 @@ def run(recipe: DiffusionRecipe, rd, *, progress: bool | None = None) -> list[di
         say(progress, f"{label} {k} step(s): " + ", ".join(f"{key} {v:.4g}" for key, v in row.items()
                                                           if isinstance(v, float) and key != "seconds"))
     if writer():
-        from .report import plot_metrics, plot_samples
+        from .report import plot_metrics, plot_samples, plot_size
 
         plot_samples(rd.figure("samples.png", "Samples per step count: the teacher and each student"), shown, ref, mix)
         plot_metrics(rd.figure("metrics.png", "Each metric against the number of sampling steps"), rows)
+        if recipe.method == "prune":
+            plot_size(rd.figure("size.png", "Quality against size: the teacher, the pruned network before and after "
+                                            "recovery"), rows)
     return rows
 
 

@@ -1,5 +1,6 @@
 """The diffusion run's figures: samples per step count (scatter plots of 2-D mixtures, image grids of
-digits, the first two coordinates of higher-dimensional vectors) and each metric against steps."""
+digits, the first two coordinates of higher-dimensional vectors), each metric against steps, and (pruned
+students) quality against size."""
 
 from __future__ import annotations
 
@@ -62,6 +63,28 @@ def plot_metrics(path: Path, rows: list[dict]) -> None:
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sampling steps")
         ax.set_title(m, fontsize=9)
+        if m in ("swd", "energy", "fid"):
+            ax.set_yscale("log")
+        if i == 0:
+            ax.legend(fontsize=7)
+    save_png(fig, path, dpi=100)
+
+
+def plot_size(path: Path, rows: list[dict]) -> None:
+    """Each metric against the network's parameter count at the most sampling steps measured: the teacher, the
+    pruned network before recovery and after (method ``prune``)."""
+    steps = max(r["steps"] for r in rows)
+    at = [r for r in rows if r["steps"] == steps and r.get("params")]
+    metrics = [m for m in ("swd", "energy", "loglik", "fid") if any(r.get(m) is not None for r in at)]
+    fig = Figure(figsize=(3.2 * len(metrics), 3.0), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, m in enumerate(metrics):
+        ax = fig.add_subplot(1, len(metrics), i + 1)
+        for r in at:
+            if r.get(m) is not None:
+                ax.scatter([r["params"]], [r[m]], label=r["method"])
+        ax.set_xlabel("parameters")
+        ax.set_title(f"{m} at {steps} steps", fontsize=9)
         if m in ("swd", "energy", "fid"):
             ax.set_yscale("log")
         if i == 0:
