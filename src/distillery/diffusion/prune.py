@@ -213,7 +213,8 @@ def remove(net: nn.Module, paths: list[str]) -> nn.Module:
             state[k] = v
         small.load_state_dict(state)
         ref = next(net.parameters())
-        return small.to(device=ref.device, dtype=ref.dtype)
+        small = small.to(ref.device)  # diffusers warns on any dtype argument: only a real change passes one
+        return small if ref.dtype == next(small.parameters()).dtype else small.to(ref.dtype)
     out = copy.deepcopy(net)
     for p in paths:
         parent, _, leaf = p.rpartition(".")
