@@ -129,6 +129,15 @@ def test_pruned_unet_folder_round_trip_and_class_labels(tmp_path):
         torch.testing.assert_close(alone(batch["x"], t, class_labels=batch["class_labels"]).sample,
                                    P._predict(back, batch), atol=1e-5, rtol=1e-4)
     assert sum(p.numel() for p in back.net.parameters()) == rep["params"]
+    from safetensors.torch import load_file, save_file
+
+    weights = path / "unet" / "diffusion_pytorch_model.safetensors"
+    state = load_file(weights)
+    key = next(k for k in state if k.startswith(rep["removed"][0] + ".") and k.endswith("weight"))
+    state[key] = torch.ones_like(state[key])  # a removed layer's weights edited: no longer the pruned network
+    save_file(state, weights)
+    with pytest.raises(DistilleryError, match="is not zero"):
+        load_folder(path)
     mlp = _mlp()
     small, _ = P.prune(mlp, _data(mlp.shape), P.LayerPrune(ratio=0.2, calibration=16))
     again = load_folder(save_folder(small, tmp_path / "mlp"))  # a plain MLPDenoiser folder

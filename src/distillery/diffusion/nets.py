@@ -167,11 +167,9 @@ def save_folder(model: Denoiser, path: str | Path, extra: dict[str, Any] | None 
 
     def write(tmp: Path) -> None:
         if getattr(model.net, "removed_layers", None):  # layer-pruned: the full architecture, removed layers zero
-            from .prune import dense_state
+            from .prune import dense
 
-            full = type(model.net).from_config(model.net.config)
-            full.load_state_dict(dense_state(model.net))
-            full.save_pretrained(tmp / "unet", safe_serialization=True)
+            dense(model.net).save_pretrained(tmp / "unet", safe_serialization=True)
         else:
             model.net.save_pretrained(tmp / "unet", safe_serialization=True)
         sched = _scheduler(model.process, model.sampler, model.solver_steps)

@@ -88,7 +88,7 @@ class LayerPrune:
 class Skip(nn.Module):
     """A removed layer: its residual path alone, its first input divided by the layer's output scale (diffusers'
     ``output_scale_factor`` / ``rescale_output_factor``, 1 by default), with no parameters. That is the layer
-    with its branch giving zero, which is how a folder stores it for diffusers (``dense_state``)."""
+    with its branch giving zero, which is how a folder stores it for diffusers (``dense``)."""
 
     def __init__(self, scale: float = 1.0):
         super().__init__()
@@ -228,22 +228,23 @@ def remove(net: nn.Module, paths: list[str]) -> nn.Module:
     return out
 
 
-def dense_state(net: nn.Module) -> dict[str, Tensor]:
-    """The weights of a network with ``Skip`` layers as its full architecture holds them: every removed layer's
-    parameters zero, so its branch gives zero and the layer computes exactly what ``Skip`` does. diffusers
-    alone then loads the folder and computes the pruned network (at the full size); ``sparse_state`` reads the
-    small one back."""
-    full = type(net).from_config(net.config).state_dict()
+def dense(net: nn.Module) -> nn.Module:
+    """A network with ``Skip`` layers as its full architecture: every removed layer back, its parameters zero, so
+    its branch gives zero and it computes exactly what ``Skip`` does. diffusers alone loads and samples the
+    folder this is saved to (at the full size); ``sparse_state`` reads the small one back."""
+    full = type(net).from_config(net.config)
     own = net.state_dict()
     removed = tuple(p + "." for p in net.removed_layers)
-    missing = [k for k in full if k not in own and not k.startswith(removed)]
+    state = full.state_dict()
+    missing = [k for k in state if k not in own and not k.startswith(removed)]
     if missing:
         raise DistilleryError(f"the pruned network lacks {missing[0]!r}; it was not built by diffusion.prune.remove.")
-    return {k: torch.zeros_like(v) if k.startswith(removed) else own[k] for k, v in full.items()}
+    full.load_state_dict({k: torch.zeros_like(v) if k.startswith(removed) else own[k] for k, v in state.items()})
+    return full
 
 
 def sparse_state(state: dict[str, Tensor], removed: list[str]) -> dict[str, Tensor]:
-    """``dense_state`` without the removed layers' (zero) weights; a non-zero one means the folder was edited."""
+    """``dense``'s weights without the removed layers' (zero) ones; a non-zero one means the folder was edited."""
     prefixes = tuple(p + "." for p in removed)
     for k, v in state.items():
         if k.startswith(prefixes) and bool(v.any()):
