@@ -364,25 +364,9 @@ def compress_stage(recipe: Recipe, st, student: nn.Module, answers, distill_data
             from .compress import dq
 
             points = None
-            record = Path(rd.path) / f"dq-points-{st.name}.json"  # a resumed stage keeps its allocation
-            if q.allocate == "gradient" and record.is_file():
-                points = json.loads(record.read_text())["points"]
+            if q.allocate == "gradient":  # Polino et al.'s bit allocation, kept for a resumed stage
+                points = _dq_points(model, q, cfg, data.train, Path(rd.path) / f"dq-points-{st.name}.json")
                 meta["dq_points"] = dict(zip(dq.layers(model, q.modules), points))
-            elif q.allocate == "gradient":  # Polino et al.: 5 calibration batches of the task loss
-                from .data.loader import iter_batches
-                from .runtime import call_model, logits_of, to_device
-
-                def task_loss(m: nn.Module, b: dict) -> torch.Tensor:
-                    b = to_device(b, next(m.parameters()).device)
-                    return torch.nn.functional.cross_entropy(logits_of(call_model(m, b, cfg.inputs)), b["y"])
-
-                paths = dq.layers(model, q.modules)
-                batches = [b for b, _ in zip(iter_batches(data.train, cfg.batch_size), range(5))]
-                norms = dq.gradient_importances(model, paths, batches, task_loss)
-                points = dq.allocate_points(norms, 2 ** q.weights)
-                meta["dq_points"] = dict(zip(paths, points))
-                if writer():
-                    atomic_write_json(record, {"points": points, "gradient_norms": norms})
             dq.prepare(model, q.weights, q.group_size, q.modules, points)
             train(f"compress-{st.name}", cfg)
             save, load = dq.save, dq.load
@@ -406,6 +390,28 @@ def compress_stage(recipe: Recipe, st, student: nn.Module, answers, distill_data
         save(model.cpu(), path, meta)
     distributed.barrier()
     return load(copy.deepcopy(student).cpu().eval(), path)
+
+
+def _dq_points(model: nn.Module, q, cfg, train, record: Path) -> list[int]:
+    """Each quantized layer's point count by Polino et al.'s allocation: gradient norms over 5 batches of the
+    task loss (cross-entropy), read back from ``record`` when a resumed stage wrote it."""
+    from .compress import dq
+    from .data.loader import iter_batches
+    from .runtime import call_model, logits_of, to_device
+
+    if record.is_file():
+        return json.loads(record.read_text())["points"]
+
+    def task_loss(m: nn.Module, b: dict) -> torch.Tensor:
+        b = to_device(b, next(m.parameters()).device)
+        return torch.nn.functional.cross_entropy(logits_of(call_model(m, b, cfg.inputs)), b["y"])
+
+    batches = [b for b, _ in zip(iter_batches(train, cfg.batch_size), range(5))]
+    norms = dq.gradient_importances(model, dq.layers(model, q.modules), batches, task_loss)
+    points = dq.allocate_points(norms, 2 ** q.weights)
+    if writer():
+        atomic_write_json(record, {"points": points, "gradient_norms": norms})
+    return points
 
 
 def _calibration(train: TensorData, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:

@@ -11,8 +11,8 @@ assigned to it, times their bucket's alpha: autograd through the indexing). Bias
 in the paper. Linear and convolution layers are quantized (weight-only).
 
 The exported model is what it claims to be: per layer the point index of every weight (uint8; int16 when a
-layer holds more than 256 points, int32 past 32,768), the points, and each bucket's alpha and beta, in safetensors; ``load``
-rebuilds float weights from them.
+layer holds more than 256 points, int32 past 32,768), the points, and each bucket's alpha and beta, in
+safetensors; ``load`` rebuilds float weights from them.
 
 Bit allocation (``allocate_points``; recipe ``quantize.allocate: gradient``): the paper's heuristic gives
 layers whose weights matter more more points, the total kept. As the authors' code does
@@ -158,8 +158,7 @@ def prepare(model: nn.Module, bits: int, bucket: int, modules: list[str] | None 
 
 def save(model: nn.Module, path: str | Path, meta: dict) -> Path:
     """The quantized model: for each DQ layer its point indices (uint8, or wider past 256 points), points,
-    alpha and beta; every
-    other tensor as it is (biases, norms, float layers)."""
+    alpha and beta; every other tensor as it is (biases, norms, float layers)."""
     from ..io import save_with_record
 
     tensors: dict[str, Tensor] = {}

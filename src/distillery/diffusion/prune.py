@@ -95,7 +95,11 @@ class Skip(nn.Module):
         self.scale = float(scale)
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        return x if self.scale == 1.0 else x / self.scale
+        return _skip(x, self.scale)
+
+
+def _skip(x: Tensor, scale: float) -> Tensor:
+    return x if scale == 1.0 else x / scale
 
 
 def _scale(m: nn.Module) -> float:
@@ -152,6 +156,12 @@ def candidates(net: nn.Module, layers: list[str] | None = None) -> list[str]:
     return found
 
 
+def _kept_blocks(depth: int, removed: list[str]) -> list[int]:
+    """The indices of an MLPDenoiser's blocks that remain once the blocks ``removed`` (``blocks.N``) are gone."""
+    drop = {int(p.split(".")[1]) for p in removed if re.fullmatch(r"blocks\.\d+", p)}
+    return [i for i in range(depth) if i not in drop]
+
+
 def _branch(net: nn.Module, path: str) -> bool:
     """True for an MLPDenoiser block, whose residual connection lies outside it (removed: it adds zero)."""
     return _is_mlp(net) and re.fullmatch(r"blocks\.\d+", path) is not None
@@ -177,7 +187,7 @@ class Ablated:
                 if x.shape != out.shape:
                     raise DistilleryError(f"layer {path!r} maps {tuple(x.shape)} to {tuple(out.shape)}; only a layer "
                                           "that keeps its input's shape can be removed. Leave it out of prune.layers.")
-                return Skip(_scale(module))(x)
+                return _skip(x, _scale(module))
 
             self.handles.append(find_module(self.net, p).register_forward_hook(hook, with_kwargs=True))
         return self.net
@@ -199,15 +209,14 @@ def remove(net: nn.Module, paths: list[str]) -> nn.Module:
     if _is_mlp(net) and all(_branch(net, p) for p in paths):
         from .nets import MLPDenoiser
 
-        drop = {int(p.split(".")[1]) for p in paths}
-        kept = [i for i in range(len(net.blocks)) if i not in drop]
+        kept = _kept_blocks(len(net.blocks), paths)
         cfg = {k: v for k, v in net.config.items() if not k.startswith("_")}
         small = MLPDenoiser(**{**cfg, "depth": len(kept)})
         state = {}
         for k, v in net.state_dict().items():
             if k.startswith("blocks."):
                 i = int(k.split(".")[1])
-                if i in drop:
+                if i not in kept:
                     continue
                 k = f"blocks.{kept.index(i)}." + k.split(".", 2)[2]
             state[k] = v
@@ -374,8 +383,7 @@ def feature_pairs(student_net: nn.Module, teacher_net: nn.Module, removed: list[
     """(student path, teacher path) of the feature points: a U-Net's down, mid and up blocks (present in both);
     an MLP's kept blocks against the teacher's blocks they were copied from."""
     if _is_mlp(teacher_net):
-        drop = {int(p.split(".")[1]) for p in removed if p.startswith("blocks.")}
-        kept = [i for i in range(len(teacher_net.blocks)) if i not in drop]
+        kept = _kept_blocks(len(teacher_net.blocks), removed)
         return [(f"net.blocks.{j}", f"net.blocks.{i}") for j, i in enumerate(kept)]
     names = [n for n in ("down_blocks", "up_blocks") if hasattr(teacher_net, n)]
     pairs = [f"net.{n}.{i}" for n in names[:1] for i in range(len(getattr(teacher_net, n)))]

@@ -216,8 +216,8 @@ def normalized_mse(student_features: Tensor, teacher_features: Tensor, *, eps: f
         L_i = ||s_i - t_i||_2^2 / max(||t_i||_2^2, eps),
 
     batch mean. Each term is thus a relative error (1 for a student that outputs zeros), whatever its layer's
-    magnitude, so no numerically large feature map dominates a sum over layers (the imbalance the paper names). The paper
-    reweights each feature term by the L2 norm of the teacher's feature map; the per-sample norm (each sample
+    magnitude, so no numerically large feature map dominates a sum over layers (the imbalance the paper
+    names). The paper reweights each feature term by the L2 norm of the teacher's feature map; the per-sample norm (each sample
     weighs the same at every noise level) is ours. An all-zero teacher map divides by eps (1e-12).
     Shapes: any (N, ...) with at least 2 dimensions, equal for student and teacher -> scalar.
     """
